@@ -1,0 +1,65 @@
+"""DataFrame backend: pandas on CPU, cudf when a GPU and cudf are present.
+
+Every partition is first built as an Arrow table; ``to_frame`` is the one place where the
+backend matters, so the rest of the code has a single path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pandas as pd
+import pyarrow as pa
+
+BACKENDS = ("auto", "pandas", "cudf")
+
+
+def gpu_available() -> bool:
+    """True when torch sees a CUDA device."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``"pandas"`` or ``"cudf"``; ``"auto"`` picks cudf only with a GPU and cudf installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        has_cudf = importlib.util.find_spec("cudf") is not None
+        return "cudf" if has_cudf and gpu_available() else "pandas"
+    if backend == "cudf" and importlib.util.find_spec("cudf") is None:
+        raise ImportError("backend='cudf' needs cudf: pip install 'dask_imgcurate[gpu]'")
+    return backend
+
+
+def _pandas_type(arrow_type: pa.DataType):
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return pd.StringDtype("pyarrow")
+    if pa.types.is_nested(arrow_type):
+        return pd.ArrowDtype(arrow_type)
+    return None
+
+
+def to_frame(table: pa.Table, backend: str):
+    """Convert an Arrow table to a DataFrame of ``backend`` (``pandas`` or ``cudf``).
+
+    pandas frames keep strings Arrow-backed and nested columns (embeddings, member lists)
+    as ``pd.ArrowDtype``, so nothing becomes Python objects.
+    """
+    if backend == "cudf":
+        import cudf
+
+        return cudf.DataFrame.from_arrow(table)
+    return table.to_pandas(types_mapper=_pandas_type, ignore_metadata=True)
+
+
+def to_arrow(frame) -> pa.Table:
+    """The inverse of ``to_frame`` for either backend."""
+    if hasattr(frame, "to_arrow"):  # cudf
+        table = frame.to_arrow()
+    else:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    return table.replace_schema_metadata(None)  # no pandas dtype notes in our Parquet files

@@ -1,0 +1,321 @@
+"""``ImageTextPairDataset``: WebDataset shards as a Dask DataFrame of record metadata."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import dask
+import dask.dataframe as dd
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dask_imgcurate import export
+from dask_imgcurate.backend import resolve_backend, to_arrow, to_frame
+from dask_imgcurate.export import ExportSummary
+from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.shards import Shard, find_shards
+from dask_imgcurate.metadata import BOOKKEEPING, is_bookkeeping, shard_table
+
+log = logging.getLogger(__name__)
+
+
+class ImageTextPairDataset:
+    """Image-text WebDataset shards with their metadata as a Dask DataFrame.
+
+    ``metadata`` has one row per record and one partition per shard (or per
+    ``files_per_partition`` shards); within a partition rows are sorted by ``id_col``.
+    Assign a new frame to ``metadata`` (or use ``with_metadata``) to add columns.
+    """
+
+    def __init__(
+        self,
+        path: str | Sequence[str],
+        metadata: dd.DataFrame,
+        shards: Sequence[Shard],
+        id_col: str = "key",
+        storage_options: dict | None = None,
+        files_per_partition: int = 1,
+    ):
+        self.path = path
+        self.metadata = metadata
+        self.shards = list(shards)
+        self.id_col = id_col
+        self.storage_options = dict(storage_options or {})
+        self.files_per_partition = files_per_partition
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsio.url_to_fs(self._first_path, self.storage_options)[0]
+
+    @property
+    def _first_path(self) -> str:
+        return self.path[0] if isinstance(self.path, (list, tuple)) else self.path
+
+    @property
+    def tar_files(self) -> list[str]:
+        """Paths of the shards, as users write them (``s3://...`` for remote ones)."""
+        fs = self.fs
+        return [fsio.qualify(fs, s.tar) for s in self.shards]
+
+    def with_metadata(self, metadata: dd.DataFrame) -> ImageTextPairDataset:
+        """A copy of this dataset with another metadata frame."""
+        return ImageTextPairDataset(
+            self.path,
+            metadata,
+            self.shards,
+            self.id_col,
+            self.storage_options,
+            self.files_per_partition,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageTextPairDataset({self.path!r}, shards={len(self.shards)}, "
+            f"partitions={self.metadata.npartitions}, columns={list(self.metadata.columns)})"
+        )
+
+    @classmethod
+    def from_webdataset(
+        cls,
+        path: str | Sequence[str],
+        id_col: str = "key",
+        storage_options: dict | None = None,
+        backend: str = "auto",
+        files_per_partition: int = 1,
+        *,
+        strict: bool = True,
+        on_mismatch: str = "raise",
+    ) -> ImageTextPairDataset:
+        """Load the ``*.tar`` shards of ``path`` (a directory, glob, tar, or list of tars).
+
+        A ``NNNNN.parquet`` beside ``NNNNN.tar`` supplies that shard's metadata (its ids must
+        match the tar's keys, or with ``on_mismatch="drop"`` the intersection is kept);
+        otherwise captions and ``.json`` fields are read from the tar. A ``NNNNN.idx`` (DALI
+        v1.2) beside a tar is used instead of scanning it. ``strict=False`` keeps the complete
+        records before damage in a truncated or corrupt tar (with a warning) instead of
+        raising.
+        """
+        if files_per_partition < 1:
+            raise ValueError("files_per_partition must be >= 1")
+        if on_mismatch not in ("raise", "drop"):
+            raise ValueError("on_mismatch must be 'raise' or 'drop'")
+        fs, _ = fsio.url_to_fs(path if isinstance(path, str) else path[0], storage_options)
+        shards = find_shards(fs, path)
+        if not shards:
+            raise FileNotFoundError(f"no .tar shards found in {path}")
+        backend = resolve_backend(backend)
+        loader = _ShardLoader(fs, id_col, strict, on_mismatch, backend, schema=None)
+        loader.schema = _infer_schema(loader, shards)
+        groups = [
+            tuple(shards[i : i + files_per_partition])
+            for i in range(0, len(shards), files_per_partition)
+        ]
+        meta = to_frame(loader.schema.empty_table(), backend)
+        with dask.config.set({"dataframe.convert-string": False}):
+            ddf = dd.from_map(
+                loader, groups, meta=meta, enforce_metadata=False, label="read-webdataset"
+            )
+        return cls(path, ddf, shards, id_col, storage_options, files_per_partition)
+
+    def save_metadata(
+        self, path: str | None = None, columns: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """Write each shard's metadata to ``<path>/<shard stem>.parquet``.
+
+        ``path=None`` overwrites the Parquet files beside the dataset's own tars. Each file is
+        written under a temporary name and renamed when complete. ``columns`` (default: all
+        but the ``_``-prefixed bookkeeping columns) always gets the id column first. Returns
+        one row per file written (shard, path, rows).
+        """
+        frame = self.metadata
+        if columns is None:
+            columns = [c for c in frame.columns if not is_bookkeeping(c)]
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise KeyError(f"save_metadata: no such columns {missing}")
+        columns = [self.id_col] + [c for c in columns if c != self.id_col]
+        fs = self.fs
+        groups = None
+        if frame.npartitions == -(-len(self.shards) // self.files_per_partition):
+            groups = [
+                self.shards[i : i + self.files_per_partition]
+                for i in range(0, len(self.shards), self.files_per_partition)
+            ]
+        target = None if path is None else fsio.url_to_fs(path, self.storage_options)[1]
+        writer = _MetadataWriter(fs, target, list(columns), groups)
+        result_meta = pd.DataFrame(
+            {
+                "shard": pd.Series([], dtype=object),
+                "path": pd.Series([], dtype=object),
+                "rows": pd.Series([], dtype="int64"),
+            }
+        )
+        with dask.config.set({"dataframe.convert-string": False}):
+            written = frame.map_partitions(writer, meta=result_meta).compute()
+        return written.reset_index(drop=True)
+
+    def to_webdataset(
+        self,
+        path: str,
+        filter_column: str | None = None,
+        samples_per_shard: int = 10000,
+        max_shards: int = 5,
+        old_id_col: str | None = None,
+        **options,
+    ) -> ExportSummary:
+        """Export the kept records as ``{n:0{max_shards}d}.tar`` + ``.parquet`` (+ ``.idx``).
+
+        Keeps rows where ``filter_column`` is True (all rows when None) and, when an
+        ``error`` column exists, rows without an error. Every output shard but the last holds
+        exactly ``samples_per_shard`` records, in input order. Record ids become
+        ``shard * 10**d + position`` zero-padded to ``max_shards + d`` digits, where
+        ``d = ceil(log10(samples_per_shard))``; members are renamed to match and their bytes
+        copied unchanged (so a ``key`` inside a ``.json`` member keeps the old id). The old id
+        is kept in ``old_id_col`` when given. Options: ``storage_options`` (of the output),
+        ``resume`` (default True: skip shards already complete from an earlier run),
+        ``verbose``, ``write_idx``.
+        """
+        return export.to_webdataset(
+            self, path, filter_column, samples_per_shard, max_shards, old_id_col, **options
+        )
+
+    def write_images(
+        self,
+        output_dir: str,
+        images_per_tar: int = 1000,
+        filter_column: str | None = None,
+        deterministic_name: bool = True,
+        remove_image_data: bool = False,
+        verbose: bool = False,
+        **options,
+    ) -> ExportSummary:
+        """Export in the ImageWriter layout: ``images-{hash}-{NNNNNN}.tar`` + ``.parquet``.
+
+        Records keep their ids and all their members. With ``deterministic_name`` the hash
+        comes from the kept records and the parameters, so the same input gives the same
+        names and bytes on every run; otherwise it is random. Each Parquet holds the id, the
+        ``tar_file`` (relative name), the image's ``member_name`` and every metadata column.
+        ``remove_image_data`` is accepted for compatibility: image bytes are never held.
+        """
+        return export.write_images(
+            self,
+            output_dir,
+            images_per_tar,
+            filter_column,
+            deterministic_name,
+            remove_image_data,
+            verbose,
+            **options,
+        )
+
+
+class _ShardLoader:
+    """Builds one partition from a group of shards (picklable, runs on workers)."""
+
+    def __init__(self, fs, id_col, strict, on_mismatch, backend, schema):
+        self.fs, self.id_col, self.strict = fs, id_col, strict
+        self.on_mismatch, self.backend, self.schema = on_mismatch, backend, schema
+
+    def __dask_tokenize__(self):
+        return (
+            type(self).__name__,
+            self.fs,
+            self.id_col,
+            self.strict,
+            self.on_mismatch,
+            self.backend,
+            str(self.schema),
+        )
+
+    def table(self, shard: Shard) -> pa.Table:
+        return shard_table(
+            self.fs, shard, self.id_col, strict=self.strict, on_mismatch=self.on_mismatch
+        )
+
+    def __call__(self, group: tuple[Shard, ...]):
+        tables = [_conform(self.table(s), self.schema, fsio.qualify(self.fs, s.tar)) for s in group]
+        return to_frame(pa.concat_tables(tables), self.backend)
+
+
+def _infer_schema(loader: _ShardLoader, shards: list[Shard]) -> pa.Schema:
+    """Schema of the first shard with records (null columns typed as strings)."""
+    table = None
+    for shard in shards:
+        table = loader.table(shard)
+        if table.num_rows:
+            break
+    fields = []
+    for field in table.schema:
+        fields.append(field.with_type(pa.string()) if field.type == pa.null() else field)
+    return pa.schema(fields)
+
+
+def _conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
+    """Give ``table`` exactly ``schema``'s columns and types; name the shard on failure."""
+    extra = [c for c in table.column_names if c not in schema.names]
+    if extra:
+        warnings.warn(
+            f"{source}: columns {extra} are not in the dataset's schema (taken from its first "
+            f"shard) and are left out of the metadata frame",
+            stacklevel=2,
+        )
+    columns = []
+    for field in schema:
+        if field.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        try:
+            columns.append(column.cast(field.type) if column.type != field.type else column)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise TypeError(
+                f"{source}: column {field.name!r} is {column.type}, the dataset has "
+                f"{field.type}: {err}"
+            ) from None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class _MetadataWriter:
+    """Writes a partition's rows to one Parquet file per shard (picklable)."""
+
+    def __init__(self, fs, target, columns, groups):
+        self.fs, self.target, self.columns, self.groups = fs, target, columns, groups
+
+    def __call__(self, frame, partition_info=None):
+        table = to_arrow(frame)
+        shards = (
+            [fsio.qualify(self.fs, s.tar) for s in self.groups[partition_info["number"]]]
+            if self.groups is not None and partition_info is not None
+            else []
+        )
+        present = (
+            table.column("_shard").unique().to_pylist() if "_shard" in table.column_names else []
+        )
+        for s in present:
+            if s not in shards:
+                shards.append(s)
+        rows = []
+        for source in shards:
+            part = table.filter(pc.equal(table.column("_shard"), source))
+            out = self._path_for(source)
+            with fsio.atomic_write(self.fs, out) as tmp:
+                pq.write_table(part.select(self.columns), tmp)
+            rows.append(
+                {"shard": source, "path": fsio.qualify(self.fs, out), "rows": part.num_rows}
+            )
+        return pd.DataFrame(rows, columns=["shard", "path", "rows"]).astype({"rows": "int64"})
+
+    def _path_for(self, source: str) -> str:
+        tar = self.fs._strip_protocol(source)
+        stem = fsio.basename(tar)[: -len(".tar")]
+        if self.target is None:
+            return tar[: -len(".tar")] + ".parquet"
+        return fsio.join(self.target, stem + ".parquet")
+
+
+__all__ = ["ImageTextPairDataset", "BOOKKEEPING"]

@@ -1,0 +1,31 @@
+"""Exceptions. Each names the shard (and record or byte offset) it is about."""
+
+from __future__ import annotations
+
+
+class CurateError(Exception):
+    """Base class for dask_imgcurate errors."""
+
+
+class TarFormatError(CurateError, ValueError):
+    """A tar shard is truncated, corrupt or not a tar at all."""
+
+    def __init__(self, source: str, offset: int, reason: str):
+        self.source, self.offset, self.reason = source, offset, reason
+        super().__init__(f"{source}: {reason} at byte offset {offset}")
+
+
+class CompressedTarError(CurateError, ValueError):
+    """The shard is compressed; byte-range access needs an uncompressed tar."""
+
+
+class DuplicateKeyError(CurateError, ValueError):
+    """A record key (or a key + extension) occurs twice in one shard."""
+
+
+class MetadataMismatchError(CurateError, ValueError):
+    """A sidecar Parquet's ids differ from its tar's record keys."""
+
+
+class IndexFileError(CurateError, ValueError):
+    """A DALI ``.idx`` file is malformed or does not describe its tar."""

@@ -1,0 +1,99 @@
+"""Group tar members into WebDataset records.
+
+A member's key is its path up to the first dot of its basename and its extension is the
+rest (``dir/000042.seg.png`` -> key ``dir/000042``, extension ``seg.png``). Consecutive
+members with the same key form one record. Keys are only ever used as strings: a key such
+as ``../etc/x`` is never turned into a filesystem path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dask_imgcurate.errors import DuplicateKeyError
+from dask_imgcurate.io.tarindex import TarIndex
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_IMAGE_SET = frozenset(IMAGE_EXTENSIONS)
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """Split a member name into (key, extension) by the WebDataset rule."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash:  # no extension, or a dot-file: the whole name is the key
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+@dataclass
+class RecordIndex:
+    """Records of one shard, in tar order: member ranges ``[starts[i], stops[i])``."""
+
+    members: TarIndex
+    keys: list[str]
+    starts: np.ndarray
+    stops: np.ndarray
+    image_member: np.ndarray  # index into members of the record's image, -1 if none
+    dropped_incomplete: int = 0  # records cut by damage (strict=False), not listed
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def group_records(index: TarIndex) -> RecordIndex:
+    """Group ``index``'s members into records; raise on duplicate keys or member names.
+
+    When the index carries damage, the record in progress at the damage is dropped (it may
+    be missing members) and counted in ``dropped_incomplete``.
+    """
+    names = index.names
+    keys: list[str] = []
+    starts: list[int] = []
+    images: list[int] = []
+    previous = None
+    for i, name in enumerate(names):
+        slash = name.rfind("/") + 1  # split_key, inlined: this loop is hot
+        dot = name.find(".", slash)
+        key, ext = (name[:dot], name[dot + 1 :]) if dot > slash else (name, "")
+        if key != previous:
+            keys.append(key)
+            starts.append(i)
+            images.append(-1)
+            previous = key
+        if images[-1] < 0 and ext.lower() in _IMAGE_SET:
+            images[-1] = i
+    if len(set(keys)) != len(keys) or len(set(names)) != len(names):
+        _raise_duplicate(index, keys, starts)
+    stops = starts[1:] + [len(names)]
+    dropped = 0
+    if index.damage is not None and keys:
+        keys, starts, stops, images = keys[:-1], starts[:-1], stops[:-1], images[:-1]
+        dropped = 1
+    return RecordIndex(
+        members=index,
+        keys=keys,
+        starts=np.asarray(starts, dtype=np.int64),
+        stops=np.asarray(stops, dtype=np.int64),
+        image_member=np.asarray(images, dtype=np.int64),
+        dropped_incomplete=dropped,
+    )
+
+
+def _raise_duplicate(index: TarIndex, keys: list[str], starts: list[int]) -> None:
+    names = index.names
+    first_name: dict[str, str] = {}
+    for name in names:
+        if name in first_name:
+            raise DuplicateKeyError(f"{index.source}: member {name!r} occurs twice")
+        first_name[name] = name
+    first_start: dict[str, int] = {}
+    for key, start in zip(keys, starts):
+        if key in first_start:
+            raise DuplicateKeyError(
+                f"{index.source}: record key {key!r} occurs twice (members "
+                f"{names[first_start[key]]!r} and {names[start]!r}, not adjacent)"
+            )
+        first_start[key] = start

@@ -1,0 +1,217 @@
+"""Index a tar's members from their headers alone, never touching payload bytes.
+
+``scan_tar`` walks header blocks in a bytes-like buffer (an ``mmap`` of a local file, or
+the bytes of a remote one) and jumps over each payload by its size. It understands ustar,
+GNU long names (``L``) and pax extended headers (``x``; ``path`` and ``size``). Header
+checksums are verified for all headers at once with numpy after the walk, so the walk
+itself stays a tight loop.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dask_imgcurate.errors import CompressedTarError, TarFormatError
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+# name(100) mode uid gid(24) size(12) mtime chksum(20) typeflag(1) linkname(100) magic(8)
+# uname gname devmajor devminor(80) prefix (first byte; read in full only when set)
+_HEADER = struct.Struct("100s24x12s20xc100x8s80xc")
+_REGULAR = (b"0", b"\x00", b"7")
+_SKIPPED_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K", b"V", b"M", b"S", b"D")
+_USTAR = b"ustar\x0000"
+
+
+@dataclass
+class TarIndex:
+    """Regular-file members of one tar, in archive order.
+
+    ``offsets`` are payload (data) offsets, as in DALI's index files. ``damage`` is set
+    (instead of raising) when the tar was scanned with ``strict=False`` and is damaged:
+    the members before the damage are listed, the rest is lost.
+    """
+
+    source: str
+    names: list[str]
+    offsets: np.ndarray
+    sizes: np.ndarray
+    damage: TarFormatError | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _text(field_bytes: bytes) -> str:
+    """A NUL-terminated header string."""
+    return field_bytes.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _number(field_bytes: bytes) -> int:
+    """Parse a numeric header field: octal text, or GNU base-256 when the top bit is set."""
+    if field_bytes[0] & 0x80:
+        value = int.from_bytes(field_bytes[1:], "big")
+        return value - (1 << (8 * len(field_bytes) - 1)) if field_bytes[0] & 0x40 else value
+    return int(field_bytes.strip(b" \x00") or b"0", 8)
+
+
+def parse_pax(data: bytes) -> dict[str, str]:
+    """Parse pax extended-header records (``"<len> <key>=<value>\\n"``)."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= 0:
+            raise ValueError("pax record length is not positive")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
+    """Index the regular files of the tar held in ``buffer`` (bytes, mmap, memoryview).
+
+    Raises ``CompressedTarError`` for gzip/bzip2/xz/zstd input and ``TarFormatError``
+    (naming ``source`` and the byte offset) for truncated or corrupt input, unless
+    ``strict=False``, which returns the members before the damage with ``damage`` set.
+    """
+    _refuse_compressed(buffer, source)
+    size_total = len(buffer)
+    names: list[str] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
+    header_starts: list[int] = []  # every header block, for the checksum pass
+    skipped: list[str] = []
+    unpack = _HEADER.unpack_from
+    add_name, add_offset, add_size = names.append, offsets.append, sizes.append
+    add_header = header_starts.append
+    pos = 0
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    pending = False  # a long name or pax header applies to the next member
+    damage: TarFormatError | None = None
+    try:
+        while True:
+            if pos + BLOCK > size_total:
+                if pos == size_total and not pending:
+                    break  # archive without end-of-archive blocks: accepted, like GNU tar
+                raise TarFormatError(source, pos, "truncated tar header")
+            name_b, size_b, typeflag, magic, has_prefix = unpack(buffer, pos)
+            if name_b[0] == 0 and buffer[pos : pos + BLOCK] == _ZERO_BLOCK:
+                break
+            add_header(pos)
+            try:
+                size = int(size_b[:11], 8) if size_b[11] == 0 else _number(size_b)
+            except ValueError:
+                try:
+                    size = _number(size_b)
+                except ValueError:
+                    raise TarFormatError(
+                        source, pos, "corrupt tar header (bad size field)"
+                    ) from None
+            data = pos + BLOCK
+            if pending and "size" in pax:
+                size = int(pax["size"])
+            if data + size > size_total:
+                raise TarFormatError(
+                    source, pos, f"truncated tar member (needs {size} bytes, file ends first)"
+                )
+            if typeflag in _REGULAR:
+                if pending:
+                    name = long_name if long_name is not None else pax.get("path")
+                    long_name, pax, pending = None, {}, False
+                else:
+                    name = None
+                if name is None:
+                    try:
+                        name = name_b.partition(b"\x00")[0].decode()
+                    except UnicodeDecodeError:
+                        name = _text(name_b)
+                    if has_prefix != b"\x00" and magic == _USTAR:
+                        name = f"{_text(bytes(buffer[pos + 345 : pos + 500]))}/{name}"
+                add_name(name)
+                add_offset(data)
+                add_size(size)
+            elif typeflag == b"x":
+                pax = parse_pax(bytes(buffer[data : data + size]))
+                pending = True
+            elif typeflag == b"L":
+                long_name = _text(bytes(buffer[data : data + size]))
+                pending = True
+            elif typeflag in _SKIPPED_TYPES:
+                if typeflag not in (b"g", b"K", b"5"):
+                    skipped.append(_text(name_b))
+                long_name, pax, pending = None, {}, False
+            else:
+                raise TarFormatError(source, pos, f"corrupt tar header (type {typeflag!r})")
+            pos = data + ((size + BLOCK - 1) & ~(BLOCK - 1))
+        _verify_checksums(buffer, header_starts, source)
+    except TarFormatError as err:
+        if strict:
+            raise
+        damage = err
+        keep = np.searchsorted(np.asarray(offsets, dtype=np.int64), err.offset)
+        names, offsets, sizes = names[:keep], offsets[:keep], sizes[:keep]
+    except (ValueError, UnicodeDecodeError) as err:  # malformed pax / long-name payload
+        bad = TarFormatError(source, pos, f"corrupt extended header ({err})")
+        if strict:
+            raise bad from None
+        damage = bad
+    return TarIndex(
+        source=source,
+        names=names,
+        offsets=np.asarray(offsets, dtype=np.int64),
+        sizes=np.asarray(sizes, dtype=np.int64),
+        damage=damage,
+        skipped=skipped,
+    )
+
+
+_COMPRESSED_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+
+
+def _refuse_compressed(buffer, source: str) -> None:
+    head = bytes(buffer[:6])
+    for magic, kind in _COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            raise CompressedTarError(
+                f"{source}: this shard is {kind}-compressed; dask_imgcurate reads members by "
+                f"byte range and needs an uncompressed .tar (decompress it first)"
+            )
+
+
+def _verify_checksums(buffer, header_starts: list[int], source: str) -> None:
+    """Check every header's checksum in one vectorised pass; raise at the first bad one."""
+    if not header_starts:
+        return
+    starts = np.asarray(header_starts, dtype=np.int64)
+    view = np.frombuffer(buffer, dtype=np.uint8)
+    blocks = view[: len(view) // BLOCK * BLOCK].reshape(-1, BLOCK)
+    headers = blocks[starts // BLOCK]  # a copy of just the header blocks
+    del view, blocks  # release the buffer export so an mmap can be closed
+    chk = headers[:, 148:156].astype(np.int64)
+    expected = np.zeros(len(headers), dtype=np.int64)
+    is_digit = (chk >= 48) & (chk <= 55)
+    for col in range(8):
+        expected = np.where(is_digit[:, col], expected * 8 + chk[:, col] - 48, expected)
+    unsigned = headers.sum(axis=1, dtype=np.uint32).astype(np.int64) - chk.sum(axis=1) + 8 * 32
+    mismatch = np.flatnonzero(expected != unsigned)
+    if not len(mismatch):
+        return
+    # Some old writers summed signed bytes; accept that variant too.
+    rows = headers[mismatch].view(np.int8).astype(np.int64)
+    signed = rows.sum(axis=1) - rows[:, 148:156].sum(axis=1) + 8 * 32
+    bad = mismatch[expected[mismatch] != signed]
+    if len(bad):
+        raise TarFormatError(source, int(starts[bad[0]]), "corrupt tar header (bad checksum)")

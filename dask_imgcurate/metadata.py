@@ -1,0 +1,197 @@
+"""Build one shard's metadata as an Arrow table: one row per record, sorted by id.
+
+Columns: the id column, then either the sidecar Parquet's columns or (without one) the
+``caption`` from each record's ``.txt`` and the top-level scalar fields of its ``.json``,
+then the bookkeeping columns in ``BOOKKEEPING``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dask_imgcurate.errors import MetadataMismatchError
+from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.records import RecordIndex, split_key
+from dask_imgcurate.io.shards import Shard, index_shard
+
+log = logging.getLogger(__name__)
+
+MEMBER_TYPE = pa.list_(
+    pa.struct([("name", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
+)
+BOOKKEEPING = {
+    "_shard": pa.string(),
+    "_image_member": pa.string(),
+    "_image_offset": pa.int64(),
+    "_image_size": pa.int64(),
+    "_members": MEMBER_TYPE,
+}
+_MAX_LISTED = 10
+
+
+def is_bookkeeping(column: str) -> bool:
+    return column.startswith("_")
+
+
+def shard_table(
+    fs: fsspec.AbstractFileSystem,
+    shard: Shard,
+    id_col: str = "key",
+    *,
+    strict: bool = True,
+    on_mismatch: str = "raise",
+) -> pa.Table:
+    """Metadata of one shard (see module docstring)."""
+    records = index_shard(fs, shard, strict=strict)
+    source = fsio.qualify(fs, shard.tar)
+    if records.members.damage is not None:
+        warnings.warn(
+            f"{records.members.damage}; kept the {len(records)} complete records before it "
+            f"(dropped {records.dropped_incomplete} possibly incomplete record)",
+            stacklevel=2,
+        )
+    book = bookkeeping_table(records, source)
+    if shard.parquet is not None:
+        user = _read_sidecar(fs, shard, id_col)
+        user, book = _align(user, book, id_col, records.keys, source, on_mismatch)
+    else:
+        user = _table_from_members(fs, shard, records, id_col)
+    table = user
+    for name in book.column_names:
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(name, book.column(name))
+    return table.sort_by(id_col)
+
+
+def bookkeeping_table(records: RecordIndex, source: str) -> pa.Table:
+    """Bookkeeping columns of ``records`` in tar order."""
+    members = records.members
+    n = len(records)
+    used = int(records.stops[-1]) if n else 0  # records are consecutive runs from member 0
+    structs = pa.StructArray.from_arrays(
+        [pa.array(members.names[:used], pa.string()), members.offsets[:used], members.sizes[:used]],
+        fields=list(MEMBER_TYPE.value_type),
+    )
+    list_offsets = np.append(records.starts, used).astype(np.int32)
+    image = records.image_member
+    has_image = image >= 0
+    return pa.table(
+        {
+            "_shard": pa.array([source] * n, pa.string()),
+            "_image_member": pa.array(
+                [members.names[i] if i >= 0 else None for i in image.tolist()], pa.string()
+            ),
+            "_image_offset": np.where(has_image, members.offsets[image], -1),
+            "_image_size": np.where(has_image, members.sizes[image], -1),
+            "_members": pa.ListArray.from_arrays(pa.array(list_offsets), structs),
+        },
+        schema=pa.schema(BOOKKEEPING),
+    )
+
+
+def _read_sidecar(fs: fsspec.AbstractFileSystem, shard: Shard, id_col: str) -> pa.Table:
+    with fs.open(shard.parquet, "rb") as f:
+        table = pq.read_table(f)
+    if id_col not in table.column_names:
+        raise MetadataMismatchError(
+            f"{fsio.qualify(fs, shard.parquet)}: no id column {id_col!r} "
+            f"(columns: {table.column_names}); pass id_col= to name it"
+        )
+    ids = table.column(id_col).cast(pa.string())
+    table = table.set_column(table.column_names.index(id_col), id_col, ids)
+    return table.drop_columns([c for c in table.column_names if is_bookkeeping(c)])
+
+
+def _align(
+    user: pa.Table,
+    book: pa.Table,
+    id_col: str,
+    keys: list[str],
+    source: str,
+    on_mismatch: str,
+) -> tuple[pa.Table, pa.Table]:
+    """Match sidecar rows to tar records by id; return both in the same (record) order."""
+    ids = user.column(id_col).to_pylist()
+    position = {k: i for i, k in enumerate(ids)}
+    if len(position) != len(ids):
+        dupes = sorted({k for k in ids if ids.count(k) > 1})[:_MAX_LISTED]
+        raise MetadataMismatchError(f"{source}: sidecar Parquet repeats ids {dupes}")
+    key_set = set(keys)
+    missing = [k for k in keys if k not in position]  # in the tar, not in the Parquet
+    extra = [k for k in ids if k not in key_set]  # in the Parquet, not in the tar
+    if missing or extra:
+        what = (
+            f"{source}: sidecar Parquet and tar disagree: {len(missing)} records in the tar "
+            f"have no Parquet row (e.g. {missing[:_MAX_LISTED]}), {len(extra)} Parquet rows "
+            f"have no record in the tar (e.g. {extra[:_MAX_LISTED]})"
+        )
+        if on_mismatch != "drop":
+            raise MetadataMismatchError(what + "; pass on_mismatch='drop' to keep the intersection")
+        warnings.warn(f"{what}; dropped {len(missing) + len(extra)} rows", stacklevel=3)
+    kept = [i for i, k in enumerate(keys) if k in position]
+    user = user.take(pa.array([position[keys[i]] for i in kept], pa.int64()))
+    return user, book.take(pa.array(kept, pa.int64()))
+
+
+def _table_from_members(
+    fs: fsspec.AbstractFileSystem, shard: Shard, records: RecordIndex, id_col: str
+) -> pa.Table:
+    """Id, caption (``.txt``) and scalar ``.json`` fields, read from the tar."""
+    members = records.members
+    txt, jsn = {}, {}
+    for r, (s, e) in enumerate(zip(records.starts.tolist(), records.stops.tolist())):
+        for i in range(s, e):
+            ext = split_key(members.names[i])[1].lower()
+            if ext == "txt" and r not in txt:
+                txt[r] = i
+            elif ext == "json" and r not in jsn:
+                jsn[r] = i
+    wanted = sorted(set(txt.values()) | set(jsn.values()))
+    blobs = dict(
+        zip(
+            wanted,
+            fsio.read_ranges(fs, shard.tar, members.offsets[wanted], members.sizes[wanted]),
+        )
+    )
+    n = len(records)
+    captions = [blobs[txt[r]].decode("utf-8", "replace") if r in txt else None for r in range(n)]
+    columns: dict[str, list] = {id_col: list(records.keys), "caption": captions}
+    fields: dict[str, list] = {}
+    for r in range(n):
+        if r not in jsn:
+            continue
+        try:
+            obj = json.loads(blobs[jsn[r]])
+        except ValueError as err:
+            warnings.warn(
+                f"{fsio.qualify(fs, shard.tar)}: record {records.keys[r]!r}: invalid .json "
+                f"member ({err}); its fields are null",
+                stacklevel=3,
+            )
+            continue
+        if not isinstance(obj, dict):
+            continue
+        for k, v in obj.items():
+            if k in columns or is_bookkeeping(k) or isinstance(v, (dict, list)):
+                continue
+            fields.setdefault(k, [None] * n)[r] = v
+    for k, values in fields.items():
+        columns[k] = values
+    arrays = {}
+    for k, values in columns.items():
+        try:
+            arrays[k] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep them as JSON text
+            arrays[k] = pa.array([None if v is None else json.dumps(v) for v in values])
+    arrays[id_col] = arrays[id_col].cast(pa.string())
+    if arrays["caption"].type == pa.null():
+        arrays["caption"] = arrays["caption"].cast(pa.string())
+    return pa.table(arrays)
