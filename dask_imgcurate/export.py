@@ -149,6 +149,8 @@ def _export(
         return summary
     shard_count_check(len(plan))
     out_fs.makedirs(out_root, exist_ok=True)
+    if fsio.remove_stale_temps(out_fs, out_root):
+        log.info("%s: removed temporary files of an interrupted earlier run", summary.path)
     tasks = []
     for n, pieces in enumerate(plan):
         used = sorted({p for p, _, _ in pieces})

@@ -68,6 +68,19 @@ def read_ranges(
     return fs.cat_ranges([path] * len(starts), starts, ends)
 
 
+TEMP_MARK = ".tmp-"
+
+
+def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str) -> int:
+    """Delete temporary files that an interrupted ``atomic_write`` left in ``directory``."""
+    if not is_local(fs) or not os.path.isdir(directory):
+        return 0
+    stale = [n for n in os.listdir(directory) if n.startswith(".") and TEMP_MARK in n]
+    for name in stale:
+        os.remove(os.path.join(directory, name))
+    return len(stale)
+
+
 @contextlib.contextmanager
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
     """Yield a local temporary file name; on success it becomes ``path`` in one step.
@@ -79,7 +92,9 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
     if is_local(fs):
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp = os.path.join(
+            directory, f".{os.path.basename(path)}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+        )
     else:
         fd, tmp = tempfile.mkstemp(prefix="dask-imgcurate-", suffix=".part")
         os.close(fd)

@@ -1,0 +1,378 @@
+"""Export: to_webdataset / write_images, checked with independent readers on real bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import warnings
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dask_imgcurate import ImageTextPairDataset
+from dask_imgcurate.demo import make_demo_dataset, make_shard_records, write_shard
+from dask_imgcurate.io.writer import plan_shards
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tar_members(path) -> list[tuple[str, str]]:
+    """(name, sha256) of every member, read with the standard library's tarfile."""
+    with tarfile.open(path) as tf:
+        return [(m.name, sha(tf.extractfile(m).read())) for m in tf.getmembers()]
+
+
+def input_members(directory) -> dict[str, list[tuple[str, str]]]:
+    """key -> [(extension, sha256)] over all input tars."""
+    out: dict[str, list] = {}
+    for tar in sorted(Path(directory).glob("*.tar")):
+        for name, digest in tar_members(tar):
+            key, _, ext = name.partition(".")
+            out.setdefault(key, []).append((ext, digest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """5 shards x 7 records with sidecar Parquet."""
+    root = tmp_path_factory.mktemp("export-src")
+    make_demo_dataset(root, n_shards=5, samples_per_shard=7, seed=3)
+    return root
+
+
+def keep_mask(frame: pd.DataFrame) -> pd.Series:
+    return frame["width"] >= 200
+
+
+def load_with_keep(source: Path) -> ImageTextPairDataset:
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    meta = ds.metadata
+    meta["keep"] = keep_mask(meta)
+    ds.metadata = meta
+    return ds
+
+
+@pytest.mark.parametrize("per_shard", [1, 4, 7, 10, 100])
+def test_to_webdataset_round_trip(source, tmp_path, per_shard):
+    ds = load_with_keep(source)
+    frame = ds.metadata.compute()
+    kept = frame[keep_mask(frame)]
+    out = tmp_path / "out"
+    summary = ds.to_webdataset(
+        str(out),
+        filter_column="keep",
+        samples_per_shard=per_shard,
+        max_shards=3,
+        old_id_col="old_key",
+    )
+    digits = math.ceil(math.log10(per_shard)) if per_shard > 1 else 0
+    n_shards = math.ceil(len(kept) / per_shard)
+    assert summary.records_in == len(frame)
+    assert summary.records_out == len(kept)
+    assert summary.dropped_by_filter == len(frame) - len(kept)
+    assert summary.shards_written == n_shards
+    tars = sorted(out.glob("*.tar"))
+    assert [t.name for t in tars] == [f"{n:03d}.tar" for n in range(n_shards)]
+    originals = input_members(source)
+    old_ids = kept["key"].tolist()  # input order: partitions in shard order, rows by id
+    position = 0
+    for n, tar in enumerate(tars):
+        members = tar_members(tar)
+        table = pq.read_table(tar.with_suffix(".parquet"))
+        ids = table.column("key").to_pylist()
+        expected_count = per_shard if n < n_shards - 1 else len(kept) - per_shard * n
+        assert len(ids) == expected_count
+        assert ids == [f"{n * 10**digits + i:0{3 + digits}d}" for i in range(len(ids))]
+        assert table.column("old_key").to_pylist() == old_ids[position : position + len(ids)]
+        # members in the order of the Parquet rows, bytes identical to the input's
+        expected = []
+        for new, old in zip(ids, table.column("old_key").to_pylist()):
+            expected += [(f"{new}.{ext}", digest) for ext, digest in originals[old]]
+        assert members == expected
+        position += len(ids)
+    assert position == len(kept)
+
+
+def test_gnu_tar_and_webdataset_read_output(source, tmp_path):
+    ds = load_with_keep(source)
+    out = tmp_path / "out"
+    ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=6, max_shards=2)
+    tars = sorted(out.glob("*.tar"))
+    for tar in tars:
+        listing = subprocess.run(
+            ["tar", "tf", str(tar)], capture_output=True, text=True, check=True
+        )
+        assert listing.stdout.split() == [name for name, _ in tar_members(tar)]
+        extract = tmp_path / ("x-" + tar.stem)
+        extract.mkdir()
+        subprocess.run(["tar", "xf", str(tar), "-C", str(extract)], check=True)
+        for name, digest in tar_members(tar):
+            assert sha((extract / name).read_bytes()) == digest
+    import webdataset as wds
+
+    samples = list(wds.WebDataset([str(t) for t in tars], shardshuffle=False))
+    reference = [m for t in tars for m in tar_members(t)]
+    got = [
+        (f"{s['__key__']}.{ext}", sha(s[ext])) for s in samples for ext in ("jpg", "txt", "json")
+    ]
+    assert got == reference
+
+
+def _dali_read(tars, idxs=None) -> list[tuple[str, str]]:
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        jpg, txt = fn.readers.webdataset(
+            paths=[str(t) for t in tars],
+            index_paths=[str(i) for i in idxs] if idxs else None,
+            ext=["jpg", "txt"],
+            missing_component_behavior="error",
+            name="reader",
+        )
+        return jpg, txt
+
+    p = pipe()
+    p.build()
+    size = p.epoch_size("reader")
+    out = []
+    for _ in range(size):
+        jpg, txt = p.run()
+        out.append((sha(np.array(jpg[0]).tobytes()), sha(np.array(txt[0]).tobytes())))
+    return out
+
+
+def test_dali_reads_output_with_and_without_our_idx(source, tmp_path):
+    ds = load_with_keep(source)
+    out = tmp_path / "out"
+    ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=5, max_shards=2)
+    tars = sorted(out.glob("*.tar"))
+    idxs = [t.with_suffix(".idx") for t in tars]
+    assert all(i.exists() for i in idxs)
+    expected = []
+    for t in tars:
+        m = dict(tar_members(t))
+        keys = sorted({name.split(".")[0] for name in m})
+        expected += [(m[f"{k}.jpg"], m[f"{k}.txt"]) for k in keys]
+    assert _dali_read(tars, idxs) == expected
+    assert _dali_read(tars) == expected
+
+
+def test_output_loads_back_as_dataset(source, tmp_path):
+    ds = load_with_keep(source)
+    out = tmp_path / "out"
+    ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=8, max_shards=4)
+    back = ImageTextPairDataset.from_webdataset(str(out)).metadata.compute()
+    frame = ds.metadata.compute()
+    kept = frame[keep_mask(frame)].reset_index(drop=True)
+    assert back["caption"].tolist() == kept["caption"].tolist()
+    assert back["width"].tolist() == kept["width"].tolist()
+    pd_frame = pd.read_parquet(out / "0000.parquet")  # pandas reads it too
+    assert list(pd_frame["key"]) == [f"{i:05d}" for i in range(8)]
+
+
+def test_partition_filtered_out_and_nothing_kept(source, tmp_path):
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    meta = ds.metadata
+    meta["keep"] = meta["key"].str.slice(0, 9).astype(int) >= 14  # shards 0 and 1 drop out
+    ds.metadata = meta
+    out = tmp_path / "some"
+    summary = ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=10, max_shards=2)
+    assert summary.records_out == 35 - 14
+    assert pq.read_table(out / "00.parquet").column("key").to_pylist()[0] == "000"
+    meta["none"] = False
+    ds.metadata = meta
+    empty = tmp_path / "none"
+    with pytest.warns(UserWarning, match="kept no records"):
+        summary = ds.to_webdataset(str(empty), filter_column="none")
+    assert summary.records_out == 0 and summary.shards_written == 0
+    assert not empty.exists() or not any(empty.iterdir())
+
+
+def test_error_rows_are_dropped_and_counted(source, tmp_path):
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    meta = ds.metadata
+    meta["error"] = meta["key"].where(meta["key"].str.endswith("3"), None)
+    meta["error"] = meta["error"].astype("string")
+    ds.metadata = meta
+    summary = ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=100)
+    frame = meta.compute()
+    n_errors = int(frame["error"].notna().sum())
+    assert n_errors > 0
+    assert summary.dropped_for_errors == n_errors
+    assert summary.records_out == len(frame) - n_errors
+
+
+def test_plan_shards_exact_sizes():
+    plan = plan_shards([3, 0, 5, 2], 4)
+    assert plan == [[(0, 0, 3), (2, 0, 1)], [(2, 1, 5)], [(3, 0, 2)]]
+    assert plan_shards([0, 0], 4) == []
+    with pytest.raises(ValueError):
+        plan_shards([1], 0)
+
+
+def test_too_many_shards_for_max_shards(source, tmp_path):
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    with pytest.raises(ValueError, match="max_shards"):
+        ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=1, max_shards=1)
+
+
+def _digest_dir(directory: Path) -> dict[str, str]:
+    return {p.name: sha(p.read_bytes()) for p in sorted(directory.iterdir())}
+
+
+def test_two_process_cluster_gives_identical_bytes(source, tmp_path):
+    from distributed import Client, LocalCluster
+
+    ds = load_with_keep(source)
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "single"), filter_column="keep", samples_per_shard=6)
+        ds.write_images(str(tmp_path / "single-img"), images_per_tar=6, filter_column="keep")
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as c:
+        with Client(c):
+            ds.to_webdataset(str(tmp_path / "cluster"), filter_column="keep", samples_per_shard=6)
+            ds.write_images(str(tmp_path / "cluster-img"), images_per_tar=6, filter_column="keep")
+    assert _digest_dir(tmp_path / "single") == _digest_dir(tmp_path / "cluster")
+    assert _digest_dir(tmp_path / "single-img") == _digest_dir(tmp_path / "cluster-img")
+
+
+def test_write_images_layout_and_types(source, tmp_path):
+    ds = load_with_keep(source)
+    meta = ds.metadata
+    meta["image_embedding"] = meta["width"].map_partitions(
+        lambda s: pd.Series(
+            pd.array([[float(w), 0.5] for w in s], dtype=pd.ArrowDtype(pa.list_(pa.float32()))),
+            index=s.index,
+        ),
+        meta=("image_embedding", pd.ArrowDtype(pa.list_(pa.float32()))),
+    )
+    ds.metadata = meta
+    s1 = ds.write_images(str(tmp_path / "a"), images_per_tar=10, filter_column="keep")
+    s2 = ds.write_images(str(tmp_path / "b"), images_per_tar=10, filter_column="keep")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert _digest_dir(tmp_path / "a") == _digest_dir(tmp_path / "b")
+    prefix = names[0].split("-")[1]
+    assert len(prefix) == 16
+    assert [n for n in names if n.endswith(".tar")] == [
+        f"images-{prefix}-{i:06d}.tar" for i in range(s1.shards_written)
+    ]
+    table = pq.read_table(tmp_path / "a" / f"images-{prefix}-000000.parquet")
+    assert table.column_names[:3] == ["key", "tar_file", "member_name"]
+    assert set(table.column("tar_file").to_pylist()) == {f"images-{prefix}-000000.tar"}
+    assert table.schema.field("image_embedding").type == pa.list_(pa.float32())
+    members = dict(tar_members(tmp_path / "a" / f"images-{prefix}-000000.tar"))
+    originals = input_members(source)
+    for key, member in zip(
+        table.column("key").to_pylist(), table.column("member_name").to_pylist()
+    ):
+        assert member == f"{key}.jpg"  # ids and all members are kept
+        assert members[member] == dict(originals[key])["jpg"]
+        assert members[f"{key}.txt"] == dict(originals[key])["txt"]
+    assert s1.records_out == s2.records_out
+    random = ds.write_images(str(tmp_path / "c"), images_per_tar=10, deterministic_name=False)
+    assert random.files and prefix not in random.files[0]
+
+
+def test_members_of_any_kind_and_long_names_survive(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    records = make_shard_records(0, 3, seed=1)
+    long_key = "d" * 120
+    records[1]["__key__"] = long_key
+    records[2]["cls"] = b"7"
+    records[2]["npy"] = np.arange(5).tobytes()
+    write_shard(src / "00000.tar", records)
+    ds = ImageTextPairDataset.from_webdataset(str(src))
+    ds.write_images(str(tmp_path / "img"), images_per_tar=10)
+    (tar,) = (tmp_path / "img").glob("*.tar")
+    names = [n for n, _ in tar_members(tar)]
+    assert f"{long_key}.jpg" in names  # > 100 bytes: pax header, read back by tarfile
+    listing = subprocess.run(["tar", "tf", str(tar)], capture_output=True, text=True, check=True)
+    assert f"{long_key}.jpg" in listing.stdout.split()
+    assert dict(tar_members(tar))[f"{records[2]['__key__']}.npy"] == sha(np.arange(5).tobytes())
+    ds.to_webdataset(str(tmp_path / "wds"), samples_per_shard=2, max_shards=1)
+    # rows are sorted by id: 000000000, 000000002, ddd...; the second becomes "01"
+    assert [n for n, _ in tar_members(tmp_path / "wds" / "0.tar")][3:] == [
+        "01.jpg",
+        "01.txt",
+        "01.json",
+        "01.cls",
+        "01.npy",
+    ]
+
+
+def test_resume_after_kill(source, tmp_path):
+    """kill -9 mid-export leaves no partial file under a final name; a re-run completes it."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, dask
+        import dask_imgcurate.io.writer as writer
+        from dask_imgcurate import ImageTextPairDataset
+        calls = [0]
+        real = writer.member_header
+        def dying_header(name, size):
+            calls[0] += 1
+            if calls[0] == 40:  # in the middle of the fourth shard
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(name, size)
+        writer.member_header = dying_header
+        ds = ImageTextPairDataset.from_webdataset({str(source)!r})
+        with dask.config.set(scheduler="synchronous"):
+            ds.to_webdataset({str(out)!r}, samples_per_shard=4, max_shards=2)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    finals = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    temps = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert temps, "the killed run should have left its temporary file behind"
+    stems = sorted({n.split(".")[0] for n in finals})
+    assert len(stems) == 3  # three shards finished before the kill, in the fourth
+    assert finals == sorted(f"{s}.{ext}" for s in stems for ext in ("idx", "parquet", "tar"))
+    for tar in out.glob("*.tar"):  # every final-named tar is complete and matches its Parquet
+        keys = [n.split(".")[0] for n, _ in tar_members(tar)]
+        assert (
+            sorted(set(keys))
+            == pq.read_table(tar.with_suffix(".parquet")).column("key").to_pylist()
+        )
+    before = {n: os.stat(out / n).st_mtime_ns for n in finals}
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    summary = ds.to_webdataset(str(out), samples_per_shard=4, max_shards=2)
+    assert summary.shards_skipped == 3 and summary.shards_written == 6
+    assert all(os.stat(out / n).st_mtime_ns == before[n] for n in finals)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    clean = tmp_path / "clean"
+    ds.to_webdataset(str(clean), samples_per_shard=4, max_shards=2)
+    assert _digest_dir(out) == _digest_dir(clean)
+
+
+def test_resume_rewrites_shards_of_a_different_job(source, tmp_path):
+    ds = load_with_keep(source)
+    out = tmp_path / "out"
+    ds.to_webdataset(str(out), samples_per_shard=5, max_shards=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = ds.to_webdataset(
+            str(out), filter_column="keep", samples_per_shard=5, max_shards=2
+        )
+    assert summary.shards_skipped == 0
+    fresh = tmp_path / "fresh"
+    ds.to_webdataset(str(fresh), filter_column="keep", samples_per_shard=5, max_shards=2)
+    for p in fresh.iterdir():
+        assert sha((out / p.name).read_bytes()) == sha(p.read_bytes())
