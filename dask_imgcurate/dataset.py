@@ -239,7 +239,10 @@ class _ShardLoader:
 
     def __call__(self, group: tuple[Shard, ...]):
         tables = [_conform(self.table(s), self.schema, fsio.qualify(self.fs, s.tar)) for s in group]
-        return to_frame(pa.concat_tables(tables), self.backend)
+        table = pa.concat_tables(tables)
+        if len(tables) > 1:  # each shard is sorted; the partition must be too
+            table = table.sort_by(self.id_col)
+        return to_frame(table, self.backend)
 
 
 def _infer_schema(loader: _ShardLoader, shards: list[Shard]) -> pa.Schema:

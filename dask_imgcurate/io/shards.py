@@ -48,6 +48,11 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
     siblings: set[str] = set()
     for directory in {t.rsplit("/", 1)[0] if "/" in t else "" for t in tars}:
         siblings.update(fs.ls(directory or ".", detail=False))
+    if isinstance(path, (list, tuple)):  # listed explicitly: each must exist
+        missing = [t for t in tars if t not in siblings]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"no such shard: {missing[0]}{more}")
     shards = []
     for tar in tars:
         stem = tar[: -len(".tar")]

@@ -55,7 +55,7 @@ def _number(field_bytes: bytes) -> int:
     """Parse a numeric header field: octal text, or GNU base-256 when the top bit is set."""
     if field_bytes[0] & 0x80:
         value = int.from_bytes(field_bytes[1:], "big")
-        return value - (1 << (8 * len(field_bytes) - 1)) if field_bytes[0] & 0x40 else value
+        return value - (1 << (8 * (len(field_bytes) - 1))) if field_bytes[0] & 0x40 else value
     return int(field_bytes.strip(b" \x00") or b"0", 8)
 
 
@@ -118,6 +118,8 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
             data = pos + BLOCK
             if pending and "size" in pax:
                 size = int(pax["size"])
+            if size < 0:
+                raise TarFormatError(source, pos, "corrupt tar header (negative size)")
             if data + size > size_total:
                 raise TarFormatError(
                     source, pos, f"truncated tar member (needs {size} bytes, file ends first)"
@@ -151,18 +153,21 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
             else:
                 raise TarFormatError(source, pos, f"corrupt tar header (type {typeflag!r})")
             pos = data + ((size + BLOCK - 1) & ~(BLOCK - 1))
+    except TarFormatError as err:
+        damage = err
+    except (ValueError, UnicodeDecodeError) as err:  # malformed pax / long-name payload
+        damage = TarFormatError(source, pos, f"corrupt extended header ({err})")
+    try:
+        # Also when the walk stopped early: the headers read before the damage must be
+        # intact too, and a bad one among them is the first damage.
         _verify_checksums(buffer, header_starts, source)
     except TarFormatError as err:
-        if strict:
-            raise
         damage = err
-        keep = np.searchsorted(np.asarray(offsets, dtype=np.int64), err.offset)
-        names, offsets, sizes = names[:keep], offsets[:keep], sizes[:keep]
-    except (ValueError, UnicodeDecodeError) as err:  # malformed pax / long-name payload
-        bad = TarFormatError(source, pos, f"corrupt extended header ({err})")
+    if damage is not None:
         if strict:
-            raise bad from None
-        damage = bad
+            raise damage from None
+        keep = int(np.searchsorted(np.asarray(offsets, dtype=np.int64), damage.offset))
+        names, offsets, sizes = names[:keep], offsets[:keep], sizes[:keep]
     return TarIndex(
         source=source,
         names=names,

@@ -1,0 +1,186 @@
+"""open_clip image encoders, loaded once per process.
+
+Models are cached in a module-level dict keyed by ``(model_name, pretrained, device,
+precision)``, so every task in a Dask worker process shares one copy.
+
+``pretrained`` is an open_clip tag (e.g. ``"openai"``; open_clip downloads the weights on
+first use), a local checkpoint path, or ``None`` for random weights (a
+:class:`RandomWeightsWarning` says the resulting scores are meaningless; the weights come
+from a fixed seed, so every worker process builds the same model). Model names are
+open_clip's (``"ViT-L-14"``) or ``"local-dir:/path"`` / ``"hf-hub:org/repo"`` schemas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dask_imgcurate.device import resolve_device
+from dask_imgcurate.io.image_reader import PreprocessSpec
+from dask_imgcurate.models.builtin import register_builtin_configs
+
+RANDOM_WEIGHTS_SEED = 0
+"""Seed for models built with ``pretrained=None``, identical in every process."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model runs with random weights: its embeddings and scores are meaningless."""
+
+
+@dataclass
+class ClipModel:
+    """A loaded open_clip model with what the pipeline needs to feed it."""
+
+    model: torch.nn.Module
+    preprocess: PreprocessSpec
+    transform: Callable[[Any], torch.Tensor]  # open_clip's own eval transform (PIL -> tensor)
+    embed_dim: int
+    device: torch.device
+    precision: str
+    key: tuple[str, str | None, str, str]
+
+    @torch.inference_mode()
+    def encode_images(
+        self, images: torch.Tensor, normalize: bool = True, autocast: bool = True
+    ) -> torch.Tensor:
+        """Embed preprocessed images ``(N, 3, H, W)``; float32 ``(N, embed_dim)`` on the model device.
+
+        ``autocast`` runs the model under CUDA autocast (fp16) on GPUs; it is ignored on CPU.
+        """
+        if images.shape[0] == 0:
+            return torch.empty((0, self.embed_dim), dtype=torch.float32, device=self.device)
+        images = images.to(self.device, non_blocking=True)
+        use_autocast = autocast and self.device.type == "cuda" and self.precision == "fp32"
+        ctx = (
+            torch.autocast(device_type="cuda", dtype=torch.float16)
+            if use_autocast
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            if self.precision in ("fp16", "pure_fp16"):
+                images = images.half()
+            elif self.precision in ("bf16", "pure_bf16"):
+                images = images.bfloat16()
+            features = self.model.encode_image(images)
+        features = features.float()
+        if normalize:
+            features = torch.nn.functional.normalize(features, dim=-1)
+        return features
+
+
+_CACHE: dict[tuple, ClipModel] = {}
+_LOCK = threading.Lock()
+_LOADS = 0
+
+
+def _cache_key(
+    model_name: str, pretrained: str | None, device: torch.device, precision: str
+) -> tuple[str, str | None, str, str]:
+    if pretrained is not None and os.path.isfile(pretrained):
+        pretrained = os.path.abspath(pretrained)
+    return (model_name, pretrained, str(device), precision)
+
+
+def load_clip(
+    model_name: str = "ViT-L-14",
+    pretrained: str | None = "openai",
+    device: str | torch.device = "auto",
+    precision: str = "fp32",
+) -> ClipModel:
+    """The open_clip model for these arguments, loaded on first call in this process."""
+    dev = resolve_device(device)
+    key = _cache_key(model_name, pretrained, dev, precision)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
+    with _LOCK:
+        cached = _CACHE.get(key)
+        if cached is None:
+            cached = _load(model_name, pretrained, dev, precision, key)
+            _CACHE[key] = cached
+    return cached
+
+
+def _load(
+    model_name: str,
+    pretrained: str | None,
+    device: torch.device,
+    precision: str,
+    key: tuple[str, str | None, str, str],
+) -> ClipModel:
+    global _LOADS
+    import open_clip
+
+    register_builtin_configs()  # worker processes need the package's configs too
+    if pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:")):
+        warnings.warn(
+            f"open_clip model {model_name!r} has random weights (pretrained=None): "
+            "its embeddings and any scores computed from them are meaningless",
+            RandomWeightsWarning,
+            stacklevel=3,
+        )
+    with torch.random.fork_rng(devices=[]):
+        # random weights are seeded: every worker process builds the same model
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model, _, transform = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, precision=precision
+        )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    preprocess = PreprocessSpec.from_open_clip(model)
+    embed_dim = _embed_dim(model)
+    _LOADS += 1
+    return ClipModel(model, preprocess, transform, embed_dim, device, precision, key)
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    visual = getattr(model, "visual", None)
+    for attr in ("output_dim", "embed_dim"):
+        value = getattr(visual, attr, None)
+        if isinstance(value, int):
+            return value
+    size = PreprocessSpec.from_open_clip(model).size
+    with torch.inference_mode():
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        out = model.encode_image(torch.zeros((1, 3, *size), device=device, dtype=dtype))
+    return int(out.shape[-1])
+
+
+def clip_embed_dim(model_name: str) -> int | None:
+    """Embedding size from open_clip's config for ``model_name`` (no weights); None if unknown."""
+    try:
+        import open_clip
+
+        register_builtin_configs()
+        if model_name.startswith("local-dir:"):
+            import json
+
+            path = os.path.join(model_name[len("local-dir:") :], "open_clip_config.json")
+            with open(path, encoding="utf-8") as f:
+                return int(json.load(f)["model_cfg"]["embed_dim"])
+        if model_name.startswith("hf-hub:"):
+            return None
+        cfg = open_clip.get_model_config(model_name.replace("/", "-"))
+        return None if cfg is None else int(cfg["embed_dim"])
+    except Exception:  # noqa: BLE001 - the caller only uses this for an early check
+        return None
+
+
+def clear_clip_cache() -> None:
+    """Forget the models loaded in this process."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def clip_cache_info() -> dict[str, Any]:
+    """``{"loads": models loaded so far in this process, "cached": [cache keys]}``."""
+    return {"loads": _LOADS, "cached": list(_CACHE)}

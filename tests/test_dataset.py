@@ -1,0 +1,609 @@
+"""``ImageTextPairDataset.from_webdataset`` / ``save_metadata`` and the backend choice.
+
+Expected values come from independent readers: ``tarfile`` for members and payloads,
+``pyarrow.parquet`` for sidecar and saved files, ``json`` for the records' ``.json``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import dask
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dask_imgcurate import ImageTextPairDataset, demo
+from dask_imgcurate import backend as backend_mod
+from dask_imgcurate.errors import (
+    CompressedTarError,
+    DuplicateKeyError,
+    MetadataMismatchError,
+    TarFormatError,
+)
+from dask_imgcurate.metadata import BOOKKEEPING
+
+BOOK = list(BOOKKEEPING)
+
+
+def load(path, **kwargs) -> ImageTextPairDataset:
+    return ImageTextPairDataset.from_webdataset(str(path), **kwargs)
+
+
+def partitions(ds: ImageTextPairDataset) -> list[pd.DataFrame]:
+    parts = ds.metadata.to_delayed()
+    return list(dask.compute(*parts))
+
+
+def tar_records(tar: Path) -> dict[str, dict]:
+    """key -> {"members": [(name, offset, size)], "data": {ext: bytes}} read by tarfile."""
+    out: dict[str, dict] = {}
+    with tarfile.open(tar) as t:
+        for m in t.getmembers():
+            if not m.isreg():
+                continue
+            slash = m.name.rfind("/") + 1
+            dot = m.name.find(".", slash)
+            key, ext = m.name[:dot], m.name[dot + 1 :]
+            rec = out.setdefault(key, {"members": [], "data": {}})
+            rec["members"].append((m.name, m.offset_data, m.size))
+            rec["data"][ext] = t.extractfile(m).read()
+    return out
+
+
+def write_tar(path: Path, members) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+# --- layout ---------------------------------------------------------------------------------
+
+
+def test_one_partition_per_shard(demo_dir):
+    ds = load(demo_dir)
+    tars = sorted(str(p) for p in demo_dir.glob("*.tar"))
+    assert ds.tar_files == tars and len(tars) == 3
+    assert ds.metadata.npartitions == 3
+    for tar, part in zip(tars, partitions(ds), strict=True):
+        assert set(part["_shard"]) == {tar}
+        assert list(part["key"]) == sorted(tar_records(Path(tar)))
+
+
+def test_inputs_dir_glob_list_single(demo_dir):
+    tars = sorted(str(p) for p in demo_dir.glob("*.tar"))
+    assert load(demo_dir).tar_files == tars
+    assert load(f"{demo_dir}/0000[02].tar").tar_files == [tars[0], tars[2]]
+    assert ImageTextPairDataset.from_webdataset([tars[2], tars[0]]).tar_files == [tars[0], tars[2]]
+    single = load(tars[1])
+    assert single.tar_files == [tars[1]] and len(single.metadata.compute()) == 12
+
+
+def test_files_per_partition(demo_dir):
+    ds = load(demo_dir, files_per_partition=2)
+    parts = partitions(ds)
+    assert [len(p) for p in parts] == [24, 12]
+    assert [sorted(set(p["_shard"])) for p in parts] == [ds.tar_files[:2], ds.tar_files[2:]]
+    with pytest.raises(ValueError):
+        load(demo_dir, files_per_partition=0)
+
+
+def test_rows_sorted_within_partitions(tmp_path):
+    records = demo.make_shard_records(0, 12, seed=3)
+    order = [5, 0, 11, 3, 8, 1]
+    demo.write_shard(tmp_path / "00000.tar", [records[i] for i in order])
+    demo.write_parquet(tmp_path / "00000.parquet", [records[i] for i in sorted(order)[::-1]])
+    rest = [i for i in range(12) if i not in order]
+    demo.write_shard(tmp_path / "00001.tar", [records[i] for i in rest[::-1]])
+    demo.write_parquet(tmp_path / "00001.parquet", [records[i] for i in rest])
+    captions = {r["__key__"]: r["txt"] for r in records}
+    for fpp, expected in [(1, [sorted(order), rest]), (2, [list(range(12))])]:
+        parts = partitions(load(tmp_path, files_per_partition=fpp))
+        assert [list(p["key"]) for p in parts] == [[f"{i:09d}" for i in e] for e in expected]
+        for part in parts:  # sidecar rows moved along with their ids
+            assert list(part["caption"]) == [captions[k] for k in part["key"]]
+
+
+def test_parquet_layout_columns_and_values(demo_dir):
+    frame = load(demo_dir).metadata.compute()
+    assert frame["key"].dtype == pd.StringDtype("pyarrow")
+    assert frame["_members"].dtype == pd.ArrowDtype(BOOKKEEPING["_members"])
+    assert frame["_image_offset"].dtype == frame["_image_size"].dtype == "int64"
+    sidecar = pa.concat_tables(
+        [pq.read_table(p) for p in sorted(demo_dir.glob("*.parquet"))]
+    ).to_pandas()
+    assert list(frame.columns) == list(sidecar.columns) + BOOK
+    got = frame[list(sidecar.columns)].reset_index(drop=True)
+    want = sidecar.sort_values("key").reset_index(drop=True)
+    for col in sidecar.columns:
+        assert got[col].tolist() == want[col].tolist(), col
+
+
+def test_no_parquet_layout_reads_txt_and_json(demo_dir_nopq):
+    frame = load(demo_dir_nopq).metadata.compute()
+    assert len(frame) == 20
+    assert {"key", "caption", "width", "height", "original_width", "similarity"} <= set(
+        frame.columns
+    )
+    for tar in sorted(demo_dir_nopq.glob("*.tar")):
+        for key, rec in tar_records(tar).items():
+            row = frame[frame["key"] == key].iloc[0]
+            assert row["caption"] == rec["data"]["txt"].decode("utf-8")
+            meta = json.loads(rec["data"]["json"])
+            for field in ("url", "width", "height", "original_width", "status", "similarity"):
+                assert row[field] == meta[field], (key, field)
+
+
+def test_json_fields_scalars_only(tmp_path):
+    members = [
+        ("a.jpg", b"A"),
+        ("a.json", json.dumps({"n": 1, "tags": ["x"], "nested": {"k": 1}, "s": "hi"}).encode()),
+        ("b.jpg", b"B"),
+        ("b.txt", "caption b ✓".encode()),
+        ("b.json", json.dumps({"n": 2, "flag": True}).encode()),
+    ]
+    frame = load(write_tar(tmp_path / "00000.tar", members)).metadata.compute()
+    assert list(frame.columns) == ["key", "caption", "n", "s", "flag"] + BOOK
+    rows = frame.set_index("key")
+    assert pd.isna(rows.loc["a", "caption"]) and rows.loc["b", "caption"] == "caption b ✓"
+    assert rows["n"].tolist() == [1, 2] and rows.loc["a", "s"] == "hi"
+    assert pd.isna(rows.loc["a", "flag"]) and bool(rows.loc["b", "flag"]) is True
+
+
+def test_image_range_is_the_image(demo_dir, demo_dir_nopq):
+    for root in (demo_dir, demo_dir_nopq):
+        frame = load(root).metadata.compute()
+        assert (frame["_image_size"] > 0).all()
+        for tar, rows in frame.groupby("_shard"):
+            by_name = {}
+            with tarfile.open(tar) as t:
+                for m in t.getmembers():
+                    by_name[m.name] = hashlib.sha256(t.extractfile(m).read()).hexdigest()
+            with open(tar, "rb") as f:
+                for name, off, size in rows[
+                    ["_image_member", "_image_offset", "_image_size"]
+                ].itertuples(index=False):
+                    f.seek(off)
+                    assert hashlib.sha256(f.read(size)).hexdigest() == by_name[name]
+                    assert name.endswith(".jpg")
+
+
+def test_members_column(demo_dir, fixture_tar):
+    for root in (demo_dir, fixture_tar):
+        frame = load(root).metadata.compute()
+        for tar, rows in frame.groupby("_shard"):
+            expected = tar_records(Path(tar))
+            assert sorted(rows["key"]) == sorted(expected)
+            for key, members in zip(rows["key"], rows["_members"], strict=True):
+                got = [(m["name"], m["offset"], m["size"]) for m in members]
+                assert got == expected[key]["members"]
+
+
+def test_real_fixture_shard(fixture_tar):
+    frame = load(fixture_tar).metadata.compute()
+    expected = tar_records(fixture_tar)["0"]
+    assert frame["key"].tolist() == ["0"]
+    row = frame.iloc[0]
+    assert row["caption"] == expected["data"]["txt"].decode()
+    assert row["_image_member"] == "0.jpg"
+    assert (row["_image_offset"], row["_image_size"]) == expected["members"][0][1:]
+
+
+def test_other_members_kept_and_uppercase_image(tmp_path):
+    members = [
+        ("000001.JPG", b"upper"),
+        ("000001.cls", b"3"),
+        ("000001.npy", b"\x93NUMPY\x01\x00"),
+        ("000001.txt", b"first"),
+        ("000002.cls", b"4"),
+        ("000002.txt", b"no image here"),
+    ]
+    tar = write_tar(tmp_path / "00000.tar", members)
+    frame = load(tar).metadata.compute().set_index("key")
+    expected = tar_records(tar)
+    assert frame.loc["000001", "_image_member"] == "000001.JPG"
+    assert frame.loc["000001", "_image_offset"] == expected["000001"]["members"][0][1]
+    assert pd.isna(frame.loc["000002", "_image_member"])
+    assert (frame.loc["000002", "_image_offset"], frame.loc["000002", "_image_size"]) == (-1, -1)
+    for key in ("000001", "000002"):
+        got = [(m["name"], m["offset"], m["size"]) for m in frame.loc[key, "_members"]]
+        assert got == expected[key]["members"]
+
+
+def test_custom_id_column(tmp_path):
+    records = demo.make_shard_records(0, 4)
+    demo.write_shard(tmp_path / "00000.tar", records)
+    table = pa.table({"sample_id": [r["__key__"] for r in records], "score": [1.0, 2, 3, 4]})
+    pq.write_table(table, tmp_path / "00000.parquet")
+    frame = load(tmp_path, id_col="sample_id").metadata.compute()
+    assert list(frame.columns) == ["sample_id", "score"] + BOOK
+    assert frame["score"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(MetadataMismatchError, match="no id column 'key'"):
+        load(tmp_path)
+
+
+# --- awkward shards --------------------------------------------------------------------------
+
+
+def test_empty_shard_is_an_empty_partition(tmp_path, demo_dir_nopq):
+    write_tar(tmp_path / "00000.tar", [])
+    shutil.copyfile(demo_dir_nopq / "00000.tar", tmp_path / "00001.tar")
+    write_tar(tmp_path / "00002.tar", [])
+    ds = load(tmp_path)
+    parts = partitions(ds)
+    assert [len(p) for p in parts] == [0, 10, 0]
+    assert all(list(p.columns) == list(parts[1].columns) for p in parts)
+    assert ds.metadata.compute()["key"].tolist() == sorted(tar_records(tmp_path / "00001.tar"))
+    only_empty = load(tmp_path / "00000.tar")
+    assert len(only_empty.metadata.compute()) == 0
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
+def test_empty_shard_from_gnu_tar(tmp_path):
+    import subprocess
+
+    subprocess.run(["tar", "cf", "00000.tar", "-T", "/dev/null"], cwd=tmp_path, check=True)
+    assert len(load(tmp_path).metadata.compute()) == 0
+
+
+def test_duplicate_keys(tmp_path):
+    write_tar(tmp_path / "00000.tar", [("a.jpg", b"1"), ("b.jpg", b"2"), ("a.txt", b"3")])
+    with pytest.raises(DuplicateKeyError, match="'a'") as err:
+        load(tmp_path).metadata.compute()
+    assert str(tmp_path / "00000.tar") in str(err.value)
+
+
+def test_duplicate_member_names(tmp_path):
+    write_tar(tmp_path / "00000.tar", [("a.jpg", b"1"), ("a.txt", b"2"), ("a.jpg", b"3")])
+    with pytest.raises(DuplicateKeyError, match="'a.jpg'"):
+        load(tmp_path).metadata.compute()
+
+
+def test_unsafe_member_names(tmp_path, monkeypatch):
+    root = tmp_path / "x" / "y" / "data"
+    root.mkdir(parents=True)
+    members = [
+        ("/abs/x.jpg", b"abs"),
+        ("/abs/x.txt", b"absolute"),
+        ("../../evil.jpg", b"evil"),
+        ("../../evil.txt", b"escaped"),
+    ]
+    write_tar(root / "00000.tar", members)
+    monkeypatch.chdir(root)
+    before = sorted(tmp_path.rglob("*"))
+    frame = load(root).metadata.compute().set_index("key")
+    assert sorted(frame.index) == ["../../evil", "/abs/x"]
+    assert frame.loc["../../evil", "caption"] == "escaped"
+    assert frame.loc["/abs/x", "_image_member"] == "/abs/x.jpg"
+    assert sorted(tmp_path.rglob("*")) == before
+    assert not os.path.exists(root / "../../evil.jpg") and not os.path.exists("/abs/x.jpg")
+
+
+@pytest.fixture(params=["mid-payload", "mid-header"])
+def cut_dataset(request, demo_dir_nopq, copy_dataset, tarfile_members):
+    """A copy of the no-parquet demo with 00001.tar cut inside record 000000014.
+
+    Cut inside the payload of its ``.txt`` or inside the header of its ``.json``; returns
+    the path and the offset of the damaged member's header.
+    """
+    path = copy_dataset(demo_dir_nopq)
+    tar = path / "00001.tar"
+    members = tarfile_members(tar)
+    if request.param == "mid-payload":
+        name, offset, size = members[13]
+        assert name == "000000014.txt"
+        cut = offset + size // 2
+    else:
+        name, offset, _ = members[14]
+        assert name == "000000014.json"
+        cut = offset - 512 + 100
+    tar.write_bytes(tar.read_bytes()[:cut])
+    return path, offset - 512
+
+
+def test_truncated_shard_strict(cut_dataset):
+    path, header = cut_dataset
+    with pytest.raises(TarFormatError) as err:
+        load(path).metadata.compute()
+    assert err.value.source == str(path / "00001.tar") and err.value.offset == header
+    assert f"byte offset {header}" in str(err.value)
+
+
+def test_truncated_shard_lenient(cut_dataset):
+    path, header = cut_dataset
+    with pytest.warns(UserWarning, match=f"00001.tar: .*byte offset {header}"):
+        frame = load(path, strict=False).metadata.compute()
+    part = frame[frame["_shard"] == str(path / "00001.tar")]
+    assert part["key"].tolist() == [f"{i:09d}" for i in range(10, 14)]
+    other = frame[frame["_shard"] == str(path / "00000.tar")]
+    assert len(other) == 10
+
+
+def test_compressed_shard(tmp_path, demo_dir_nopq):
+    data = (demo_dir_nopq / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").write_bytes(gzip.compress(data))
+    with pytest.raises(CompressedTarError, match="compressed") as err:
+        load(tmp_path).metadata.compute()
+    assert "gzip" in str(err.value) and "00000.tar" in str(err.value)
+
+
+# --- sidecar mismatch -------------------------------------------------------------------------
+
+
+def test_parquet_mismatch(tmp_path):
+    records = demo.make_shard_records(0, 30)
+    demo.write_shard(tmp_path / "00000.tar", records[:28])  # tar: 0..27
+    demo.write_parquet(tmp_path / "00000.parquet", records[14:])  # parquet: 14..29
+    with pytest.raises(MetadataMismatchError) as err:
+        load(tmp_path).metadata.compute()
+    msg = str(err.value)
+    assert str(tmp_path / "00000.tar") in msg
+    assert "14 records in the tar" in msg and "2 Parquet rows" in msg
+    listed = [f"{i:09d}" for i in range(10)]
+    assert all(k in msg for k in listed)
+    assert f"{10:09d}" not in msg  # at most 10 ids listed
+    assert f"{28:09d}" in msg and f"{29:09d}" in msg
+
+    with pytest.warns(UserWarning, match="dropped 16 rows"):
+        frame = load(tmp_path, on_mismatch="drop").metadata.compute()
+    assert frame["key"].tolist() == [f"{i:09d}" for i in range(14, 28)]
+    captions = {r["__key__"]: r["txt"] for r in records}
+    assert frame["caption"].tolist() == [captions[k] for k in frame["key"]]
+    image_offsets = {k: v["members"][0][1] for k, v in tar_records(tmp_path / "00000.tar").items()}
+    assert frame["_image_offset"].tolist() == [image_offsets[k] for k in frame["key"]]
+    with pytest.raises(ValueError):
+        load(tmp_path, on_mismatch="ignore")
+
+
+# --- save_metadata ----------------------------------------------------------------------------
+
+
+def _with_score(ds: ImageTextPairDataset) -> ImageTextPairDataset:
+    meta = ds.metadata
+    return ds.with_metadata(meta.assign(score=(meta["width"] * 2 + meta["height"]).astype("int64")))
+
+
+def test_save_metadata_overwrites_own_parquet(demo_dir, copy_dataset):
+    path = copy_dataset(demo_dir)
+    ds = _with_score(load(path))
+    expected = ds.metadata.compute()
+    result = ds.save_metadata()
+    assert result["path"].tolist() == [str(path / f"0000{i}.parquet") for i in range(3)]
+    assert result["rows"].tolist() == [12, 12, 12]
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        [f"0000{i}.tar" for i in range(3)] + [f"0000{i}.parquet" for i in range(3)]
+    )  # no temporary files left
+    saved = pa.concat_tables([pq.read_table(path / f"0000{i}.parquet") for i in range(3)])
+    user = ["key", "caption", "url", "width", "height", "status", "score"]
+    assert saved.column_names == user
+    assert saved.to_pandas()["score"].tolist() == expected["score"].tolist()
+    assert saved.column("key").to_pylist() == expected["key"].tolist()
+
+    reloaded = load(path).metadata.compute()
+    assert list(reloaded.columns) == user + BOOK
+    pd.testing.assert_frame_equal(
+        reloaded[user].reset_index(drop=True), expected[user].reset_index(drop=True)
+    )
+
+
+def test_save_metadata_is_atomic(demo_dir, copy_dataset, monkeypatch):
+    path = copy_dataset(demo_dir)
+    originals = {p.name: p.read_bytes() for p in path.glob("*.parquet")}
+    ds = _with_score(load(path))
+
+    def crash(table, where, *args, **kwargs):
+        with open(where, "wb") as f:
+            f.write(b"PAR1 half a file")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(pq, "write_table", crash)
+    # synchronous: with threads, compute re-raises the first failure while another task may
+    # still be inside its own write, whose temporary file it removes a moment later
+    with pytest.raises(OSError, match="simulated"), dask.config.set(scheduler="synchronous"):
+        ds.save_metadata()
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in path.glob("*.parquet")} == originals
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        [f"0000{i}.tar" for i in range(3)] + list(originals)
+    )
+    assert len(load(path).metadata.compute()) == 36
+
+
+def test_save_metadata_explicit_path_and_columns(demo_dir_nopq, tmp_path):
+    ds = load(demo_dir_nopq)
+    out = tmp_path / "out"
+    result = ds.save_metadata(str(out), columns=["caption", "width", "key"])
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00001.parquet"]
+    assert result["shard"].tolist() == ds.tar_files
+    frame = ds.metadata.compute()
+    for i, tar in enumerate(ds.tar_files):
+        table = pq.read_table(out / f"0000{i}.parquet")
+        assert table.column_names == ["key", "caption", "width"]
+        rows = frame[frame["_shard"] == tar]
+        assert table.column("key").to_pylist() == rows["key"].tolist()
+        assert table.column("caption").to_pylist() == rows["caption"].tolist()
+        assert table.column("width").to_pylist() == rows["width"].tolist()
+    assert not list(demo_dir_nopq.glob("*.parquet"))
+    with pytest.raises(KeyError, match="nope"):
+        ds.save_metadata(str(out), columns=["nope"])
+
+
+def test_save_metadata_file_names_follow_shards(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for stem, start in (("00042", 0), ("shard-x", 5)):
+        demo.write_shard(src / f"{stem}.tar", demo.make_shard_records(start, 5))
+    ds = load(src)
+    filtered = ds.with_metadata(ds.metadata[ds.metadata["width"] >= 200])
+    expected = filtered.metadata.compute()
+    assert 0 < len(expected) < 10  # the filter really dropped rows
+    result = filtered.save_metadata(str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "00042.parquet",
+        "shard-x.parquet",
+    ]
+    saved = pd.concat(
+        [pq.read_table(tmp_path / "out" / n).to_pandas() for n in result["path"]],
+        ignore_index=True,
+    )
+    assert saved["key"].tolist() == expected["key"].tolist()
+    assert result["rows"].sum() == len(expected)
+    assert "_members" not in saved.columns and "_shard" not in saved.columns
+
+
+def test_save_then_reload_no_parquet_dataset(demo_dir_nopq, copy_dataset):
+    path = copy_dataset(demo_dir_nopq)
+    ds = _with_score(load(path))
+    expected = ds.metadata.compute()
+    ds.save_metadata()
+    assert sorted(p.name for p in path.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+    reloaded = load(path).metadata.compute()
+    assert reloaded["score"].tolist() == expected["score"].tolist()
+    assert reloaded["caption"].tolist() == expected["caption"].tolist()
+    assert reloaded["_image_offset"].tolist() == expected["_image_offset"].tolist()
+
+
+# --- remote (fsspec) storage ----------------------------------------------------------------
+
+
+@pytest.fixture
+def memory_copy(demo_dir_nopq, request):
+    """The no-parquet demo copied into fsspec's in-memory filesystem (the non-local path)."""
+    fsspec = pytest.importorskip("fsspec")
+    mem = fsspec.filesystem("memory")
+    root = f"/imgcurate-{request.node.name}"
+    for f in demo_dir_nopq.iterdir():
+        mem.pipe(f"{root}/{f.name}", f.read_bytes())
+    yield mem, root
+    mem.rm(root, recursive=True)
+
+
+def test_remote_storage_matches_local(memory_copy, demo_dir_nopq, tmp_path):
+    mem, root = memory_copy
+    url = f"memory://{root}"
+    ds = load(url)
+    assert ds.tar_files == [f"memory://{root}/0000{i}.tar" for i in range(2)]
+    remote = ds.metadata.compute()
+    local = load(demo_dir_nopq).metadata.compute()
+    assert remote["_shard"].tolist()[0] == ds.tar_files[0]
+    pd.testing.assert_frame_equal(remote.drop(columns="_shard"), local.drop(columns="_shard"))
+
+    from dask_imgcurate import write_dali_index
+
+    assert write_dali_index(f"{url}/00000.tar") == f"memory://{root}/00000.idx"
+    local_idx = write_dali_index(str(demo_dir_nopq / "00000.tar"), str(tmp_path / "l.idx"))
+    assert mem.cat_file(f"{root}/00000.idx") == Path(local_idx).read_bytes()
+    assert pd.testing.assert_frame_equal(load(url).metadata.compute(), remote) is None
+    result = ds.save_metadata()
+    assert result["path"].tolist() == [f"memory://{root}/0000{i}.parquet" for i in range(2)]
+    reloaded = load(url).metadata.compute()
+    pd.testing.assert_frame_equal(reloaded.drop(columns="_shard"), local.drop(columns="_shard"))
+
+
+# --- paths ------------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        load(tmp_path / "no-such-dir")
+    with pytest.raises(FileNotFoundError, match="no-such.tar"):
+        load(tmp_path / "no-such.tar")
+
+
+def test_missing_shard_in_list(demo_dir):
+    tars = [str(demo_dir / "00000.tar"), str(demo_dir / "zz-missing.tar")]
+    with pytest.raises(FileNotFoundError, match="no such shard: .*zz-missing.tar"):
+        ImageTextPairDataset.from_webdataset(tars)  # at once, not at compute time
+    with pytest.raises(FileNotFoundError, match="elsewhere"):
+        ImageTextPairDataset.from_webdataset([str(demo_dir / "elsewhere" / "00000.tar")])
+
+
+def test_directory_without_shards(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a shard")
+    (tmp_path / "00000.parquet").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        load(f"{tmp_path}/*.tar")
+
+
+# --- backend ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_find_spec(monkeypatch):
+    """Make ``importlib.util.find_spec('cudf')`` report cudf as installed or not."""
+    real = importlib.util.find_spec
+
+    def install(present: bool):
+        def find_spec(name, *args, **kwargs):
+            if name == "cudf":
+                return object() if present else None
+            return real(name, *args, **kwargs)
+
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+    return install
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    torch = pytest.importorskip("torch")
+
+    def set_gpu(present: bool):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: present)
+
+    return set_gpu
+
+
+@pytest.mark.parametrize(
+    ("has_cudf", "has_gpu", "expected"),
+    [
+        (True, True, "cudf"),
+        (True, False, "pandas"),
+        (False, True, "pandas"),
+        (False, False, "pandas"),
+    ],
+)
+def test_auto_backend_logic(fake_find_spec, fake_gpu, has_cudf, has_gpu, expected):
+    fake_find_spec(has_cudf)
+    fake_gpu(has_gpu)
+    assert backend_mod.resolve_backend("auto") == expected
+
+
+def test_backend_on_this_machine(demo_dir):
+    if importlib.util.find_spec("cudf") is not None:
+        pytest.skip("cudf is installed here")
+    assert backend_mod.resolve_backend("auto") == "pandas"
+    assert backend_mod.resolve_backend() == "pandas"
+    assert backend_mod.resolve_backend("pandas") == "pandas"
+    with pytest.raises(ImportError, match=r"cudf.*pip install"):
+        backend_mod.resolve_backend("cudf")
+    with pytest.raises(ImportError, match="cudf"):
+        load(demo_dir, backend="cudf")
+    part = load(demo_dir, backend="auto").metadata.partitions[0].compute()
+    assert isinstance(part, pd.DataFrame)
+
+
+def test_cudf_requested_but_missing(fake_find_spec, fake_gpu):
+    fake_find_spec(False)
+    fake_gpu(True)
+    with pytest.raises(ImportError, match=r"backend='cudf' needs cudf: pip install"):
+        backend_mod.resolve_backend("cudf")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend_mod.resolve_backend("polars")

@@ -1,0 +1,307 @@
+"""DALI image reader: preprocessing parity with open_clip, key alignment, bad images."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from compute_helpers import encode, partition_from_tar, synthetic_image, write_tar
+from open_clip.transform import image_transform
+from PIL import Image
+
+from dask_imgcurate.io.image_reader import DaliImageReader, ImageBatch, PreprocessSpec
+
+SPEC = PreprocessSpec(size=(64, 64))
+# (W, H): odd sizes and ratios whose resize / crop offsets round differently in DALI and
+# torchvision unless computed exactly (384x303 -> 81 wide, offset 8.5 -> 8; 600x405 -> 94.8)
+SIZES = [(97, 71), (384, 303), (600, 405), (71, 97), (64, 64), (200, 30), (33, 250)]
+
+
+def reference(spec: PreprocessSpec, data: bytes) -> torch.Tensor:
+    """open_clip's own eval transform on the PIL-decoded image."""
+    size = spec.size[0] if spec.size[0] == spec.size[1] else spec.size
+    transform = image_transform(
+        size,
+        is_train=False,
+        mean=spec.mean,
+        std=spec.std,
+        resize_mode=spec.resize_mode,
+        interpolation=spec.interpolation,
+        fill_color=spec.fill_color,
+    )
+    img = Image.open(io.BytesIO(data))
+    if img.mode in ("P", "PA", "1"):
+        # PIL resizes palette images with nearest neighbour; DALI decodes to RGB first
+        img = img.convert("RGB")
+    return transform(img)
+
+
+def by_key(batch: ImageBatch) -> dict[str, torch.Tensor]:
+    return dict(zip(batch.keys, batch.images))
+
+
+def reader(**kwargs) -> DaliImageReader:
+    kwargs.setdefault("batch_size", 4)
+    kwargs.setdefault("num_threads", 2)
+    kwargs.setdefault("device", "cpu")
+    return DaliImageReader(kwargs.pop("spec", SPEC), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def png_shard(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    """One PNG per size in SIZES (lossless, so only the preprocessing can differ)."""
+    images = {f"{i:03d}": encode(synthetic_image(i, size), "PNG") for i, size in enumerate(SIZES)}
+    members = []
+    for key, data in images.items():
+        members += [(f"{key}.png", data), (f"{key}.txt", f"caption {key}".encode())]
+    path = write_tar(tmp_path_factory.mktemp("png") / "shard-000.tar", members)
+    return path, images
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PreprocessSpec(size=(64, 64)),
+        PreprocessSpec(size=(224, 224)),
+        PreprocessSpec(size=(64, 64), interpolation="bilinear"),
+        PreprocessSpec(size=(64, 64), resize_mode="squash"),
+        PreprocessSpec(size=(64, 64), resize_mode="longest", fill_color=0),
+        PreprocessSpec(size=(48, 80)),
+        PreprocessSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    ],
+    ids=["shortest64", "shortest224", "bilinear", "squash", "longest", "nonsquare", "meanstd"],
+)
+def test_matches_open_clip_transform(png_shard, spec: PreprocessSpec) -> None:
+    path, images = png_shard
+    batch = reader(spec=spec).read(partition_from_tar(path))
+    assert batch.errors == {}
+    assert sorted(batch.keys) == sorted(images)
+    assert batch.images.dtype == torch.float32
+    assert tuple(batch.images.shape) == (len(images), 3, *spec.size)
+    for key, got in by_key(batch).items():
+        want = reference(spec, images[key])
+        diff = (got - want).abs()
+        # resampling kernels differ slightly (DALI vs PIL); geometry must be exact
+        assert diff.mean() < 0.01, (key, diff.mean())
+        assert diff.max() < 0.5, (key, diff.max())
+
+
+def test_spec_from_open_clip_cfg() -> None:
+    spec = PreprocessSpec.from_open_clip(
+        {"size": 224, "mean": (0.5, 0.5, 0.5), "std": 0.5, "interpolation": "bilinear"}
+    )
+    assert spec == PreprocessSpec(
+        size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear"
+    )
+    with pytest.raises(ValueError):
+        PreprocessSpec(resize_mode="fit")
+
+
+@pytest.fixture(scope="module")
+def shuffled_shard(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    """JPEG records written in a shuffled key order (the frame is sorted by key)."""
+    images = {f"{i:03d}": encode(synthetic_image(100 + i, (80 + i, 60)), "JPEG") for i in range(11)}
+    order = list(images)
+    random.Random(3).shuffle(order)
+    assert order != sorted(order)
+    members = []
+    for key in order:
+        members += [(f"{key}.txt", b"c"), (f"{key}.jpg", images[key])]
+    return write_tar(tmp_path_factory.mktemp("shuffled") / "shard.tar", members), images
+
+
+def assert_aligned(batch: ImageBatch, images: dict[str, bytes]) -> None:
+    """Every key's tensor is its own image's reference, and clearly not another key's."""
+    refs = {key: reference(SPEC, data) for key, data in images.items()}
+    got = by_key(batch)
+    assert sorted(got) == sorted(images)
+    for key, tensor in got.items():
+        errs = {k: float((tensor - ref).abs().mean()) for k, ref in refs.items()}
+        assert min(errs, key=errs.get) == key, errs
+        assert errs[key] < 0.03
+
+
+@pytest.mark.parametrize("source", ["range", "webdataset"])
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_key_alignment_when_tar_order_differs(shuffled_shard, source: str, batch_size: int) -> None:
+    path, images = shuffled_shard
+    part = partition_from_tar(path)
+    assert part["key"].tolist() == sorted(images)
+    batches = list(reader(source=source, batch_size=batch_size).iter_batches(part))
+    assert all(len(b.keys) <= batch_size for b in batches)
+    keys = [k for b in batches for k in b.keys]
+    assert len(keys) == len(set(keys)) == len(images)
+    assert_aligned(
+        ImageBatch(keys, torch.cat([b.images for b in batches]), {}),
+        images,
+    )
+
+
+def test_frame_row_order_does_not_matter(shuffled_shard) -> None:
+    path, images = shuffled_shard
+    part = partition_from_tar(path).sample(frac=1.0, random_state=5).reset_index(drop=True)
+    assert_aligned(reader().read(part), images)
+
+
+def test_webdataset_source_with_idx_and_filtered_frame(shuffled_shard, tmp_path: Path) -> None:
+    src, images = shuffled_shard
+    path = tmp_path / src.name
+    path.write_bytes(src.read_bytes())
+    try:
+        from dask_imgcurate.io import write_dali_index
+    except ImportError:
+        from dask_imgcurate.io.shards import write_dali_index
+    idx = write_dali_index(str(path))
+    assert Path(idx).is_file()
+    part = partition_from_tar(path)
+    subset = part.iloc[[1, 4, 7]]
+    batch = reader(source="webdataset").read(subset)
+    assert sorted(batch.keys) == subset["key"].tolist()
+    assert_aligned(batch, {k: images[k] for k in subset["key"]})
+
+
+@pytest.fixture(scope="module")
+def mixed_shard(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    """Good images in several formats, a corrupt one, a truncated one, an empty one, a GIF
+    named .png (DALI cannot decode it, PIL can) and a record without an image."""
+    good = synthetic_image(7, (90, 70))
+    jpeg = encode(good, "JPEG", quality=95)
+    images = {
+        "a_jpeg": jpeg,
+        "b_png_rgba": encode(synthetic_image(8, (70, 90), "RGBA"), "PNG"),
+        "c_png_gray": encode(synthetic_image(9, (64, 80), "L"), "PNG"),
+        "d_png_palette": encode(synthetic_image(10, (80, 64), "P"), "PNG"),
+        "e_webp": encode(synthetic_image(11, (100, 66)), "WEBP", quality=90),
+        "f_webp_lossless_rgba": encode(
+            synthetic_image(12, (66, 100), "RGBA"), "WEBP", lossless=True
+        ),
+        "g_jpeg_gray": encode(synthetic_image(13, (77, 77), "L"), "JPEG"),
+        "h_gif_as_png": encode(synthetic_image(14, (70, 70), "P"), "GIF"),
+    }
+    bad = {
+        "x_corrupt": b"this is not an image at all" * 20,
+        "y_truncated": jpeg[: len(jpeg) // 3],
+        "z_empty": b"",
+    }
+    ext = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "png"}
+    members = []
+    for key, data in images.items():
+        members.append((f"{key}.{ext[key.split('_')[1]]}", data))
+    for key, data in bad.items():
+        members.append((f"{key}.jpg", data))
+    members.append(("n_noimage.txt", b"just text"))
+    members.append(("n_noimage.json", b"{}"))
+    return write_tar(tmp_path_factory.mktemp("mixed") / "shard.tar", members), images
+
+
+@pytest.mark.parametrize("batch_size", [4, 32])
+def test_bad_images_do_not_kill_the_shard(mixed_shard, batch_size: int) -> None:
+    path, images = mixed_shard
+    part = partition_from_tar(path)
+    batch = reader(batch_size=batch_size).read(part)
+    assert sorted(batch.keys) == sorted(images)
+    assert set(batch.errors) == {"x_corrupt", "y_truncated", "z_empty", "n_noimage"}
+    assert batch.errors["n_noimage"] == "no image"
+    for key in ("x_corrupt", "y_truncated", "z_empty"):
+        assert batch.errors[key].startswith("decode: "), batch.errors[key]
+    assert "BytesIO" not in batch.errors["x_corrupt"]
+    for key, tensor in by_key(batch).items():
+        assert torch.isfinite(tensor).all()
+        want = reference(SPEC, images[key])
+        assert (tensor - want).abs().mean() < 0.03, key
+
+
+def test_pil_fallback_can_be_disabled(mixed_shard) -> None:
+    path, _ = mixed_shard
+    part = partition_from_tar(path)
+    part = part[part["key"].isin(["a_jpeg", "h_gif_as_png"])]
+    batch = reader(pil_fallback=False).read(part)
+    assert batch.keys == ["a_jpeg"]
+    assert batch.errors["h_gif_as_png"].startswith("decode: ")
+
+
+@pytest.mark.parametrize("source", ["range", "webdataset"])
+def test_read_errors_are_per_row(shuffled_shard, tmp_path: Path, source: str) -> None:
+    src, images = shuffled_shard
+    part = partition_from_tar(src)
+    cut = tmp_path / "cut.tar"
+    data = src.read_bytes()
+    last = int(part["_image_offset"].max())
+    cut.write_bytes(data[: last + 10])  # the last image in tar order is cut short
+    part["_shard"] = str(cut)
+    missing = part.iloc[:2].assign(_shard=str(tmp_path / "missing.tar"), key=["m1", "m2"])
+    batch = reader(source=source).read(pd.concat([part, missing], ignore_index=True))
+    cut_key = part.loc[part["_image_offset"] == last, "key"].item()
+    assert batch.errors[cut_key].startswith("read: truncated shard")
+    assert batch.errors["m1"].startswith("read: ") and batch.errors["m2"].startswith("read: ")
+    assert len(batch.keys) == len(images) - 1
+
+
+def test_every_row_exactly_once_and_unique_keys(mixed_shard) -> None:
+    path, _ = mixed_shard
+    part = partition_from_tar(path)
+    seen: list[str] = []
+    for b in reader(batch_size=3, prefetch=2).iter_batches(part):
+        assert b.images.shape[0] == len(b.keys)
+        seen += b.keys + list(b.errors)
+    assert sorted(seen) == sorted(part["key"])
+    with pytest.raises(ValueError, match="unique"):
+        list(reader().iter_batches(pd.concat([part, part.iloc[:1]])))
+
+
+def test_empty_partition_and_abandoned_iterator(shuffled_shard) -> None:
+    path, _ = shuffled_shard
+    part = partition_from_tar(path)
+    empty = reader().read(part.iloc[:0])
+    assert empty.keys == [] and empty.errors == {} and tuple(empty.images.shape) == (0, 3, 64, 64)
+    it = reader(batch_size=2, prefetch=1).iter_batches(part)
+    first = next(it)
+    assert len(first.keys) == 2
+    it.close()  # the background thread stops; nothing hangs
+
+
+def test_prefetch_and_inline_agree(shuffled_shard) -> None:
+    path, _ = shuffled_shard
+    part = partition_from_tar(path)
+    a = reader(prefetch=0).read(part)
+    b = reader(prefetch=3).read(part)
+    assert a.keys == b.keys
+    assert torch.equal(a.images, b.images)
+
+
+def test_real_fixture_shard(fixture_tar: Path) -> None:
+    part = partition_from_tar(fixture_tar)
+    batch = reader(spec=PreprocessSpec(size=(224, 224))).read(part)
+    assert batch.keys == ["0"] and batch.errors == {}
+    with open(fixture_tar, "rb") as f:
+        f.seek(int(part["_image_offset"].iloc[0]))
+        data = f.read(int(part["_image_size"].iloc[0]))
+    want = reference(PreprocessSpec(size=(224, 224)), data)
+    assert (batch.images[0] - want).abs().mean() < 0.03
+
+
+def test_invalid_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError):
+        reader(batch_size=0)
+    with pytest.raises(ValueError):
+        reader(source="tfrecord")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        reader(device="cuda")
+    assert reader(device="auto").decoder_device == "cpu"
+
+
+def test_decoded_values_are_exact_for_uniform_image(tmp_path: Path) -> None:
+    """A flat colour survives decode + resize + normalise exactly: (v/255 - mean) / std."""
+    color = (200, 100, 50)
+    img = Image.new("RGB", (90, 70), color)
+    path = write_tar(tmp_path / "flat.tar", [("k.png", encode(img, "PNG"))])
+    batch = reader().read(partition_from_tar(path))
+    want = (np.array(color) / 255.0 - np.array(SPEC.mean)) / np.array(SPEC.std)
+    got = batch.images[0].mean(dim=(1, 2)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)

@@ -1,0 +1,470 @@
+"""``scan_tar`` and ``group_records`` against the stdlib ``tarfile`` and GNU ``tar``.
+
+Every expected index comes from an independent reader (``tarfile``'s ``offset_data``), never
+from hard-coded numbers, and every archive is real bytes written by ``tarfile`` or ``tar``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from dask_imgcurate.errors import CompressedTarError, DuplicateKeyError, TarFormatError
+from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.records import group_records, split_key
+from dask_imgcurate.io.tarindex import _number, scan_tar
+
+GNU_TAR = shutil.which("tar")
+needs_gnu_tar = pytest.mark.skipif(GNU_TAR is None, reason="GNU tar not installed")
+
+
+def ours(path: str | Path, *, strict: bool = True) -> list[tuple[str, int, int]]:
+    """Our index of ``path``, scanned through an mmap as the loader does."""
+    with fsio.open_buffer(LocalFileSystem(), str(path)) as buffer:
+        index = scan_tar(buffer, str(path), strict=strict)
+    return list(zip(index.names, index.offsets.tolist(), index.sizes.tolist(), strict=True))
+
+
+def write_tar(path: Path, members, fmt=tarfile.PAX_FORMAT) -> Path:
+    """Write ``(name, bytes)`` members with ``tarfile`` in format ``fmt``."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1_600_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def payload(i: int) -> bytes:
+    """Deterministic payloads of varied sizes, some a multiple of 512 and some not."""
+    n = (0, 1, 511, 512, 513, 4096, 7777)[i % 7] + i
+    return bytes((i * 31 + j) % 251 for j in range(n))
+
+
+# --- agreement with tarfile -------------------------------------------------------------
+
+
+def test_demo_shards_match_tarfile(demo_dir, demo_dir_nopq, tarfile_members):
+    tars = sorted(demo_dir.glob("*.tar")) + sorted(demo_dir_nopq.glob("*.tar"))
+    assert len(tars) == 5
+    for tar in tars:
+        expected = tarfile_members(tar)
+        assert len(expected) > 0
+        assert ours(tar) == expected
+
+
+def test_bytes_and_mmap_agree(demo_dir):
+    tar = demo_dir / "00000.tar"
+    from_bytes = scan_tar(tar.read_bytes(), "x")
+    with fsio.open_buffer(LocalFileSystem(), str(tar)) as buffer:
+        from_mmap = scan_tar(buffer, "x")
+    assert from_bytes.names == from_mmap.names
+    np.testing.assert_array_equal(from_bytes.offsets, from_mmap.offsets)
+    np.testing.assert_array_equal(from_bytes.sizes, from_mmap.sizes)
+
+
+def test_real_fixture_matches_tarfile(fixture_tar, tarfile_members):
+    expected = tarfile_members(fixture_tar)
+    assert [m[0] for m in expected] == ["0.jpg", "0.json", "0.txt"]
+    assert ours(fixture_tar) == expected
+
+
+LONG_DIR = "deep/" + "d" * 120
+FORMAT_NAMES = {
+    "ustar": [
+        "000001.jpg",
+        "000001.txt",
+        # > 100 chars, but splittable into ustar prefix + name
+        "p" * 90 + "/" + "q" * 60 + ".jpg",
+        "nested/dir/000002.json",
+    ],
+    "gnu": [
+        "000001.jpg",
+        f"{LONG_DIR}/000002.jpg",  # GNU ././@LongLink
+        f"{LONG_DIR}/000002.txt",
+        "x" * 180 + ".cls",
+    ],
+    "pax": [
+        "000001.jpg",
+        "ünïcödé/фото.jpg",  # non-ASCII: pax "path" record
+        f"{LONG_DIR}/000002.jpg",  # long: pax "path" record
+        "日本/" + "長" * 80 + ".txt",
+        "plain.txt",
+    ],
+}
+FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_tarfile_formats(tmp_path, fmt, tarfile_members):
+    names = FORMAT_NAMES[fmt]
+    tar = write_tar(
+        tmp_path / f"{fmt}.tar",
+        [(n, payload(i)) for i, n in enumerate(names)],
+        FORMATS[fmt],
+    )
+    expected = tarfile_members(tar)
+    assert [m[0] for m in expected] == names
+    assert ours(tar) == expected
+
+
+def test_non_regular_members_are_skipped(tmp_path, tarfile_members):
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind in [
+            ("dir", tarfile.DIRTYPE),
+            ("dir/a.jpg", tarfile.REGTYPE),
+            ("dir/link.jpg", tarfile.SYMTYPE),
+            ("dir/hard.jpg", tarfile.LNKTYPE),
+            ("dir/b.txt", tarfile.REGTYPE),
+            ("fifo", tarfile.FIFOTYPE),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = "dir/a.jpg"
+            data = payload(3) if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    index = scan_tar(path.read_bytes(), str(path))
+    assert ours(path) == tarfile_members(path)
+    assert index.names == ["dir/a.jpg", "dir/b.txt"]
+    assert "dir/hard.jpg" in index.skipped and "dir/link.jpg" in index.skipped
+
+
+def _gnu_tar(cwd: Path, out: Path, *args: str) -> Path:
+    subprocess.run([GNU_TAR, "cf", str(out), *args], cwd=cwd, check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture
+def gnu_tree(tmp_path) -> Path:
+    src = tmp_path / "src"
+    long_dir = src / "shard" / ("L" * 110) / ("M" * 60)
+    long_dir.mkdir(parents=True)
+    (long_dir / "000001.jpg").write_bytes(payload(5))
+    (long_dir / "000001.txt").write_bytes(b"a caption")
+    (src / "shard" / "000002.jpg").write_bytes(payload(6))
+    (src / "shard" / "ünï.txt").write_bytes(payload(1))
+    (src / "shard" / "empty.json").write_bytes(b"")
+    return src
+
+
+@needs_gnu_tar
+@pytest.mark.parametrize("fmt", [None, "gnu", "posix"])
+def test_gnu_tar_formats(tmp_path, gnu_tree, fmt, tarfile_members):
+    args = [] if fmt is None else [f"--format={fmt}"]
+    tar = _gnu_tar(gnu_tree, tmp_path / f"gnu-{fmt}.tar", *args, "shard")
+    expected = tarfile_members(tar)
+    assert len(expected) == 5
+    assert max(len(name) for name, _, _ in expected) > 100
+    assert ours(tar) == expected
+
+
+@needs_gnu_tar
+def test_empty_tar_from_gnu_tar(tmp_path):
+    tar = _gnu_tar(tmp_path, tmp_path / "empty.tar", "-T", "/dev/null")
+    assert tar.stat().st_size > 0  # end-of-archive blocks only
+    index = scan_tar(tar.read_bytes(), str(tar))
+    assert len(index) == 0 and index.damage is None
+
+
+def test_empty_inputs(tmp_path):
+    path = write_tar(tmp_path / "none.tar", [])
+    assert len(scan_tar(path.read_bytes(), "x")) == 0
+    assert len(scan_tar(b"", "x")) == 0
+    (tmp_path / "zero.tar").write_bytes(b"")
+    assert ours(tmp_path / "zero.tar") == []  # 0-byte file: no mmap possible
+
+
+def test_missing_end_of_archive_blocks_accepted(tmp_path, tarfile_members):
+    path = write_tar(tmp_path / "a.tar", [(f"{i:03d}.txt", payload(i)) for i in range(4)])
+    expected = tarfile_members(path)
+    last_name, last_offset, last_size = expected[-1]
+    end = last_offset + -(-last_size // 512) * 512
+    data = path.read_bytes()
+    assert data[end:] == bytes(len(data) - end)  # only zero blocks after the last member
+    assert scan_tar(data[:end], "x").names == [m[0] for m in expected]
+
+
+# --- numeric fields -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", [0, 1, 0o7777, 8 * 2**30 - 1, 8 * 2**30, 10 * 2**30 + 12345, 2**62 + 3, 2**88 - 1]
+)
+def test_number_parses_octal_and_gnu_base256(value):
+    # tarfile.itn writes octal when it fits and GNU base-256 otherwise: an independent encoder
+    field = tarfile.itn(value, 12, tarfile.GNU_FORMAT)
+    assert len(field) == 12
+    if value >= 8 * 2**30:
+        assert field[0] == 0x80  # base-256 marker
+    assert _number(field) == value == tarfile.nti(field)
+
+
+@pytest.mark.parametrize("value", [-1, -2, -(2**40)])
+def test_number_parses_negative_base256(value):
+    field = tarfile.itn(value, 12, tarfile.GNU_FORMAT)
+    assert field[0] == 0xFF
+    assert _number(field) == value == tarfile.nti(field)
+
+
+def test_negative_size_is_a_format_error():
+    info = tarfile.TarInfo("neg.jpg")
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+    header[124:136] = tarfile.itn(-(2**40), 12, tarfile.GNU_FORMAT)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\x00 " % sum(header)  # a valid checksum for the edited header
+    assert tarfile.TarInfo.frombuf(bytes(header), "utf-8", "strict").size == -(2**40)
+    with pytest.raises(TarFormatError, match="negative size") as err:
+        scan_tar(bytes(header) + bytes(4096), "neg.tar")
+    assert err.value.offset == 0
+
+
+def test_number_octal_variants():
+    assert _number(b"0000644\x00") == 0o644
+    assert _number(b"   644 \x00") == 0o644
+    assert _number(b"\x00" * 12) == 0
+    with pytest.raises(ValueError):
+        _number(b"12389\x00")
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_huge_member_size_is_read_from_header(fmt):
+    # A real > 8 GiB member is impractical; a header describing one is not. GNU stores the
+    # size in base-256, pax in a "size" record. The scanner must read 10 GiB and see that
+    # the (absent) payload does not fit.
+    big = 10 * 2**30 + 7
+    info = tarfile.TarInfo("huge.npy")
+    info.size = big
+    header = info.tobuf(fmt, "utf-8", "surrogateescape")
+    assert tarfile.open(fileobj=io.BytesIO(header + bytes(1024))).next().size == big
+    with pytest.raises(TarFormatError, match=f"needs {big} bytes") as err:
+        scan_tar(header + bytes(1024), "huge.tar")
+    assert err.value.offset == len(header) - 512  # the member's own (ustar) header block
+    lenient = scan_tar(header, "huge.tar", strict=False)
+    assert len(lenient) == 0 and lenient.damage is not None
+
+
+# --- damage -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def records_tar(tmp_path) -> Path:
+    """8 records x 3 members (jpg, txt, json) written by tarfile."""
+    members = []
+    for r in range(8):
+        for j, ext in enumerate(("jpg", "txt", "json")):
+            members.append((f"{r:06d}.{ext}", payload(r * 3 + j) + b"x"))
+    return write_tar(tmp_path / "00000.tar", members, tarfile.USTAR_FORMAT)
+
+
+def test_truncated_mid_payload(records_tar, tarfile_members):
+    expected = tarfile_members(records_tar)
+    name, offset, size = expected[13]  # 000004.txt, second member of record 4
+    assert name == "000004.txt" and size > 2
+    data = records_tar.read_bytes()[: offset + size // 2]
+    with pytest.raises(TarFormatError) as err:
+        scan_tar(data, str(records_tar))
+    header = offset - 512
+    assert err.value.offset == header and err.value.source == str(records_tar)
+    assert str(records_tar) in str(err.value) and f"byte offset {header}" in str(err.value)
+    assert "truncated" in str(err.value)
+
+    lenient = scan_tar(data, str(records_tar), strict=False)
+    assert lenient.damage is not None and lenient.damage.offset == header
+    got = list(zip(lenient.names, lenient.offsets.tolist(), lenient.sizes.tolist(), strict=True))
+    assert got == expected[:13]
+    records = group_records(lenient)
+    assert records.keys == [f"{r:06d}" for r in range(4)]  # record 4 is incomplete: dropped
+    assert records.dropped_incomplete == 1
+
+
+def test_truncated_mid_header(records_tar, tarfile_members):
+    expected = tarfile_members(records_tar)
+    name, offset, _ = expected[17]  # 000005.json
+    header = offset - 512
+    data = records_tar.read_bytes()[: header + 200]
+    with pytest.raises(TarFormatError, match="truncated tar header") as err:
+        scan_tar(data, "shard-x.tar")
+    assert err.value.offset == header
+    assert str(err.value).startswith("shard-x.tar: ") and f"byte offset {header}" in str(err.value)
+    lenient = scan_tar(data, "shard-x.tar", strict=False)
+    assert lenient.names == [m[0] for m in expected[:17]]
+    assert group_records(lenient).keys == [f"{r:06d}" for r in range(5)]
+
+
+def test_truncated_at_record_boundary_drops_the_unverifiable_last_record(
+    records_tar, tarfile_members
+):
+    # Cut in the header of record 6's first member: nothing shows whether record 5 was
+    # complete, so it is dropped too (it could have had more members after the cut).
+    expected = tarfile_members(records_tar)
+    _, offset, _ = expected[18]
+    lenient = scan_tar(records_tar.read_bytes()[: offset - 300], "x", strict=False)
+    assert lenient.names == [m[0] for m in expected[:18]]
+    assert group_records(lenient).keys == [f"{r:06d}" for r in range(5)]
+
+
+def test_corrupt_header_checksum(records_tar, tarfile_members):
+    expected = tarfile_members(records_tar)
+    _, offset, _ = expected[10]
+    header = offset - 512
+    data = bytearray(records_tar.read_bytes())
+    data[header + 3] ^= 0x01  # one bit of the name field: only the checksum notices
+    # the reference agrees the header is bad: tarfile silently stops listing there
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as ref:
+        assert [m.name for m in ref.getmembers()] == [m[0] for m in expected[:10]]
+    with pytest.raises(TarFormatError, match="checksum") as err:
+        scan_tar(bytes(data), "bad.tar")
+    assert err.value.offset == header and f"byte offset {header}" in str(err.value)
+    lenient = scan_tar(bytes(data), "bad.tar", strict=False)
+    assert lenient.names == [m[0] for m in expected[:10]]
+
+
+def test_corrupt_header_before_truncation(records_tar, tarfile_members):
+    # Two kinds of damage: a bad checksum early, a truncation later. The first one counts,
+    # and no member from the corrupt header on may be kept.
+    expected = tarfile_members(records_tar)
+    header = expected[4][1] - 512
+    data = bytearray(records_tar.read_bytes())
+    data[header + 3] ^= 0x01
+    damaged = bytes(data[: expected[20][1] + 5])
+    with pytest.raises(TarFormatError, match="checksum") as err:
+        scan_tar(damaged, "x.tar")
+    assert err.value.offset == header
+    lenient = scan_tar(damaged, "x.tar", strict=False)
+    assert lenient.damage.offset == header
+    assert lenient.names == [m[0] for m in expected[:4]]
+    assert group_records(lenient).keys == ["000000"]
+
+
+def test_corrupt_size_field(records_tar, tarfile_members):
+    expected = tarfile_members(records_tar)
+    _, offset, _ = expected[4]
+    header = offset - 512
+    data = bytearray(records_tar.read_bytes())
+    data[header + 124 : header + 127] = b"9z9"  # not octal
+    with pytest.raises(TarFormatError) as err:
+        scan_tar(bytes(data), "bad.tar")
+    assert err.value.offset == header
+
+
+def test_not_a_tar():
+    with pytest.raises(TarFormatError) as err:
+        scan_tar(b"this is not a tar file at all\n" * 40, "notes.tar")
+    assert err.value.offset == 0 and "notes.tar" in str(err.value)
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("w:gz", "gzip"), ("w:bz2", "bzip2"), ("w:xz", "xz")])
+def test_compressed_tar_refused(tmp_path, records_tar, mode, kind):
+    path = tmp_path / "c.tar"
+    with tarfile.open(records_tar) as src, tarfile.open(path, mode) as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+    with pytest.raises(CompressedTarError, match="compressed") as err:
+        ours(path)
+    assert f"{kind}-compressed" in str(err.value) and str(path) in str(err.value)
+
+
+def test_gzip_of_raw_bytes_refused(records_tar):
+    with pytest.raises(CompressedTarError, match="gzip-compressed"):
+        scan_tar(gzip.compress(records_tar.read_bytes()), "x.tar")
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "ext"),
+    [
+        ("000042.jpg", "000042", "jpg"),
+        ("dir/000042.seg.png", "dir/000042", "seg.png"),
+        ("a.b/c.d/000042.JPG", "a.b/c.d/000042", "JPG"),
+        ("noext", "noext", ""),
+        ("dir/.hidden", "dir/.hidden", ""),
+        ("../../evil.jpg", "../../evil", "jpg"),
+        ("/abs/x.jpg", "/abs/x", "jpg"),
+    ],
+)
+def test_split_key(name, key, ext):
+    assert split_key(name) == (key, ext)
+
+
+def test_group_records_matches_split_key(demo_dir, tarfile_members):
+    index = scan_tar((demo_dir / "00001.tar").read_bytes(), "x")
+    records = group_records(index)
+    expected_keys = []
+    for name, _, _ in tarfile_members(demo_dir / "00001.tar"):
+        key = split_key(name)[0]
+        if not expected_keys or expected_keys[-1] != key:
+            expected_keys.append(key)
+    assert records.keys == expected_keys and len(records) == 12
+    for r, key in enumerate(records.keys):
+        names = index.names[records.starts[r] : records.stops[r]]
+        assert names == [f"{key}.jpg", f"{key}.txt", f"{key}.json"]
+        assert index.names[records.image_member[r]] == f"{key}.jpg"
+
+
+def test_image_member_detection(tmp_path):
+    members = [
+        ("a.cls", b"1"),
+        ("a.npy", b"\x93NUMPY"),
+        ("a.JPG", b"img-a"),
+        ("b.txt", b"no image"),
+        ("c.json", b"{}"),
+        ("c.webp", b"img-c"),
+        ("c.png", b"second image"),
+        ("d.seg.png", b"img-d"),
+    ]
+    index = scan_tar(write_tar(tmp_path / "x.tar", members).read_bytes(), "x")
+    records = group_records(index)
+    assert records.keys == ["a", "b", "c", "d"]
+    images = [index.names[i] if i >= 0 else None for i in records.image_member.tolist()]
+    assert images == ["a.JPG", None, "c.webp", None]  # "seg.png" is not an image extension
+
+
+def test_duplicate_key_not_adjacent(tmp_path):
+    members = [("a.jpg", b"1"), ("a.txt", b"2"), ("b.jpg", b"3"), ("a.json", b"{}")]
+    index = scan_tar(write_tar(tmp_path / "dup.tar", members).read_bytes(), "dup.tar")
+    with pytest.raises(DuplicateKeyError, match="'a'") as err:
+        group_records(index)
+    assert "dup.tar" in str(err.value) and "a.json" in str(err.value)
+
+
+def test_duplicate_member_name(tmp_path):
+    members = [("a.jpg", b"1"), ("b.jpg", b"2"), ("b.txt", b"3"), ("b.jpg", b"4")]
+    index = scan_tar(write_tar(tmp_path / "dup.tar", members).read_bytes(), "dup.tar")
+    with pytest.raises(DuplicateKeyError, match="'b.jpg'") as err:
+        group_records(index)
+    assert "dup.tar" in str(err.value)
+
+
+def test_unsafe_names_are_plain_keys(tmp_path, tarfile_members):
+    members = [
+        ("/abs/x.jpg", b"abs image"),
+        ("/abs/x.txt", b"abs caption"),
+        ("../../evil.jpg", b"evil image"),
+        ("../../evil.txt", b"evil caption"),
+        ("ok/../../up.jpg", b"up"),
+    ]
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    path = write_tar(work / "unsafe.tar", members)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert ours(path) == tarfile_members(path)
+    records = group_records(scan_tar(path.read_bytes(), str(path)))
+    assert records.keys == ["/abs/x", "../../evil", "ok/../../up"]
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not Path("/abs/x.jpg").exists()
+    assert not os.path.exists(work / "../../evil.jpg")
