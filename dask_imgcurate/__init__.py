@@ -15,6 +15,7 @@ _LAZY = {
     "ClipImageEmbedder": "dask_imgcurate.embed",
     "AestheticClassifier": "dask_imgcurate.models.classifiers",
     "NsfwClassifier": "dask_imgcurate.models.classifiers",
+    "Pipeline": "dask_imgcurate.pipeline",
 }
 
 
@@ -30,5 +31,6 @@ __all__ = [
     "ExportSummary",
     "ImageTextPairDataset",
     "NsfwClassifier",
+    "Pipeline",
     "write_dali_index",
 ]

@@ -36,8 +36,15 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def _pandas_type(arrow_type: pa.DataType):
+    """Nullable pandas dtypes, so a column's dtype never depends on whether it has nulls."""
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
         return pd.StringDtype("pyarrow")
+    if pa.types.is_integer(arrow_type):
+        return pd.api.types.pandas_dtype(
+            str(arrow_type).replace("int", "Int").replace("uInt", "UInt")
+        )
+    if pa.types.is_boolean(arrow_type):
+        return pd.BooleanDtype()
     if pa.types.is_nested(arrow_type):
         return pd.ArrowDtype(arrow_type)
     return None
@@ -46,8 +53,9 @@ def _pandas_type(arrow_type: pa.DataType):
 def to_frame(table: pa.Table, backend: str):
     """Convert an Arrow table to a DataFrame of ``backend`` (``pandas`` or ``cudf``).
 
-    pandas frames keep strings Arrow-backed and nested columns (embeddings, member lists)
-    as ``pd.ArrowDtype``, so nothing becomes Python objects.
+    pandas frames keep strings Arrow-backed, integers and booleans nullable (``Int64``,
+    ``boolean``: a null never turns an int column into floats), and nested columns
+    (embeddings, member lists) as ``pd.ArrowDtype``, so nothing becomes Python objects.
     """
     if backend == "cudf":
         import cudf

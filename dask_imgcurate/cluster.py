@@ -5,33 +5,140 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-from collections.abc import Iterator
+import multiprocessing
+import os
+import warnings
+from collections.abc import Callable, Iterator
 
-from dask_imgcurate.backend import gpu_available
+import dask
 
 log = logging.getLogger(__name__)
 
+#: Messages of ``RandomWeightsWarning`` (``dask_imgcurate.models.clip``) start like this.
+RANDOM_WEIGHTS_MESSAGE = r"open_clip model .* has random weights"
+
+
+def default_n_workers() -> str:
+    """How many workers a local cluster gets when ``n_workers`` is None (for help texts)."""
+    return f"one per GPU with dask-cuda, else one per CPU core ({os.cpu_count() or 1} here)"
+
 
 def cluster_kind(scheduler_address: str | None = None, n_workers: int | None = None) -> str:
-    """``"existing"``, ``"local-cuda"`` (GPUs + dask-cuda), ``"local"`` or ``"none"``."""
+    """``"existing"``, ``"none"`` (``n_workers=0``), ``"local-cuda"`` (GPUs + dask-cuda) or
+    ``"local"``."""
     if scheduler_address:
         return "existing"
-    if importlib.util.find_spec("dask_cuda") is not None and gpu_available():
-        return "local-cuda"
     if n_workers == 0:
         return "none"  # the caller's default scheduler (threads), no cluster
+    if n_workers is not None and n_workers < 0:
+        raise ValueError(f"n_workers must be >= 0, got {n_workers}")
+    if importlib.util.find_spec("dask_cuda") is not None:
+        from dask_imgcurate.backend import gpu_available
+
+        if gpu_available():
+            return "local-cuda"
     return "local"
+
+
+class _OpenClipInfo(logging.Filter):
+    """Drops open_clip's informational messages (it logs on the root logger), e.g. "No
+    pretrained weights loaded"; its errors still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        return record.levelno >= logging.ERROR or "/open_clip/" not in path
+
+
+def quiet_third_party(verbose: bool = False) -> Callable[[], None]:
+    """Keep third-party chatter off stderr in this process; return a function undoing it.
+
+    Always: repeats of the random-weights warning (the CLI says it once). Unless
+    ``verbose``: open_clip's root-logger notices ("No pretrained weights loaded"),
+    distributed's logs below ERROR (INFO and WARNING with ``verbose``) and asyncio's
+    (after Ctrl-C every pending gather logs "Task exception was never retrieved").
+    """
+    filters = list(warnings.filters)
+    warnings.filterwarnings("ignore", message=RANDOM_WEIGHTS_MESSAGE)
+    root = logging.getLogger()
+    added = None
+    if not verbose and not any(isinstance(f, _OpenClipInfo) for f in root.filters):
+        added = _OpenClipInfo()
+        root.addFilter(added)
+    levels = {}
+    for name, level in (
+        ("distributed", logging.WARNING if verbose else logging.ERROR),
+        ("asyncio", logging.NOTSET if verbose else logging.CRITICAL),
+    ):
+        levels[name] = logging.getLogger(name).level
+        logging.getLogger(name).setLevel(level)
+
+    def undo() -> None:
+        warnings.filters[:] = filters
+        if added is not None:
+            root.removeFilter(added)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+    return undo
+
+
+try:  # the plugin base class is optional: distributed may be missing with n_workers=0
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPluginBase
+except ImportError:  # pragma: no cover - distributed is a dependency
+    _WorkerPluginBase = object
+
+
+class QuietWorkers(_WorkerPluginBase):
+    """Worker plugin: :func:`quiet_third_party` in every worker process of a local cluster
+    (their stderr is ours), so each warning is shown once, by the client."""
+
+    name = "dask-imgcurate-quiet"
+
+    def setup(self, worker) -> None:
+        quiet_third_party(verbose=False)
+        # a failing task is reported once, by the client
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+def describe(client) -> str:
+    """A short description of the client's cluster for summaries (``"none (threads)"``)."""
+    if client is None:
+        return "none (threads in this process)"
+    cluster = getattr(client, "cluster", None)
+    workers = len(client.nthreads())
+    name = type(cluster).__name__ if cluster is not None else "existing cluster"
+    return f"{name} at {client.scheduler.address} ({workers} workers)"
+
+
+def _fast_exit() -> dict:
+    """Dask config starting local workers with ``forkserver`` where available.
+
+    A worker started with ``spawn`` (distributed's default) runs the full interpreter
+    shutdown when it closes, which takes seconds once torch and torchvision are imported;
+    the nanny then waits 4 s and kills it. ``forkserver`` children leave with ``os._exit``
+    at once. Nothing else differs: the fork server itself is a fresh interpreter.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return {"distributed.worker.multiprocessing-method": "forkserver"}
+    return {}
 
 
 @contextlib.contextmanager
 def dask_client(
-    scheduler_address: str | None = None, n_workers: int | None = None
+    scheduler_address: str | None = None,
+    n_workers: int | None = None,
+    *,
+    quiet: bool = False,
 ) -> Iterator[object | None]:
     """A ``distributed.Client`` for the chosen cluster (``None`` for ``n_workers=0``).
 
     ``scheduler_address`` connects to a running ``dask-scheduler`` (with ``dask-cuda-worker``
     or ``dask-worker`` processes); otherwise a ``LocalCUDACluster`` is started when GPUs and
-    dask-cuda are present, else a ``LocalCluster`` of ``n_workers`` single-threaded processes.
+    dask-cuda are present (``n_workers`` GPUs, default all), else a ``LocalCluster`` of
+    ``n_workers`` single-threaded processes (default: one per core). ``quiet`` keeps the
+    local workers' logs and warnings off stderr (their stderr is this process's; the caller
+    reports errors and says once what needs saying).
+    The dashboard of a local cluster listens on a free port (logged at INFO).
     """
     kind = cluster_kind(scheduler_address, n_workers)
     if kind == "none":
@@ -44,14 +151,29 @@ def dask_client(
             log.info("connected to %s", scheduler_address)
             yield client
         return
+    silence = logging.CRITICAL if quiet else logging.WARNING
     if kind == "local-cuda":
         from dask_cuda import LocalCUDACluster
 
-        cluster = LocalCUDACluster(n_workers=n_workers, dashboard_address=None)
-    else:
-        cluster = LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
+        cluster = LocalCUDACluster(
+            n_workers=n_workers, dashboard_address=":0", silence_logs=silence
         )
+    else:
+        with dask.config.set(_fast_exit()):
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=silence,
+            )
     with cluster, Client(cluster) as client:
-        log.info("started %s with %d workers", type(cluster).__name__, len(cluster.workers))
+        if quiet:
+            client.register_plugin(QuietWorkers())
+        log.info(
+            "started %s with %d workers; dashboard %s",
+            type(cluster).__name__,
+            len(cluster.workers),
+            cluster.dashboard_link,
+        )
         yield client

@@ -148,7 +148,7 @@ def _export(
         log.info("%s", summary)
         return summary
     shard_count_check(len(plan))
-    out_fs.makedirs(out_root, exist_ok=True)
+    fsio.makedirs(out_fs, out_root)  # object stores: the bucket must exist
     if fsio.remove_stale_temps(out_fs, out_root):
         log.info("%s: removed temporary files of an interrupted earlier run", summary.path)
     tasks = []

@@ -5,7 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from dask_imgcurate.stages import PipelineState, Stage
+from dask_imgcurate.stages import (
+    FilePartitioningStage,
+    ImageEmbeddingStage,
+    ImageReaderStage,
+    ImageWriterStage,
+    PipelineState,
+    Stage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +26,9 @@ class Pipeline:
 
     def __init__(self, name: str = "pipeline", stages: list[Stage] | None = None):
         self.name = name
-        self.stages: list[Stage] = list(stages or [])
+        self.stages: list[Stage] = []
+        for stage in stages or []:
+            self.add_stage(stage)
 
     def add_stage(self, stage: Stage) -> Pipeline:
         if not isinstance(stage, Stage):
@@ -27,10 +36,44 @@ class Pipeline:
         self.stages.append(stage)
         return self
 
-    def run(self, client=None) -> PipelineState:
-        """Apply every stage; with ``client`` (a ``distributed.Client``) compute on it."""
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the stage order cannot work (checked before any work).
+
+        The first stage must be the one ``FilePartitioningStage``; an ``ImageReaderStage``
+        must come before the ``ImageEmbeddingStage`` it configures; ``ImageWriterStage``, if
+        any, must be last.
+        """
         if not self.stages:
             raise ValueError(f"pipeline {self.name!r} has no stages")
+        names = [type(s).__name__ for s in self.stages]
+        if not isinstance(self.stages[0], FilePartitioningStage):
+            raise ValueError(
+                f"pipeline {self.name!r}: the first stage must be a FilePartitioningStage "
+                f"(it finds the input shards), got {names[0]}; stages: {names}"
+            )
+        if sum(isinstance(s, FilePartitioningStage) for s in self.stages) > 1:
+            raise ValueError(f"pipeline {self.name!r}: more than one FilePartitioningStage")
+        for i, stage in enumerate(self.stages):
+            if isinstance(stage, ImageReaderStage) and any(
+                isinstance(s, ImageEmbeddingStage) for s in self.stages[:i]
+            ):
+                raise ValueError(
+                    f"pipeline {self.name!r}: ImageReaderStage must come before the "
+                    f"ImageEmbeddingStage whose images it reads; stages: {names}"
+                )
+            if isinstance(stage, ImageWriterStage) and i != len(self.stages) - 1:
+                raise ValueError(
+                    f"pipeline {self.name!r}: ImageWriterStage must be the last stage "
+                    f"(it computes and writes); stages: {names}"
+                )
+
+    def run(self, client=None) -> PipelineState:
+        """Apply every stage; with ``client`` (a ``distributed.Client``) compute on it.
+
+        Without ``client`` Dask's current scheduler is used (a default ``Client`` if one
+        exists, else the local threaded scheduler).
+        """
+        self.validate()
         state = PipelineState()
         context = client.as_current() if client is not None else contextlib.nullcontext()
         with context:

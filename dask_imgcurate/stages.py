@@ -3,19 +3,39 @@
 Stages do not run anything themselves: each turns the pipeline's state into a lazier state
 (a dataset whose metadata has more columns), and only ``ImageWriterStage`` computes. Filters
 do not drop rows: they AND their verdict into the boolean ``keep`` column, which the writer
-exports (so records with an ``error`` or failing a threshold are dropped there, and counted).
+exports. A record failing a threshold is dropped there and counted in the summary's
+``dropped_by_filter``; a record whose image could not be read or decoded (``error`` set, no
+score) is left to the writer, which drops it and counts it in ``dropped_for_errors``.
+
+GPU share: ``ImageReaderStage(num_gpus_per_worker=g)`` becomes a Dask *resource* request.
+When the writer computes on a ``distributed`` client whose workers advertise a ``GPU``
+resource (``LocalCUDACluster(resources={"GPU": 1})``, ``dask worker --resources GPU=1``),
+every task that runs the CLIP model or a score head is annotated with
+``resources={"GPU": g}``, so a worker with ``GPU=1`` runs at most ``1 / g`` of them at once
+and workers without a GPU never get one. On local schedulers and clusters without a ``GPU``
+resource nothing is annotated (such tasks could never be scheduled there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
+
 from dask_imgcurate.dataset import ImageTextPairDataset
+from dask_imgcurate.device import GPU_RESOURCE
 from dask_imgcurate.export import ExportSummary
 
 KEEP_COLUMN = "keep"
+ERROR_COLUMN = "error"
+DEFAULT_GPUS_PER_WORKER = 0.25
+"""GPU share of one embedding task when no ``ImageReaderStage`` says otherwise."""
 
 
 @dataclass
@@ -24,6 +44,8 @@ class PipelineState:
 
     dataset: ImageTextPairDataset | None = None
     reader: dict[str, Any] = field(default_factory=dict)
+    embedding: dict[str, Any] = field(default_factory=dict)
+    gpu_share: float = 0.0
     summary: ExportSummary | None = None
 
 
@@ -60,6 +82,8 @@ class FilePartitioningStage(Stage):
         unsupported = [e for e in file_extensions if e.lower() != ".tar"]
         if unsupported:
             raise ValueError(f"only .tar shards are supported, not {unsupported}")
+        if files_per_partition < 1:
+            raise ValueError(f"files_per_partition must be >= 1, got {files_per_partition}")
         self.file_paths = file_paths
         self.files_per_partition = files_per_partition
         self.file_extensions = list(file_extensions)
@@ -79,9 +103,9 @@ class FilePartitioningStage(Stage):
 class ImageReaderStage(Stage):
     """Image decoding options (DALI), used by the embedding stage that decodes the images.
 
-    ``task_batch_size`` is the decode batch size, ``num_threads`` DALI's CPU threads, and
-    ``num_gpus_per_worker`` the GPU share each task asks of Dask workers that advertise a
-    ``GPU`` resource (ignored on clusters without one).
+    ``task_batch_size`` is the decode (and model) batch size, ``num_threads`` DALI's CPU
+    threads, and ``num_gpus_per_worker`` the GPU share each embedding task asks of Dask
+    workers that advertise a ``GPU`` resource (not requested on clusters without one).
     """
 
     def __init__(
@@ -89,8 +113,17 @@ class ImageReaderStage(Stage):
         task_batch_size: int = 100,
         verbose: bool = True,
         num_threads: int = 8,
-        num_gpus_per_worker: float = 0.25,
+        num_gpus_per_worker: float = DEFAULT_GPUS_PER_WORKER,
     ):
+        if task_batch_size < 1:
+            raise ValueError(f"task_batch_size must be >= 1, got {task_batch_size}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        share = float(num_gpus_per_worker)
+        if not math.isfinite(share) or share < 0:
+            raise ValueError(
+                f"num_gpus_per_worker must be a finite number >= 0, got {num_gpus_per_worker!r}"
+            )
         self.task_batch_size = task_batch_size
         self.verbose = verbose
         self.num_threads = num_threads
@@ -101,14 +134,20 @@ class ImageReaderStage(Stage):
         state.reader = dict(
             batch_size=self.task_batch_size,
             num_threads=self.num_threads,
-            num_gpus_per_worker=self.num_gpus_per_worker,
+            num_gpus_per_worker=float(self.num_gpus_per_worker),
             verbose=self.verbose,
         )
         return state
 
 
 class ImageEmbeddingStage(Stage):
-    """CLIP image embeddings (column ``image_embedding``) via ``ClipImageEmbedder``."""
+    """CLIP image embeddings (column ``image_embedding``) via ``ClipImageEmbedder``.
+
+    ``pretrained``: an open_clip tag (weights downloaded by open_clip on first use), a local
+    checkpoint path, or ``None`` for random weights (meaningless embeddings; for tests and
+    demos). ``batch_size`` defaults to the reader stage's ``task_batch_size``; other keyword
+    arguments go to ``ClipImageEmbedder`` (e.g. ``classifiers=``, ``precision=``).
+    """
 
     def __init__(
         self,
@@ -126,6 +165,7 @@ class ImageEmbeddingStage(Stage):
 
     def apply(self, state: PipelineState) -> PipelineState:
         from dask_imgcurate.embed import ClipImageEmbedder
+        from dask_imgcurate.models.clip import clip_embed_dim
 
         dataset = _require_dataset(state, self)
         reader = state.reader
@@ -138,6 +178,16 @@ class ImageEmbeddingStage(Stage):
             **self.embedder_options,
         )
         state.dataset = embedder(dataset)
+        state.embedding = dict(
+            model_name=self.model_name,
+            embedding_dim=clip_embed_dim(self.model_name),
+            column=embedder.embedding_column,
+            device=self.device,
+        )
+        on_cpu = str(self.device).strip().lower() == "cpu"
+        state.gpu_share = (
+            0.0 if on_cpu else reader.get("num_gpus_per_worker", DEFAULT_GPUS_PER_WORKER)
+        )
         return state
 
 
@@ -149,7 +199,7 @@ class _ScoreFilterStage(Stage):
         self.model_path = model_path
         self.options = options
 
-    def classifier(self):  # pragma: no cover - interface
+    def classifier(self, **defaults: Any):  # pragma: no cover - interface
         raise NotImplementedError
 
     def passes(self, scores):  # pragma: no cover - interface
@@ -158,9 +208,24 @@ class _ScoreFilterStage(Stage):
     def apply(self, state: PipelineState) -> PipelineState:
         dataset = _require_dataset(state, self)
         if self.column not in dataset.metadata.columns:
-            dataset = self.classifier()(dataset)
+            embedding = state.embedding
+            column = embedding.get("column", "image_embedding")
+            if column not in dataset.metadata.columns:
+                raise RuntimeError(
+                    f"{type(self).__name__} needs an ImageEmbeddingStage before it (or a "
+                    f"{self.column!r} column in the metadata)"
+                )
+            defaults: dict[str, Any] = {"embedding_column": column}
+            if embedding.get("embedding_dim"):
+                defaults["embedding_dim"] = embedding["embedding_dim"]
+            if embedding.get("device"):
+                defaults["device"] = embedding["device"]
+            dataset = self.classifier(**defaults)(dataset)
         meta = dataset.metadata
         verdict = self.passes(meta[self.column]).fillna(False).astype(bool)
+        if ERROR_COLUMN in meta.columns:
+            # no score because the image failed: the writer drops it and counts it as an error
+            verdict = verdict | ~meta[ERROR_COLUMN].isna()
         if KEEP_COLUMN in meta.columns:
             verdict = verdict & meta[KEEP_COLUMN]
         meta = meta.assign(**{KEEP_COLUMN: verdict})
@@ -173,10 +238,10 @@ class ImageAestheticFilterStage(_ScoreFilterStage):
 
     column = "aesthetic_score"
 
-    def classifier(self):
+    def classifier(self, **defaults: Any):
         from dask_imgcurate.models.classifiers import AestheticClassifier
 
-        return AestheticClassifier(model_path=self.model_path, **self.options)
+        return AestheticClassifier(model_path=self.model_path, **{**defaults, **self.options})
 
     def passes(self, scores):
         return scores >= self.score_threshold
@@ -187,10 +252,10 @@ class ImageNSFWFilterStage(_ScoreFilterStage):
 
     column = "nsfw_score"
 
-    def classifier(self):
+    def classifier(self, **defaults: Any):
         from dask_imgcurate.models.classifiers import NsfwClassifier
 
-        return NsfwClassifier(model_path=self.model_path, **self.options)
+        return NsfwClassifier(model_path=self.model_path, **{**defaults, **self.options})
 
     def passes(self, scores):
         return scores < self.score_threshold
@@ -217,16 +282,118 @@ class ImageWriterStage(Stage):
 
     def apply(self, state: PipelineState) -> PipelineState:
         dataset = _require_dataset(state, self)
-        state.summary = dataset.write_images(
-            self.output_dir,
-            images_per_tar=self.images_per_tar,
-            filter_column=KEEP_COLUMN if KEEP_COLUMN in dataset.metadata.columns else None,
-            deterministic_name=self.deterministic_name,
-            remove_image_data=self.remove_image_data,
-            verbose=self.verbose,
-            storage_options=self.storage_options,
-        )
+        with gpu_annotations(dataset.metadata, state.gpu_share):
+            state.summary = dataset.write_images(
+                self.output_dir,
+                images_per_tar=self.images_per_tar,
+                filter_column=KEEP_COLUMN if KEEP_COLUMN in dataset.metadata.columns else None,
+                deterministic_name=self.deterministic_name,
+                remove_image_data=self.remove_image_data,
+                verbose=self.verbose,
+                storage_options=self.storage_options,
+            )
         return state
+
+
+# --------------------------------------------------------------------------- GPU share
+
+
+def _current_client():
+    """The ``distributed`` client Dask computes on here, or None."""
+    try:
+        from distributed import get_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        return get_client()
+    except ValueError:  # no client
+        return None
+
+
+def gpu_task_resources(num_gpus_per_worker: float, client=None) -> dict[str, float]:
+    """Resources for one GPU task: ``{"GPU": num_gpus_per_worker}``, or ``{}`` when not wanted.
+
+    ``{}`` when the share is 0, when there is no ``distributed`` client (``client=None``
+    looks for the current one) or when none of its workers advertises a ``GPU`` resource.
+    Raises ``ValueError`` when the share exceeds every GPU worker's ``GPU`` resource: such
+    tasks could never run.
+    """
+    share = float(num_gpus_per_worker)
+    if not math.isfinite(share) or share < 0:
+        raise ValueError(
+            f"num_gpus_per_worker must be a finite number >= 0, got {num_gpus_per_worker!r}"
+        )
+    if share == 0:
+        return {}
+    client = client if client is not None else _current_client()
+    if client is None:
+        return {}
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    gpus = [float((info.get("resources") or {}).get(GPU_RESOURCE, 0)) for info in workers.values()]
+    gpus = [g for g in gpus if g > 0]
+    if not gpus:
+        return {}
+    if share > max(gpus):
+        raise ValueError(
+            f"num_gpus_per_worker={share:g} exceeds the {GPU_RESOURCE} resource of every "
+            f"worker (at most {max(gpus):g}): the embedding tasks could never run"
+        )
+    return {GPU_RESOURCE: share}
+
+
+def _is_gpu_expr(expr) -> bool:
+    """Whether a dask-expr expression maps the CLIP embedder or a score head."""
+    from dask_imgcurate.embed import _embed_partition
+    from dask_imgcurate.models.classifiers import EmbeddingClassifier
+
+    try:
+        func = expr.operand("func") if "func" in expr._parameters else None
+    except Exception:  # noqa: BLE001 - an expression type we do not know
+        return False
+    if func is _embed_partition:
+        return True
+    owner = getattr(func, "__self__", None)
+    return isinstance(owner, EmbeddingClassifier) and func.__name__ == "score_partition"
+
+
+def gpu_task_keys(frame) -> set:
+    """Keys of the tasks of ``frame``'s optimised graph that run the model or a score head.
+
+    Blockwise fusion merges the embedding into tasks named after other operations, so the
+    keys are those of every (fused) expression containing such a map. The graph is the one
+    ``frame.to_delayed()`` and ``frame.compute()`` build (``frame.optimize()``).
+    """
+    keys: set = set()
+    for expr in frame.optimize().expr.walk():
+        # a ``Fused`` expression lists the expressions it merged in its ``exprs`` operand
+        fused = "exprs" in getattr(expr, "_parameters", ())
+        members: Iterable = expr.operand("exprs") if fused else (expr,)
+        if any(_is_gpu_expr(m) for m in members):
+            keys.update(expr.__dask_keys__())
+    return keys
+
+
+@contextlib.contextmanager
+def gpu_annotations(frame, num_gpus_per_worker: float, client=None):
+    """Within it, graphs sent to a GPU cluster ask ``{"GPU": share}`` for ``frame``'s GPU tasks.
+
+    Dask DataFrame (query planning) ignores ``dask.annotate`` around graph construction,
+    so this annotates at submission time instead: a global ``resources`` annotation whose
+    value is a per-key lookup (a ``defaultdict`` bound method: it unpickles on a scheduler
+    without this package), ``{}`` (no restriction) for every other task. A no-op when
+    :func:`gpu_task_resources` says no GPU resource is wanted.
+    """
+    resources = gpu_task_resources(num_gpus_per_worker, client)
+    keys = gpu_task_keys(frame) if resources else set()
+    if not keys:
+        yield resources
+        return
+    lookup: defaultdict = defaultdict(dict, {key: dict(resources) for key in keys})
+    with dask.annotate(resources=lookup.__getitem__), warnings.catch_warnings():
+        # dask-expr warns that annotations are ignored while building frames; this one is
+        # read when the graph is submitted (Client.compute / persist), where it applies
+        warnings.filterwarnings("ignore", message=r"Dask annotations .* detected")
+        yield resources
 
 
 __all__ = [
@@ -238,4 +405,7 @@ __all__ = [
     "ImageWriterStage",
     "PipelineState",
     "Stage",
+    "gpu_annotations",
+    "gpu_task_keys",
+    "gpu_task_resources",
 ]

@@ -120,7 +120,7 @@ def test_parquet_layout_columns_and_values(demo_dir):
     frame = load(demo_dir).metadata.compute()
     assert frame["key"].dtype == pd.StringDtype("pyarrow")
     assert frame["_members"].dtype == pd.ArrowDtype(BOOKKEEPING["_members"])
-    assert frame["_image_offset"].dtype == frame["_image_size"].dtype == "int64"
+    assert frame["_image_offset"].dtype == frame["_image_size"].dtype == "Int64"
     sidecar = pa.concat_tables(
         [pq.read_table(p) for p in sorted(demo_dir.glob("*.parquet"))]
     ).to_pandas()
@@ -372,7 +372,7 @@ def test_parquet_mismatch(tmp_path):
 
 def _with_score(ds: ImageTextPairDataset) -> ImageTextPairDataset:
     meta = ds.metadata
-    return ds.with_metadata(meta.assign(score=(meta["width"] * 2 + meta["height"]).astype("int64")))
+    return ds.with_metadata(meta.assign(score=(meta["width"] * 2 + meta["height"]).astype("Int64")))
 
 
 def test_save_metadata_overwrites_own_parquet(demo_dir, copy_dataset):

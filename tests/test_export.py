@@ -376,3 +376,22 @@ def test_resume_rewrites_shards_of_a_different_job(source, tmp_path):
     ds.to_webdataset(str(fresh), filter_column="keep", samples_per_shard=5, max_shards=2)
     for p in fresh.iterdir():
         assert sha((out / p.name).read_bytes()) == sha(p.read_bytes())
+
+
+def test_record_without_json_keeps_int_columns_and_exports(tmp_path):
+    """A null in an int column must not turn it into floats (schema clash at export)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_shard(src / "00000.tar", make_shard_records(0, 3, seed=5))
+    records = make_shard_records(3, 3, seed=5)
+    del records[1]["json"]
+    write_shard(src / "00001.tar", records)
+    ds = ImageTextPairDataset.from_webdataset(str(src))
+    frame = ds.metadata.compute()
+    assert str(frame["width"].dtype) == "Int64"
+    assert frame["width"].isna().tolist() == [False, False, False, False, True, False]
+    summary = ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=4)
+    assert summary.records_out == 6
+    table = pq.read_table(tmp_path / "out" / "00001.parquet")
+    assert table.schema.field("width").type == pa.int64()
+    assert table.column("width").to_pylist()[0] is None  # record 000000004, position 4

@@ -1,16 +1,57 @@
-"""Storage access through fsspec: one code path for local disks and object stores."""
+"""Storage access through fsspec: one code path for local disks and object stores.
+
+Remote reads and uploads are retried on transient errors (connection resets, timeouts,
+other ``OSError`` s) with exponential backoff; local files never are. Object-store errors
+that retrying cannot fix (access denied, no such bucket or key) are re-raised as one line
+naming the URL and the bucket. Credentials are never read, stored or logged here: fsspec
+and the store's client library (s3fs / botocore, gcsfs, adlfs) find them in their standard
+places, or take them from ``storage_options``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import mmap
 import os
+import random
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from dask_imgcurate.errors import CurateError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRY_ATTEMPTS = 4
+"""Tries of one remote read or upload (the first included) before its error is raised."""
+
+RETRY_DELAY = 0.5
+"""Seconds before the first retry; each further retry waits twice as long (with jitter)."""
+
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
+
+
+class StorageAccessDenied(CurateError, PermissionError):
+    """The credentials may not read (or write) an object-store path; names URL and bucket."""
+
+
+class StorageNotFound(CurateError, FileNotFoundError):
+    """An object-store bucket or key does not exist; names URL and bucket."""
 
 
 def url_to_fs(
@@ -37,11 +78,140 @@ def basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+# ---------------------------------------------------------------- errors and retries
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors worth retrying on a remote store: I/O errors and timeouts, except
+    those that say what is there (missing, forbidden, a directory)."""
+    timeouts = (TimeoutError, asyncio.TimeoutError)  # distinct classes before Python 3.11
+    return isinstance(err, (OSError, *timeouts)) and not isinstance(err, _PERMANENT)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+"""Stores whose first path component is a bucket (or container)."""
+
+
+def _bucket(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & BUCKET_PROTOCOLS:
+        return None
+    return fs._strip_protocol(path).lstrip("/").split("/", 1)[0]
+
+
+def explain(
+    err: BaseException, fs: fsspec.AbstractFileSystem, path: str, action: str = "read"
+) -> BaseException:
+    """``err`` as a one-line error naming ``path`` and its bucket (object stores only).
+
+    Returns ``err`` itself when it needs no explaining (local files, already explained, or
+    not an access / not-found error).
+    """
+    if is_local(fs) or isinstance(err, CurateError):
+        return err
+    url = qualify(fs, path)
+    bucket = _bucket(fs, path)
+    if isinstance(err, PermissionError):
+        what = f"bucket {bucket!r}" if bucket else "it"
+        return StorageAccessDenied(
+            f"{url}: access denied: the credentials in use cannot {action} {what} "
+            f"({_one_line(err)})"
+        )
+    if isinstance(err, FileNotFoundError):
+        where = "no such file or directory"
+        if bucket:
+            where = f"no such key in bucket {bucket!r}"
+            with contextlib.suppress(Exception):
+                if not fs.exists(bucket):
+                    where = f"no such bucket {bucket!r}"
+        return StorageNotFound(f"{url}: {where}")
+    return err
+
+
+@contextlib.contextmanager
+def storage_errors(
+    fs: fsspec.AbstractFileSystem, path: str, action: str = "read"
+) -> Iterator[None]:
+    """Re-raise access-denied and not-found errors of an object store with ``explain``."""
+    try:
+        yield
+    except (PermissionError, FileNotFoundError) as err:
+        explained = explain(err, fs, path, action)
+        if explained is err:
+            raise
+        raise explained from err
+
+
+def _backoff(attempt: int) -> float:
+    return RETRY_DELAY * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
+
+
+def _give_up_or_wait(
+    err: BaseException,
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    action: str,
+    attempt: int,
+    what: str,
+) -> None:
+    """Raise ``err`` (explained) when permanent or out of tries; else log and back off."""
+    if not is_transient(err) or attempt == RETRY_ATTEMPTS:
+        explained = explain(err, fs, path, action)
+        if explained is err:
+            raise err
+        raise explained from err
+    delay = _backoff(attempt)
+    log.warning(
+        "%s: transient error on %s (%s); retry %d of %d in %.1f s",
+        qualify(fs, path),
+        what,
+        _one_line(err),
+        attempt,
+        RETRY_ATTEMPTS - 1,
+        delay,
+    )
+    time.sleep(delay)
+
+
+def retry(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    call: Callable[[], T],
+    action: str = "read",
+) -> T:
+    """``call()``, retried on transient errors when ``fs`` is remote (never locally).
+
+    Makes up to ``RETRY_ATTEMPTS`` tries with exponential backoff, logging each retry at
+    WARNING (the URL and the error only). The last error, or a permanent one, is raised
+    (access denied / not found ones as one line naming the bucket).
+    """
+    if is_local(fs):
+        return call()
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - sorted below
+            _give_up_or_wait(err, fs, path, action, attempt, action)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The whole file (retried on transient errors when remote)."""
+    return retry(fs, path, lambda: fs.cat_file(path))
+
+
 @contextlib.contextmanager
 def open_buffer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[bytes | mmap.mmap]:
     """The whole file as a buffer: an ``mmap`` for local files, bytes otherwise."""
     if not is_local(fs):
-        yield fs.cat_file(path)
+        yield read_bytes(fs, path)
         return
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
@@ -54,10 +224,20 @@ def open_buffer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[bytes | mm
             mapped.close()
 
 
+def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a remote file (one ranged GET, retried when transient)."""
+    return retry(fs, path, lambda: fs.cat_file(path, start=start, end=end))
+
+
 def read_ranges(
     fs: fsspec.AbstractFileSystem, path: str, offsets: Sequence[int], sizes: Sequence[int]
 ) -> list[bytes]:
-    """Read byte ranges ``[offset, offset + size)`` of one file."""
+    """Read byte ranges ``[offset, offset + size)`` of one file.
+
+    Locally with ``pread``; remotely with one ``cat_ranges`` call (concurrent ranged GETs)
+    whose failed ranges are retried, only them, on transient errors. A range past the end
+    of the file comes back short; callers check lengths.
+    """
     if not len(offsets):
         return []
     if is_local(fs):
@@ -65,14 +245,57 @@ def read_ranges(
             return [os.pread(f.fileno(), int(n), int(o)) for o, n in zip(offsets, sizes)]
     starts = [int(o) for o in offsets]
     ends = [int(o) + int(n) for o, n in zip(offsets, sizes)]
-    return fs.cat_ranges([path] * len(starts), starts, ends)
+    out: list[bytes | None] = [None] * len(starts)
+    pending = list(range(len(starts)))
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            # fsspec's cat_ranges returns a failed range's exception in its place
+            got = fs.cat_ranges(
+                [path] * len(pending), [starts[i] for i in pending], [ends[i] for i in pending]
+            )
+        except Exception as err:  # noqa: BLE001 - the whole call failed: every range did
+            got = [err] * len(pending)
+        failed = []
+        for i, data in zip(pending, got):
+            if isinstance(data, BaseException):
+                failed.append((i, data))
+            else:
+                out[i] = data
+        if not failed:
+            return out  # type: ignore[return-value]
+        pending = [i for i, _ in failed]
+        what = f"{len(pending)} of {len(starts)} byte ranges"
+        _give_up_or_wait(failed[0][1], fs, path, "read", attempt, what)
+    raise AssertionError("unreachable")
 
+
+# ---------------------------------------------------------------- writing
 
 TEMP_MARK = ".tmp-"
 
 
+def makedirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create the output directory ``path``; on object stores its bucket must exist.
+
+    fsspec's ``makedirs`` would create a missing bucket: a typo in a bucket name would then
+    silently make a new bucket. Here a missing or unreadable bucket is a one-line error
+    naming it instead.
+    """
+    if is_local(fs):
+        os.makedirs(path, exist_ok=True)
+        return
+    with storage_errors(fs, path, action="write"):
+        bucket = _bucket(fs, path)
+        if bucket:
+            fs.info(bucket)  # FileNotFoundError / PermissionError when missing / forbidden
+        fs.makedirs(path, exist_ok=True)
+
+
 def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str) -> int:
-    """Delete temporary files that an interrupted ``atomic_write`` left in ``directory``."""
+    """Delete temporary files that an interrupted ``atomic_write`` left in ``directory``.
+
+    Object stores never hold temporary objects (files are uploaded only when complete).
+    """
     if not is_local(fs) or not os.path.isdir(directory):
         return 0
     stale = [n for n in os.listdir(directory) if n.startswith(".") and TEMP_MARK in n]
@@ -86,7 +309,8 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
     """Yield a local temporary file name; on success it becomes ``path`` in one step.
 
     Local files are renamed into place (same directory, so the rename is atomic); object
-    stores get the finished file in one upload. On error the temporary file is removed and
+    stores get the finished file in one upload (retried on transient errors), so no partial
+    or temporary object is ever visible there. On error the temporary file is removed and
     ``path`` is untouched.
     """
     if is_local(fs):
@@ -103,7 +327,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
         if is_local(fs):
             os.replace(tmp, path)
         else:
-            fs.put_file(tmp, path)
+            retry(fs, path, lambda: fs.put_file(tmp, path), action="write")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

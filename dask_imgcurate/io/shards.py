@@ -36,23 +36,25 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
         tars = [fs._strip_protocol(p) for p in path]
     else:
         path = fs._strip_protocol(path)
-        if any(ch in path for ch in "*?["):
-            tars = fs.glob(path)
-        elif path.endswith(".tar") and fs.isfile(path):
-            tars = [path]
-        elif fs.isdir(path):
-            tars = [p for p in fs.ls(path, detail=False) if p.endswith(".tar")]
-        else:
-            raise FileNotFoundError(f"no such file or directory: {path}")
+        with fsio.storage_errors(fs, path):  # object stores: one line naming the bucket
+            if any(ch in path for ch in "*?["):
+                tars = fs.glob(path)
+            elif path.endswith(".tar") and fs.isfile(path):
+                tars = [path]
+            elif fs.isdir(path):
+                tars = [p for p in fs.ls(path, detail=False) if p.endswith(".tar")]
+            else:
+                raise FileNotFoundError(f"no such file or directory: {path}")
     tars = sorted(t for t in tars if t.endswith(".tar"))
     siblings: set[str] = set()
     for directory in {t.rsplit("/", 1)[0] if "/" in t else "" for t in tars}:
-        siblings.update(fs.ls(directory or ".", detail=False))
+        with fsio.storage_errors(fs, directory or "."):
+            siblings.update(fs.ls(directory or ".", detail=False))
     if isinstance(path, (list, tuple)):  # listed explicitly: each must exist
         missing = [t for t in tars if t not in siblings]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise FileNotFoundError(f"no such shard: {missing[0]}{more}")
+            raise FileNotFoundError(f"no such shard: {fsio.qualify(fs, missing[0])}{more}")
     shards = []
     for tar in tars:
         stem = tar[: -len(".tar")]
@@ -73,7 +75,7 @@ def index_shard(
     source = fsio.qualify(fs, shard.tar)
     if use_idx and shard.idx is not None:
         try:
-            text = fs.cat_file(shard.idx).decode("utf-8")
+            text = fsio.read_bytes(fs, shard.idx).decode("utf-8")
             members = parse_dali_index(text, source, tar_size=fs.size(shard.tar))
             return group_records(members)
         except (IndexFileError, UnicodeDecodeError) as err:

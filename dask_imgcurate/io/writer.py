@@ -84,7 +84,8 @@ def _merged_reads(members: list[_Member]) -> Iterator[tuple[str, int, int, list[
 
 
 class _RangeReader:
-    """Reads byte ranges of source tars: ``pread`` locally, ranged GETs elsewhere."""
+    """Reads byte ranges of source tars: ``pread`` locally, ranged GETs elsewhere (retried
+    on transient errors, see ``fsio.retry``)."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem):
         self.fs = fs
@@ -99,7 +100,7 @@ class _RangeReader:
                 fd = self.files[path] = os.open(path, os.O_RDONLY)
             data = os.pread(fd, end - start, start)
         else:
-            data = self.fs.cat_file(path, start=start, end=end)
+            data = fsio.read_range(self.fs, path, start, end)  # retried when transient
         if len(data) != end - start:
             raise OSError(
                 f"{source}: short read at byte offset {start} ({len(data)} of {end - start} "
@@ -210,7 +211,9 @@ def write_shard(
 def stack_slices(parts: Sequence[pa.Table], pieces: Sequence[tuple[int, int, int]]) -> pa.Table:
     """Concatenate ``parts[i][start:stop]`` for each ``(i, start, stop)`` in ``pieces``."""
     tables = [parts[i].slice(start, stop - start) for i, start, stop in pieces]
-    return pa.concat_tables(tables) if tables else parts[0].slice(0, 0)
+    if not tables:
+        return parts[0].slice(0, 0)
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def plan_shards(counts: Sequence[int], per_shard: int) -> list[list[tuple[int, int, int]]]:

@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Write a DALI ``.idx`` beside every ``.tar`` shard of a directory (local or fsspec URL).
+
+DALI's ``fn.readers.webdataset`` and ``ImageTextPairDataset.from_webdataset`` use the index
+instead of scanning the tar. Shards whose ``.idx`` exists are skipped unless ``--force``.
+
+Examples::
+
+    python scripts/make_idx.py shards/
+    python scripts/make_idx.py s3://bucket/shards --force --threads 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import fsspec
+
+from dask_imgcurate import write_dali_index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="directory of the *.tar shards")
+    parser.add_argument("--force", action="store_true", help="rewrite existing .idx files")
+    parser.add_argument("--threads", type=int, default=8, help="shards indexed at once")
+    args = parser.parse_args(argv)
+
+    fs, root = fsspec.core.url_to_fs(args.path)
+    tars = sorted(fs.glob(root.rstrip("/") + "/*.tar"))
+    if not tars:
+        print(f"no .tar shards found in {args.path}", file=sys.stderr)
+        return 1
+    todo = [t for t in tars if args.force or not fs.exists(t[: -len(".tar")] + ".idx")]
+    with ThreadPoolExecutor(max_workers=max(1, args.threads)) as pool:
+        written = list(pool.map(lambda tar: write_dali_index(fs.unstrip_protocol(tar)), todo))
+    for path in written:
+        print(path)
+    print(
+        f"indexed {len(written)} of {len(tars)} shards ({len(tars) - len(written)} had one)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

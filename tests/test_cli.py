@@ -1,0 +1,555 @@
+"""The ``dask-imgcurate`` command line, on demo data with the tiny built-in model.
+
+Most commands run in-process with click's ``CliRunner`` (fast: the model loads once per
+process); the README's main command (``demo``), real exit codes, stderr and Ctrl-C run as
+subprocesses. Outputs are checked with independent readers: ``tarfile``, ``pyarrow``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from readers import tar_records
+
+from dask_imgcurate import ImageTextPairDataset, cli, write_dali_index
+from dask_imgcurate.cli import main
+from dask_imgcurate.cluster import cluster_kind
+from dask_imgcurate.demo import make_demo_dataset
+from dask_imgcurate.models.builtin import TINY_MODEL, make_demo_models
+
+EXE = shutil.which("dask-imgcurate") or str(Path(sys.executable).parent / "dask-imgcurate")
+SHARDS, PER_SHARD = 3, 8
+
+# the tiny model runs with random weights on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest_dir(directory: Path) -> dict[str, str]:
+    return {p.name: sha(p.read_bytes()) for p in sorted(Path(directory).iterdir())}
+
+
+def run(*args: str, ok: bool = True):
+    """Invoke the CLI in this process; check the exit code when ``ok``."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def table(stdout: str) -> dict[str, str]:
+    """The summary table (``name  value`` lines) of a command's stdout."""
+    rows = {}
+    for line in stdout.splitlines():
+        name, sep, value = line.partition("  ")
+        if sep and name and not name.startswith(" "):
+            rows[name.strip()] = value.strip()
+    return rows
+
+
+def source_records(directory: Path) -> dict[str, dict[str, bytes]]:
+    return {k: m for tar in sorted(directory.glob("*.tar")) for k, m in tar_records(tar)}
+
+
+def exported_old_keys(out: Path, pattern: str = "*.tar") -> list[str]:
+    """Old record keys of an export, in output order, from the ``.json`` members (their
+    bytes are copied unchanged, so their ``key`` field is the source key)."""
+    return [
+        json.loads(members["json"])["key"]
+        for tar in sorted(out.glob(pattern))
+        for _, members in tar_records(tar)
+    ]
+
+
+def parquet_frame(directory: Path):
+    """All rows of the shards' Parquet files, in shard then key order (pyarrow only)."""
+    tables = [pq.read_table(p) for p in sorted(directory.glob("*.parquet"))]
+    return pa.concat_tables(tables).to_pandas()
+
+
+def between(values, q: float) -> float:
+    """A threshold strictly between two neighbouring values (no ties at the boundary)."""
+    v = np.unique(np.asarray(values, dtype=np.float64))
+    i = min(max(int(q * len(v)), 1), len(v) - 1)
+    return float((v[i - 1] + v[i]) / 2)
+
+
+def expect_one_error_line(stderr: str, *needles: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return make_demo_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def model_args(models) -> list[str]:
+    return [
+        "--model",
+        TINY_MODEL,
+        "--pretrained",
+        "none",
+        "--aesthetic-model",
+        str(models.aesthetic),
+        "--nsfw-model",
+        str(models.nsfw),
+        "--batch-size",
+        "16",
+    ]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """3 shards x 8 records with sidecar Parquet. Read-only."""
+    root = tmp_path_factory.mktemp("cli-source")
+    make_demo_dataset(root, n_shards=SHARDS, samples_per_shard=PER_SHARD, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, source, model_args):
+    """A copy of ``source`` after ``dask-imgcurate -v embed`` (in-process). Read-only."""
+    root = tmp_path_factory.mktemp("cli-scored") / "data"
+    shutil.copytree(source, root)
+    result = run("-v", "embed", root, *model_args, "--n-workers", "0")
+    return root, result
+
+
+@pytest.fixture
+def scores(scored):
+    return parquet_frame(scored[0])
+
+
+# ------------------------------------------------------------------ commands
+
+
+def test_help_lists_commands_and_defaults():
+    out = run("--help").output
+    for command in ("index", "inspect", "embed", "export", "curate", "demo"):
+        assert command in out
+    help_text = " ".join(run("export", "--help").output.split())
+    assert "one per CPU core" in help_text and "0: no cluster" in help_text
+    assert "--scheduler-address" in help_text
+
+
+def test_index_writes_the_same_idx_as_write_dali_index(source, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    result = run("index", data)
+    assert table(result.stdout)["shards indexed"] == str(SHARDS)
+    for tar in sorted(data.glob("*.tar")):
+        expected = write_dali_index(str(tar), str(tmp_path / f"{tar.stem}.ref.idx"))
+        assert tar.with_suffix(".idx").read_bytes() == Path(expected).read_bytes()
+
+
+def test_embed_saves_embeddings_and_scores_as_parquet(scored):
+    root, result = scored
+    rows = table(result.stdout)
+    assert rows["parquet files written"] == str(SHARDS)
+    assert rows["records"] == str(SHARDS * PER_SHARD)
+    assert "embed: 100%" in result.stderr  # -v shows the progress bar (3 of 3 shards)
+    assert "3/3" in result.stderr
+    for i in range(SHARDS):
+        table_ = pq.read_table(root / f"{i:05d}.parquet")
+        assert table_.num_rows == PER_SHARD
+        for column in ("key", "caption", "width", "image_embedding", "aesthetic_score"):
+            assert column in table_.column_names
+        assert table_.column("error").null_count == PER_SHARD
+        frame = table_.to_pandas()
+        assert all(len(v) == 64 for v in frame["image_embedding"])
+        assert np.isfinite(frame["aesthetic_score"]).all()
+        assert ((frame["nsfw_score"] >= 0) & (frame["nsfw_score"] <= 1)).all()
+
+
+def test_inspect_reports_counts(scored):
+    result = run("inspect", scored[0], "--rows", "2")
+    rows = table(result.stdout)
+    assert rows["shards"] == str(SHARDS)
+    assert rows["records"] == str(SHARDS * PER_SHARD)
+    assert rows["with parquet"] == str(SHARDS)
+    assert rows["records with errors"] == "0"
+    assert rows["damaged shards"] == "0"
+    assert "aesthetic_score" in result.stdout and "00002.tar" in result.stdout
+    assert result.stdout.count(f"{PER_SHARD} records") == SHARDS
+
+
+def test_export_with_thresholds_keeps_exactly_the_passing_records(scored, scores, source, tmp_path):
+    low = between(scores["aesthetic_score"], 0.3)
+    high = between(scores["nsfw_score"], 0.8)
+    passing = scores[(scores["aesthetic_score"] >= low) & (scores["nsfw_score"] < high)]
+    expected = passing["key"].tolist()
+    assert 0 < len(expected) < len(scores)
+    out = tmp_path / "out"
+    args = ["--min-aesthetic", repr(low), "--max-nsfw", repr(high), "--samples-per-shard", "5"]
+    result = run("export", scored[0], out, *args, "--n-workers", "0")
+    rows = table(result.stdout)
+    assert rows["records out"] == str(len(expected))
+    assert rows["dropped by filter"] == str(len(scores) - len(expected))
+    assert exported_old_keys(out) == expected
+    originals = source_records(source)
+    tars = sorted(out.glob("*.tar"))
+    assert [len(tar_records(t)) for t in tars[:-1]] == [5] * (len(tars) - 1)
+    for tar in tars:  # bytes copied unchanged; Parquet ids = tar keys, in the same order
+        records = tar_records(tar)
+        for _, members in records:
+            original = originals[json.loads(members["json"])["key"]]
+            assert members == original
+        ids = pq.read_table(tar.with_suffix(".parquet")).column("key").to_pylist()
+        assert ids == [k for k, _ in records]
+
+
+def test_export_query_in_images_layout(scored, scores, tmp_path):
+    high = between(scores["nsfw_score"], 0.5)
+    query = f"width >= 256 and nsfw_score < {high!r}"
+    expected = scores[(scores["width"] >= 256) & (scores["nsfw_score"] < high)]["key"].tolist()
+    assert 0 < len(expected) < len(scores)
+    out = tmp_path / "out"
+    args = ["--query", query, "--layout", "images", "--images-per-tar", "4", "--n-workers", "0"]
+    result = run("export", scored[0], out, *args)
+    assert table(result.stdout)["records out"] == str(len(expected))
+    tars = sorted(out.glob("images-*.tar"))
+    assert len(tars) == -(-len(expected) // 4)
+    keys = [k for tar in tars for k, _ in tar_records(tar)]  # the images layout keeps ids
+    assert keys == expected
+    parquet = pa.concat_tables([pq.read_table(t.with_suffix(".parquet")) for t in tars])
+    assert parquet.column("key").to_pylist() == expected
+    assert set(parquet.column("tar_file").to_pylist()) == {t.name for t in tars}
+
+
+def test_export_query_on_json_fields_of_unscored_data(source, tmp_path):
+    out = tmp_path / "out"
+    run("export", source, out, "--query", "height > 200", "--n-workers", "0")
+    frame = parquet_frame(source)
+    assert exported_old_keys(out) == frame[frame["height"] > 200]["key"].tolist()
+
+
+def test_curate_from_yaml_with_flags_overriding(scores, source, models, tmp_path):
+    low = between(scores["aesthetic_score"], 0.25)
+    expected = scores[scores["aesthetic_score"] >= low]["key"].tolist()
+    config = tmp_path / "curate.yaml"
+    config.write_text(
+        "\n".join(
+            [
+                "model: nope-not-a-model  # overridden by --model",
+                "pretrained: openai       # overridden by --pretrained none",
+                f"aesthetic_model: {models.aesthetic}",
+                f"min_aesthetic: {low!r}",
+                "samples_per_shard: 100   # overridden by --samples-per-shard 4",
+                "batch_size: 16",
+                "n_workers: 0",
+            ]
+        )
+    )
+    out = tmp_path / "out"
+    args = ["--config", config, "--model", TINY_MODEL, "--pretrained", "none"]
+    result = run("curate", source, out, *args, "--samples-per-shard", "4")
+    assert table(result.stdout)["records out"] == str(len(expected))
+    assert exported_old_keys(out) == expected  # min_aesthetic from the YAML applied
+    sizes = [len(tar_records(t)) for t in sorted(out.glob("*.tar"))]
+    assert sizes[:-1] == [4] * (len(sizes) - 1) and 0 < sizes[-1] <= 4
+    assert not list(source.glob("*.idx"))  # curate does not touch its input
+
+
+def test_curate_from_flags_matches_embed_then_export(scored, scores, source, model_args, tmp_path):
+    low = between(scores["aesthetic_score"], 0.5)
+    high = between(scores["nsfw_score"], 0.7)
+    flags = ["--min-aesthetic", repr(low), "--max-nsfw", repr(high), "--samples-per-shard", "6"]
+    curated = tmp_path / "curated"
+    run("curate", source, curated, *model_args, *flags, "--n-workers", "0")
+    exported = tmp_path / "exported"
+    run("export", scored[0], exported, *flags, "--n-workers", "0")
+    assert exported_old_keys(curated) == exported_old_keys(exported)
+    for a, b in zip(sorted(curated.glob("*.tar")), sorted(exported.glob("*.tar")), strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_settings_precedence(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: from-yaml\nbatch_size: 7\npretrained: none\nmax_nsfw: 0.5\n")
+    seen = {}
+
+    def fake(input_path, output, settings):
+        seen["config"] = settings
+        raise KeyboardInterrupt  # stop before any work: also the Ctrl-C path
+
+    monkeypatch.setattr(cli, "run_curate", fake)
+    result = run("curate", "in", "out", "--config", config, "--batch-size", "256", ok=False)
+    assert result.exit_code == 130
+    settings = seen["config"]
+    assert settings.model == "from-yaml"  # not given as a flag: YAML wins over the default
+    assert settings.batch_size == 256  # given, even if equal to the default: the flag wins
+    assert settings.pretrained is None and settings.max_nsfw == 0.5
+    assert settings.samples_per_shard == cli.CurateConfig().samples_per_shard
+    expect_one_error_line(result.stderr, "interrupted")
+
+
+def test_demo_end_to_end_in_a_subprocess(tmp_path):
+    """The README's main command, on a real 2-process cluster, in an empty directory."""
+    args = [EXE, "demo", "--dir", "out", "--shards", "2", "--samples-per-shard", "12"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = table(proc.stdout)
+    assert rows["records in"] == "24"
+    assert "LocalCluster" in rows["cluster"] and "(2 workers)" in rows["cluster"]
+    # quiet: no distributed / open_clip logs, the random-weights warning exactly once
+    expect_one_error_line(proc.stderr, "RandomWeightsWarning", TINY_MODEL)
+    out = tmp_path / "out"
+    kept = exported_old_keys(out / "curated")
+    assert len(kept) == int(rows["records out"]) > 0
+    frame = parquet_frame(out / "input")  # the scores were saved as the input's metadata
+    meta = ImageTextPairDataset.from_webdataset(str(out / "input")).metadata
+    low, high = meta["aesthetic_score"].quantile(0.3), meta["nsfw_score"].quantile(0.9)
+    low, high = float(low.compute()), float(high.compute())  # as the demo computes them
+    passing = frame[(frame["aesthetic_score"] >= low) & (frame["nsfw_score"] < high)]
+    assert kept == passing["key"].tolist()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def corrupt(source, tmp_path) -> Path:
+    """A copy of ``source`` whose second shard ends in the middle of a member's data."""
+    root = tmp_path / "corrupt"
+    shutil.copytree(source, root)
+    for p in root.glob("*.parquet"):
+        p.unlink()
+    tar = root / "00001.tar"
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+    cut = members[len(members) // 2]
+    tar.write_bytes(tar.read_bytes()[: cut.offset_data + cut.size // 2])
+    return root
+
+
+BAD_INPUT = {
+    "missing path": (["inspect", "{missing}"], ["{missing}", "no such file"]),
+    "missing path (export)": (["export", "{missing}", "{out}"], ["{missing}"]),
+    "no shards": (["export", "{empty}", "{out}"], ["no .tar shards", "{empty}"]),
+    "no shards (index)": (["index", "{empty}"], ["no .tar shards", "{empty}"]),
+    "unknown yaml key": (["curate", "{source}", "{out}", "--config", "{bad_yaml}"],
+                         ["bad.yaml", "'min_aestetic'", "did you mean 'min_aesthetic'"]),
+    "wrong yaml type": (["curate", "{source}", "{out}", "--config", "{typo_yaml}"],
+                        ["typo.yaml", "batch_size must be an integer"]),
+    "missing config": (["curate", "{source}", "{out}", "--config", "{missing}.yaml"],
+                       ["config file not found", "{missing}.yaml"]),
+    "missing head weights": (["embed", "{source_copy}", "TINY", "--aesthetic-model", "/nope.pt"],
+                             ["/nope.pt", "aesthetic"]),
+    "missing clip weights": (["curate", "{source}", "{out}", "--model", TINY_MODEL,
+                              "--pretrained", "/nope/clip.pt"], ["/nope/clip.pt"]),
+    "no head weights at all": (["curate", "{source}", "{out}", "TINY", "--min-aesthetic", "5"],
+                               ["--aesthetic-model"]),
+    "no scores to filter on": (["export", "{source}", "{out}", "--min-aesthetic", "5"],
+                               ["aesthetic_score", "embed"]),
+    "output is the input": (["export", "{source_copy}", "{source_copy}/"], ["OUTPUT", "another"]),
+    "bad query": (["export", "{source}", "{out}", "--query", "nope > 1"], ["nope"]),
+    "corrupt shard": (["inspect", "{corrupt}"], ["00001.tar", "byte offset"]),
+    "corrupt shard (export)": (["export", "{corrupt}", "{out}"], ["00001.tar", "byte offset"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_writes_nothing(case, source, corrupt, tmp_path, monkeypatch):
+    monkeypatch.setenv("DASK_IMGCURATE_HOME", str(tmp_path / "no-cached-weights"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.yaml").write_text("min_aestetic: 5\n")
+    (tmp_path / "typo.yaml").write_text("batch_size: lots\n")
+    source_copy = tmp_path / "source-copy"
+    shutil.copytree(source, source_copy)
+    names = dict(
+        missing=str(tmp_path / "does-not-exist"),
+        out=str(tmp_path / "out"),
+        empty=str(tmp_path / "empty"),
+        source=str(source),
+        source_copy=str(source_copy),
+        corrupt=str(corrupt),
+        bad_yaml=str(tmp_path / "bad.yaml"),
+        typo_yaml=str(tmp_path / "typo.yaml"),
+    )
+    tiny = ["--model", TINY_MODEL, "--pretrained", "none", "--n-workers", "0"]
+    template, needles = BAD_INPUT[case]
+    args = []
+    for a in template:
+        args.extend(tiny if a == "TINY" else [a.format(**names)])
+    before = digest_dir(source_copy), digest_dir(corrupt)
+    result = run(*args, ok=False)
+    assert result.exit_code == 1, (result.output, result.exception)
+    line = expect_one_error_line(result.stderr, *[n.format(**names) for n in needles])
+    assert line.startswith("error: ")
+    assert result.stdout == ""
+    assert not (tmp_path / "out").exists()
+    assert (digest_dir(source_copy), digest_dir(corrupt)) == before
+
+
+def test_bad_input_in_real_processes(source, tmp_path):
+    """Exit codes and stderr of the real executable (three cases, run side by side)."""
+    (tmp_path / "bad.yaml").write_text("min_aestetic: 5\nmodel: x\n")
+    out = tmp_path / "out"
+    cases = {
+        "missing": ([EXE, "export", str(tmp_path / "nope"), str(out)], "nope"),
+        "yaml": ([EXE, "curate", str(source), str(out), "--config", "bad.yaml"], "min_aestetic"),
+        "weights": (
+            [EXE, "curate", str(source), str(out), "--model", TINY_MODEL, "--pretrained",
+             "none", "--aesthetic-model", "/nope.pt", "--min-aesthetic", "1"],
+            "/nope.pt",
+        ),
+    }  # fmt: skip
+    procs = {
+        name: subprocess.Popen(
+            args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, (args, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (name, stderr)
+        expect_one_error_line(stderr, "error: ", cases[name][1])
+        assert stdout == ""
+    assert not out.exists()
+
+
+def test_corrupt_shard_with_lenient_is_reported(corrupt):
+    result = run("inspect", corrupt, "--lenient", "--rows", "0")
+    rows = table(result.stdout)
+    assert rows["damaged shards"] == "1"
+    damage = [line for line in result.stdout.splitlines() if line.startswith("damage:")]
+    assert len(damage) == 1 and "00001.tar" in damage[0] and "byte offset" in damage[0]
+    assert PER_SHARD * 2 <= int(rows["records"]) < PER_SHARD * 3
+    assert result.stderr == ""
+
+
+# ------------------------------------------------------------------ interrupts and clusters
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    """4 shards x 48 records: with one record per output shard, an export takes a while."""
+    root = tmp_path_factory.mktemp("cli-big")
+    make_demo_dataset(root, n_shards=4, samples_per_shard=48, seed=9)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("workers", "signum", "code", "word"),
+    [
+        ("0", signal.SIGINT, 130, "interrupted"),
+        ("2", signal.SIGINT, 130, "interrupted"),
+        ("0", signal.SIGTERM, 143, "terminated"),
+    ],
+    ids=["ctrl-c", "ctrl-c-cluster", "sigterm"],
+)
+def test_interrupted_export_then_rerun_finishes(big, tmp_path, workers, signum, code, word):
+    args = ["export", str(big), "--samples-per-shard", "1", "--max-shards", "3"]
+    clean = tmp_path / "clean"
+    run(*args[:2], clean, *args[2:], "--n-workers", "0")
+    expected = digest_dir(clean)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [EXE, *args[:2], str(out), *args[2:], "--n-workers", workers],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    expect_one_error_line(stderr, word, "run the same command again")
+    finals = {p.name: sha(p.read_bytes()) for p in out.iterdir() if not p.name.startswith(".")}
+    assert 0 < len(finals) < len(expected)  # interrupted part-way
+    for name, digest in finals.items():  # no partial file under a final name
+        assert expected[name] == digest, name
+    result = run(*args[:2], out, *args[2:], "--n-workers", "0")
+    assert int(table(result.stdout)["shards already complete"]) > 0
+    assert digest_dir(out) == expected  # finished, byte-identical, no temporary files left
+
+
+def test_scheduler_address_gives_identical_bytes(scored, scores, tmp_path):
+    from distributed import LocalCluster
+
+    low = between(scores["aesthetic_score"], 0.4)
+    filters = ["--min-aesthetic", repr(low), "--query", "width < 500"]
+    outputs = {}
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        for layout in ("webdataset", "images"):
+            out = tmp_path / f"cluster-{layout}"
+            flags = [
+                *filters,
+                "--layout",
+                layout,
+                "--samples-per-shard",
+                "5",
+                "--images-per-tar",
+                "5",
+            ]
+            result = run(
+                "export", scored[0], out, *flags, "--scheduler-address", cluster.scheduler_address
+            )
+            assert cluster.scheduler_address in table(result.stdout)["cluster"]
+            outputs[layout] = out
+    for layout, out in outputs.items():
+        single = tmp_path / f"single-{layout}"
+        flags = [*filters, "--layout", layout, "--samples-per-shard", "5", "--images-per-tar", "5"]
+        run("export", scored[0], single, *flags, "--n-workers", "0")
+        assert len(list(single.glob("*.tar"))) > 1
+        assert digest_dir(out) == digest_dir(single)
+
+
+def test_cluster_kind(monkeypatch):
+    import importlib.util
+
+    import dask_imgcurate.backend as backend
+
+    assert cluster_kind("tcp://somewhere:8786", 0) == "existing"
+    assert cluster_kind(None, 0) == "none"
+    assert cluster_kind(None, None) in ("local", "local-cuda")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: object() if name == "dask_cuda" else real(name)
+    )
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    assert cluster_kind(None, None) == "local-cuda"
+    assert cluster_kind(None, 2) == "local-cuda"
+    assert cluster_kind(None, 0) == "none"  # no cluster means no cluster, GPU or not
+    with pytest.raises(ValueError):
+        cluster_kind(None, -1)
+
+
+def test_cli_restores_logging_and_warnings():
+    """The CLI leaves the process's logging and warnings as it found them (in-process use)."""
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers), list(root.filters), list(warnings.filters))
+    run("--help")
+    run("inspect", "/definitely/not/here", ok=False)
+    assert (root.level, list(root.handlers), list(root.filters), list(warnings.filters)) == before

@@ -1,0 +1,626 @@
+"""Object storage: the whole pipeline against a real S3 server on loopback, plus retries.
+
+A ``moto`` S3 server (``ThreadedMotoServer`` on 127.0.0.1, an ephemeral port) is the store;
+``s3fs`` is the client, configured only through ``storage_options`` (the endpoint) and the
+standard AWS environment variables (the credentials). Transient errors are injected two
+ways: a fault-injecting HTTP proxy in front of the S3 server (503 SlowDown answers, handled
+by botocore's and then by our own retries), and a flaky in-memory fsspec filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import tempfile
+import threading
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import dask
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from dask_imgcurate import ImageTextPairDataset, write_dali_index
+from dask_imgcurate.demo import make_demo_dataset
+from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.writer import _RangeReader
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+pytestmark = pytest.mark.filterwarnings("ignore:open_clip model .* has random weights")
+
+BUCKET = "curate-bucket"
+SECRET = "s3cr3t-Pa55-d0-not-log-me-6f1e"  # the secret key; must never reach a log
+ACCESS_KEY = "AKIDTESTING0000"
+OUTPUT_NAME = re.compile(r"^\d{5}\.(tar|parquet|idx)$")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 and credentials in the standard environment variables."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookups
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)  # nothing from ~/.aws
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request lines on stderr
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
+
+
+def options(endpoint: str, **extra) -> dict:
+    return {"client_kwargs": {"endpoint_url": endpoint}, **extra}
+
+
+@pytest.fixture(scope="session")
+def so(s3_endpoint) -> dict:
+    return options(s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def s3(so) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(**so)
+
+
+@pytest.fixture(scope="session")
+def local_data(tmp_path_factory) -> dict[str, Path]:
+    """``pq``: 3 shards x 8 records with Parquet and .idx; ``nopq``: 2 x 6, tars only."""
+    root = tmp_path_factory.mktemp("cloud-src")
+    make_demo_dataset(root / "pq", n_shards=3, samples_per_shard=8, seed=5)
+    for tar in sorted((root / "pq").glob("*.tar")):
+        write_dali_index(str(tar))
+    make_demo_dataset(root / "nopq", n_shards=2, samples_per_shard=6, with_parquet=False, seed=6)
+    return {"pq": root / "pq", "nopq": root / "nopq"}
+
+
+@pytest.fixture(scope="session")
+def remote_data(s3, local_data) -> dict[str, str]:
+    """The local datasets uploaded to ``s3://BUCKET/{pq,nopq}``."""
+    s3.mkdir(BUCKET)
+    out = {}
+    for name, directory in local_data.items():
+        for f in sorted(directory.iterdir()):
+            s3.put_file(str(f), f"{BUCKET}/{name}/{f.name}")
+        out[name] = f"s3://{BUCKET}/{name}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def heads(tmp_path_factory):
+    from dask_imgcurate.models.builtin import make_demo_models
+
+    return make_demo_models(tmp_path_factory.mktemp("heads"))
+
+
+def make_embedder(heads):
+    from dask_imgcurate import AestheticClassifier, ClipImageEmbedder, NsfwClassifier
+
+    return ClipImageEmbedder(
+        heads.clip_model,
+        pretrained=None,
+        batch_size=8,
+        device="cpu",
+        num_threads=1,
+        classifiers=[
+            AestheticClassifier(str(heads.aesthetic), embedding_dim=heads.embedding_dim),
+            NsfwClassifier(str(heads.nsfw), embedding_dim=heads.embedding_dim),
+        ],
+    )
+
+
+def embed(dataset, heads) -> ImageTextPairDataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RandomWeightsWarning: expected here
+        return make_embedder(heads)(dataset)
+
+
+def frame_table(frame: pd.DataFrame, drop=("_shard",)) -> pa.Table:
+    return pa.Table.from_pandas(frame.drop(columns=list(drop)), preserve_index=False)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tar_members(data: bytes) -> dict[str, str]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return {m.name: sha(tf.extractfile(m).read()) for m in tf.getmembers()}
+
+
+def local_members(directory: Path) -> dict[str, str]:
+    out = {}
+    for tar in sorted(directory.glob("*.tar")):
+        out.update(tar_members(tar.read_bytes()))
+    return out
+
+
+def temp_parts() -> set[str]:
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("dask-imgcurate-")}
+
+
+# --------------------------------------------------------------------------- S3 round trip
+
+
+@pytest.mark.parametrize("name", ["pq", "nopq"])
+def test_load_from_s3_equals_local(name, local_data, remote_data, so):
+    local = ImageTextPairDataset.from_webdataset(str(local_data[name]))
+    remote = ImageTextPairDataset.from_webdataset(remote_data[name], storage_options=so)
+    assert len(remote.shards) == len(local.shards)
+    assert remote.tar_files == [f"{remote_data[name]}/{Path(t).name}" for t in local.tar_files]
+    assert (remote.shards[0].idx is not None) == (name == "pq")
+    a, b = local.metadata.compute(), remote.metadata.compute()
+    assert list(a.columns) == list(b.columns)
+    assert frame_table(a).equals(frame_table(b))
+    assert b["_shard"].str.startswith(f"s3://{BUCKET}/{name}/").all()
+    # a glob and an explicit list of s3:// tars load the same records
+    globbed = ImageTextPairDataset.from_webdataset(f"{remote_data[name]}/*.tar", storage_options=so)
+    listed = ImageTextPairDataset.from_webdataset(remote.tar_files, storage_options=so)
+    for other in (globbed, listed):
+        assert frame_table(other.metadata.compute()).equals(frame_table(a))
+
+
+def test_embed_reads_images_by_range_from_s3(local_data, remote_data, so, heads, monkeypatch):
+    reads = []
+    real = fsio.read_ranges
+
+    def spy(fs, path, offsets, sizes):
+        reads.append((fsio.qualify(fs, path), list(map(int, sizes))))
+        return real(fs, path, offsets, sizes)
+
+    monkeypatch.setattr(fsio, "read_ranges", spy)
+    local = embed(ImageTextPairDataset.from_webdataset(str(local_data["pq"])), heads)
+    remote = embed(
+        ImageTextPairDataset.from_webdataset(remote_data["pq"], storage_options=so), heads
+    )
+    with dask.config.set(scheduler="threads"):
+        a, b = dask.compute(local.metadata, remote.metadata)
+    assert b["error"].isna().all()
+    assert frame_table(a).equals(frame_table(b))  # embeddings and scores identical
+    image_reads = [sizes for url, sizes in reads if url.startswith("s3://")]
+    assert image_reads and sorted(s for r in image_reads for s in r) == sorted(b["_image_size"])
+
+
+def test_save_metadata_to_s3(remote_data, so, s3, heads):
+    s3.copy(f"{BUCKET}/nopq/", f"{BUCKET}/meta-src/", recursive=True)
+    src = f"s3://{BUCKET}/meta-src"
+    dataset = embed(ImageTextPairDataset.from_webdataset(src, storage_options=so), heads)
+    frame = dataset.metadata.compute()
+    written = dataset.save_metadata(f"s3://{BUCKET}/meta-out")
+    assert list(written["path"]) == [f"s3://{BUCKET}/meta-out/0000{i}.parquet" for i in range(2)]
+    back = pa.concat_tables(
+        pq.read_table(p[len("s3://") :], filesystem=s3) for p in written["path"]
+    )
+    assert back.column("key").to_pylist() == list(frame["key"])
+    assert back.column("aesthetic_score").to_pylist() == pytest.approx(
+        list(frame["aesthetic_score"])
+    )
+    assert not any(c.startswith("_") for c in back.column_names)
+    # path=None: Parquet files beside the s3 tars, used by the next load
+    dataset.save_metadata(columns=["caption", "nsfw_score"])
+    reloaded = ImageTextPairDataset.from_webdataset(src, storage_options=so).metadata.compute()
+    assert reloaded["nsfw_score"].tolist() == pytest.approx(frame["nsfw_score"].tolist())
+    assert sorted(s3.ls(src, detail=False)) == [
+        f"{BUCKET}/meta-src/0000{i}.{ext}" for i in range(2) for ext in ("parquet", "tar")
+    ]
+
+
+def test_export_to_s3_read_back_and_resume(local_data, remote_data, so, s3):
+    before = temp_parts()
+    dataset = ImageTextPairDataset.from_webdataset(remote_data["pq"], storage_options=so)
+    meta = dataset.metadata
+    meta["keep"] = meta["width"] >= 200
+    dataset.metadata = meta
+    out = f"s3://{BUCKET}/out-wds"
+    kwargs = dict(filter_column="keep", samples_per_shard=5, old_id_col="old_key")
+    summary = dataset.to_webdataset(out, storage_options=so, **kwargs)
+    kept = int(meta["keep"].sum().compute())
+    assert summary.records_out == kept and summary.shards_written == -(-kept // 5)
+    assert summary.files[0] == f"{out}/00000.tar"
+
+    names = sorted(fsio.basename(p) for p in s3.ls(out[len("s3://") :], detail=False))
+    assert all(OUTPUT_NAME.match(n) for n in names), names  # no temporary objects
+    assert len(names) == 3 * summary.shards_written
+    inputs = local_members(local_data["pq"])
+    records = 0
+    for n in range(summary.shards_written):
+        table = pq.read_table(f"{BUCKET}/out-wds/{n:05d}.parquet", filesystem=s3)
+        members = tar_members(s3.cat_file(f"{BUCKET}/out-wds/{n:05d}.tar"))
+        assert len(members) == 3 * table.num_rows  # jpg, txt, json per record
+        for new, old in zip(table.column("key").to_pylist(), table.column("old_key").to_pylist()):
+            for ext in ("jpg", "txt", "json"):
+                assert members[f"{new}.{ext}"] == inputs[f"{old}.{ext}"]
+        records += table.num_rows
+    assert records == kept
+    back = ImageTextPairDataset.from_webdataset(out, storage_options=so)
+    assert all(s.idx is not None for s in back.shards)
+    assert len(back.metadata.compute()) == kept
+
+    # resume: a second run skips every finished shard ...
+    again = dataset.to_webdataset(out, storage_options=so, **kwargs)
+    assert (again.shards_written, again.shards_skipped) == (0, summary.shards_written)
+    # ... and a run after a "crash" that lost the last Parquet rewrites only that shard
+    tar_before = s3.cat_file(f"{BUCKET}/out-wds/00001.tar")
+    s3.rm(f"{BUCKET}/out-wds/00001.parquet")
+    third = dataset.to_webdataset(out, storage_options=so, **kwargs)
+    assert (third.shards_written, third.shards_skipped) == (1, summary.shards_written - 1)
+    assert s3.cat_file(f"{BUCKET}/out-wds/00001.tar") == tar_before
+    assert s3.exists(f"{BUCKET}/out-wds/00001.parquet")
+    assert temp_parts() <= before  # local upload staging files are gone
+
+
+def test_write_images_to_s3(local_data, remote_data, so, s3):
+    dataset = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so)
+    out = f"s3://{BUCKET}/out-images"
+    summary = dataset.write_images(out, images_per_tar=5, storage_options=so)
+    assert summary.records_out == 12 and summary.shards_written == 3
+    inputs = local_members(local_data["nopq"])
+    seen = {}
+    for tar in sorted(s3.glob(f"{BUCKET}/out-images/*.tar")):
+        seen.update(tar_members(s3.cat_file(tar)))
+        table = pq.read_table(tar[: -len(".tar")] + ".parquet", filesystem=s3)
+        assert set(table.column("tar_file").to_pylist()) == {fsio.basename(tar)}
+        assert all(m.endswith(".jpg") for m in table.column("member_name").to_pylist())
+    assert seen == inputs  # same names (ids kept), same bytes
+    again = dataset.write_images(out, images_per_tar=5, storage_options=so)
+    assert again.shards_skipped == 3 and again.shards_written == 0
+
+
+def test_write_dali_index_on_s3(local_data, remote_data, so, s3, tmp_path):
+    s3.copy(f"{BUCKET}/nopq/00001.tar", f"{BUCKET}/indexed/00001.tar")
+    url = write_dali_index(f"s3://{BUCKET}/indexed/00001.tar", storage_options=so)
+    assert url == f"s3://{BUCKET}/indexed/00001.idx"
+    reference = write_dali_index(
+        str(local_data["nopq"] / "00001.tar"), idx_path=str(tmp_path / "ref.idx")
+    )
+    assert s3.cat_file(url[len("s3://") :]) == Path(reference).read_bytes()
+    dataset = ImageTextPairDataset.from_webdataset(f"s3://{BUCKET}/indexed", storage_options=so)
+    assert dataset.shards[0].idx == f"{BUCKET}/indexed/00001.idx"
+    local = ImageTextPairDataset.from_webdataset(str(local_data["nopq"] / "00001.tar"))
+    assert frame_table(dataset.metadata.compute()).equals(frame_table(local.metadata.compute()))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "url, match",
+    [
+        ("s3://no-such-bucket-42/data", r"s3://no-such-bucket-42/data: no such bucket 'no-such"),
+        (f"s3://{BUCKET}/no/such/prefix", rf"s3://{BUCKET}/no/such/prefix: no such key"),
+        (f"s3://{BUCKET}/nopq/09999.tar", rf"s3://{BUCKET}/nopq/09999.tar: no such key"),
+    ],
+)
+def test_missing_bucket_or_key_names_it(url, match, remote_data, so):
+    with pytest.raises(FileNotFoundError, match=match) as info:
+        ImageTextPairDataset.from_webdataset(url, storage_options=so)
+    assert "\n" not in str(info.value)
+
+
+def test_export_to_missing_bucket_is_an_error_not_a_new_bucket(remote_data, so, s3):
+    dataset = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so)
+    with pytest.raises(FileNotFoundError, match=r"^s3://typo-bucket-9/out: no such bucket"):
+        dataset.to_webdataset("s3://typo-bucket-9/out", storage_options=so)
+    s3.invalidate_cache()
+    assert not s3.exists("typo-bucket-9")
+
+
+@pytest.fixture
+def restricted_credentials(s3_endpoint, s3, remote_data, monkeypatch):
+    """Enforce IAM on the server; the environment's credentials may use BUCKET only.
+
+    Yields the name of another bucket, which those credentials cannot read.
+    """
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=s3_endpoint)
+    private = "private-bucket-7"
+    s3.mkdir(private)
+    s3.pipe_file(f"{private}/data/00000.tar", b"\0" * 1024)
+    iam.create_user(UserName="curator")
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "s3:*",
+                "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"],
+            }
+        ],
+    }
+    arn = iam.create_policy(PolicyName="curate-only", PolicyDocument=json.dumps(policy))
+    iam.attach_user_policy(UserName="curator", PolicyArn=arn["Policy"]["Arn"])
+    key = iam.create_access_key(UserName="curator")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    s3fs.S3FileSystem.clear_instance_cache()  # new clients pick up the new credentials
+
+    def reset_auth(count: str) -> None:
+        host, port = s3_endpoint[len("http://") :].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("POST", "/moto-api/reset-auth", body=count.encode())
+        assert conn.getresponse().status == 200
+        conn.close()
+
+    reset_auth("0")  # every request from now on is authenticated and authorised
+    try:
+        yield private
+    finally:
+        reset_auth("inf")
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_unreadable_bucket_one_line_error(restricted_credentials, remote_data, so):
+    private = restricted_credentials
+    # the allowed bucket still works with these credentials
+    dataset = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so)
+    assert len(dataset.metadata.compute()) == 12
+    for url in (f"s3://{private}/data", f"s3://{private}/data/00000.tar"):
+        with pytest.raises(PermissionError, match=rf"^{url}: access denied") as info:
+            ImageTextPairDataset.from_webdataset(url, storage_options=so)
+        message = str(info.value)
+        assert f"bucket {private!r}" in message and "\n" not in message
+    with pytest.raises(PermissionError, match=f"bucket {private!r}") as info:
+        dataset.to_webdataset(f"s3://{private}/out", storage_options=so)
+    assert "\n" not in str(info.value)
+
+
+def test_credentials_never_logged(remote_data, so, heads, caplog):
+    caplog.set_level(logging.DEBUG)
+    dataset = embed(
+        ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so), heads
+    )
+    dataset.save_metadata(f"s3://{BUCKET}/log-meta")
+    summary = dataset.to_webdataset(f"s3://{BUCKET}/log-out", storage_options=so)
+    with pytest.raises(FileNotFoundError) as info:
+        ImageTextPairDataset.from_webdataset(f"s3://{BUCKET}/missing", storage_options=so)
+    assert summary.records_out == 12
+    assert any(r.name.startswith("botocore") for r in caplog.records)  # DEBUG really on
+    assert any("exported 12 of 12" in r.getMessage() for r in caplog.records)
+    texts = [caplog.text, repr(dataset), str(summary), str(info.value)]
+    assert not any(SECRET in t for t in texts)
+
+
+# --------------------------------------------------------------------------- transient errors
+
+
+class FaultInjectingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server.
+
+    The first ``fail`` ranged GETs (``Range`` header: image, member and parquet reads) are
+    answered ``503 SlowDown`` instead of being forwarded; everything else is forwarded.
+    """
+
+    def __init__(self, target: str):
+        self.host, port = target[len("http://") :].split(":")
+        self.port = int(port)
+        self.fail = 0
+        self.failed = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def handle_any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with proxy.lock:
+                    inject = self.command == "GET" and "Range" in self.headers and proxy.fail > 0
+                    if inject:
+                        proxy.fail -= 1
+                        proxy.failed += 1
+                if inject:
+                    payload = (
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message></Error>"
+                    )
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                conn.close()
+                self.send_response(response.status)
+                for k, v in response.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = handle_any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_s3_throttling_retried_by_botocore(local_data, remote_data, s3_endpoint, so, tmp_path):
+    """With the client's defaults, 503 SlowDown answers are retried by botocore/s3fs."""
+    with FaultInjectingProxy(s3_endpoint) as proxy:
+        via = options(proxy.url)
+        dataset = ImageTextPairDataset.from_webdataset(remote_data["pq"], storage_options=via)
+        proxy.fail = 3
+        summary = dataset.to_webdataset(str(tmp_path / "out"), samples_per_shard=100)
+    assert proxy.failed == 3 and summary.records_out == 24
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tf:
+        assert len(tf.getmembers()) == 3 * 24
+
+
+def test_s3_transient_errors_retried_by_us(
+    local_data, remote_data, s3_endpoint, heads, caplog, monkeypatch
+):
+    """With the client's own retries off, our retry loop absorbs transient read errors."""
+    caplog.set_level(logging.WARNING, logger="dask_imgcurate")
+    monkeypatch.setattr(fsio, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs: one try
+    no_client_retries = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}  # botocore
+    with FaultInjectingProxy(s3_endpoint) as proxy:
+        via = options(proxy.url, **no_client_retries)
+        local = embed(ImageTextPairDataset.from_webdataset(str(local_data["nopq"])), heads)
+        dataset = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=via)
+        remote = embed(dataset, heads)
+        proxy.fail = 4
+        with dask.config.set(scheduler="sync"):
+            a, b = dask.compute(local.metadata, remote.metadata)
+    assert proxy.failed == 4
+    assert b["error"].isna().all()
+    assert frame_table(a).equals(frame_table(b))
+    retries = [r for r in caplog.records if "transient error" in r.getMessage()]
+    assert retries and all(r.levelno == logging.WARNING for r in retries)
+    assert "s3://" in retries[0].getMessage() and SECRET not in caplog.text
+
+
+class FlakyMemoryFileSystem(MemoryFileSystem):
+    """An in-memory filesystem whose reads fail with a transient error: the first ``fail``
+    ones, and with ``fail_once`` (a set) the first read of every distinct range."""
+
+    protocol = "flakymem"
+    store: dict = {}
+    pseudo_dirs = [""]
+    fail = 0
+    fail_once: set | None = None
+    error: type[Exception] = ConnectionResetError
+    calls = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if isinstance(path, str) and path.startswith("flakymem://"):
+            path = path[len("flakymem://") :]
+        return super()._strip_protocol(path)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        cls = FlakyMemoryFileSystem
+        cls.calls += 1
+        first = cls.fail_once is not None and (path, start, end) not in cls.fail_once
+        if cls.fail > 0 or first:
+            cls.fail = max(0, cls.fail - 1)
+            if first:
+                cls.fail_once.add((path, start, end))
+            raise cls.error(f"simulated transient failure reading {path}")
+        return super().cat_file(path, start=start, end=end, **kwargs)
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    fsspec.register_implementation("flakymem", FlakyMemoryFileSystem, clobber=True)
+    monkeypatch.setattr(fsio, "RETRY_DELAY", 0.001)
+    FlakyMemoryFileSystem.store.clear()
+    FlakyMemoryFileSystem.fail = FlakyMemoryFileSystem.calls = 0
+    monkeypatch.setattr(FlakyMemoryFileSystem, "fail_once", None)
+    monkeypatch.setattr(FlakyMemoryFileSystem, "error", ConnectionResetError)
+    fs = fsspec.filesystem("flakymem")
+    fs.pipe_file("/blob", bytes(range(256)) * 4)
+    yield fs
+    FlakyMemoryFileSystem.store.clear()
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError, TimeoutError, OSError])
+def test_read_ranges_retries_failed_ranges(flaky, error, monkeypatch, caplog):
+    monkeypatch.setattr(FlakyMemoryFileSystem, "error", error)
+    FlakyMemoryFileSystem.fail = 2
+    assert fsio.read_ranges(flaky, "/blob", [0, 10, 1000], [4, 2, 24]) == [
+        bytes([0, 1, 2, 3]),
+        bytes([10, 11]),
+        bytes(range(232, 256)),
+    ]
+    # first try: 3 ranges, 2 fail; second try: only those 2
+    assert FlakyMemoryFileSystem.calls == 5
+    assert "transient error on 2 of 3 byte ranges" in caplog.text
+
+
+def test_retries_give_up_and_permanent_errors_are_not_retried(flaky):
+    FlakyMemoryFileSystem.fail = 100
+    with pytest.raises(ConnectionResetError, match="simulated"):
+        fsio.read_ranges(flaky, "/blob", [0], [4])
+    assert FlakyMemoryFileSystem.calls == fsio.RETRY_ATTEMPTS
+    FlakyMemoryFileSystem.fail = FlakyMemoryFileSystem.calls = 0
+    with pytest.raises(FileNotFoundError, match="^flakymem:///missing: no such file"):
+        fsio.read_ranges(flaky, "/missing", [0], [4])
+    assert FlakyMemoryFileSystem.calls == 1
+
+
+def test_whole_file_and_range_reader_retry(flaky):
+    FlakyMemoryFileSystem.fail = 3
+    with fsio.open_buffer(flaky, "/blob") as buffer:
+        assert bytes(buffer) == bytes(range(256)) * 4
+    FlakyMemoryFileSystem.fail = 2
+    reader = _RangeReader(flaky)
+    assert reader.read("flakymem:///blob", 256, 260) == bytes([0, 1, 2, 3])
+    assert FlakyMemoryFileSystem.calls == 3 + 1 + 2 + 1
+
+
+def test_local_reads_are_never_retried(tmp_path):
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise ConnectionResetError("local")
+
+    with pytest.raises(ConnectionResetError):
+        fsio.retry(LocalFileSystem(), str(tmp_path / "x"), failing)
+    assert calls == [1]
+
+
+def test_pipeline_over_a_flaky_store(flaky, local_data, tmp_path, monkeypatch):
+    """Load (tar scan + .json/.txt reads) and export (ranged copies) while the first read of
+    every byte range fails."""
+    for f in sorted(local_data["nopq"].iterdir()):
+        flaky.pipe_file(f"/data/{f.name}", f.read_bytes())
+    monkeypatch.setattr(FlakyMemoryFileSystem, "fail_once", set())
+    with dask.config.set(scheduler="sync"):
+        remote = ImageTextPairDataset.from_webdataset("flakymem://data")
+        local = ImageTextPairDataset.from_webdataset(str(local_data["nopq"]))
+        assert frame_table(remote.metadata.compute()).equals(frame_table(local.metadata.compute()))
+        summary = remote.to_webdataset(str(tmp_path / "out"), samples_per_shard=100)
+    assert summary.records_out == 12
+    failed = {(path, start is None) for path, start, _ in FlakyMemoryFileSystem.fail_once}
+    assert failed == {(f"/data/0000{i}.tar", whole) for i in (0, 1) for whole in (True, False)}
+    out = tar_members((tmp_path / "out" / "00000.tar").read_bytes())
+    assert sorted(out.values()) == sorted(local_members(local_data["nopq"]).values())

@@ -1,0 +1,164 @@
+"""The batch examples in ``scripts/``, run as written (subprocesses) on demo data.
+
+Outputs are checked with independent readers: the stdlib ``tarfile`` and ``pyarrow``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from readers import tar_records
+
+from dask_imgcurate import write_dali_index
+from dask_imgcurate.models.builtin import TINY_MODEL, make_demo_models
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SHARDS, PER_SHARD = 3, 8
+
+# the tiny model runs with random weights on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
+
+
+def script(name: str, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *[str(a) for a in args]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def parquet_frame(directory: Path):
+    tables = [pq.read_table(p) for p in sorted(directory.glob("*.parquet"))]
+    return pa.concat_tables(tables).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """Made by ``scripts/make_demo_dataset.py`` itself. Read-only."""
+    root = tmp_path_factory.mktemp("scripts") / "source"
+    proc = script(
+        "make_demo_dataset.py", root, "--shards", SHARDS, "--samples-per-shard", PER_SHARD
+    )
+    assert proc.stdout.split() == [str(root / f"{i:05d}.tar") for i in range(SHARDS)]
+    return root
+
+
+@pytest.fixture
+def copy(source, tmp_path) -> Path:
+    dst = tmp_path / "data"
+    shutil.copytree(source, dst)
+    return dst
+
+
+def test_make_demo_dataset(source):
+    for i in range(SHARDS):
+        records = tar_records(source / f"{i:05d}.tar")
+        assert [k for k, _ in records] == [f"{i * PER_SHARD + j:09d}" for j in range(PER_SHARD)]
+        assert all(set(m) == {"jpg", "txt", "json"} for _, m in records)
+        keys = pq.read_table(source / f"{i:05d}.parquet").column("key").to_pylist()
+        assert keys == [k for k, _ in records]
+
+
+def test_make_idx(copy, tmp_path):
+    proc = script("make_idx.py", copy)
+    idx = sorted(copy.glob("*.idx"))
+    assert [p.stem for p in idx] == [f"{i:05d}" for i in range(SHARDS)]
+    assert proc.stdout.split() == [str(p) for p in idx]
+    for path in idx:
+        tar = path.with_suffix(".tar")
+        lines = path.read_text().splitlines()
+        assert lines[0] == f"v1.2 {PER_SHARD}"
+        listed = [tuple(line.split()[i : i + 4]) for line in lines[1:] for i in (0, 4, 8)]
+        with tarfile.open(tar) as tf:  # ext, data offset, size, name of every member
+            members = [
+                (m.name.split(".", 1)[1], str(m.offset_data), str(m.size), m.name)
+                for m in tf.getmembers()
+            ]
+        assert listed == members
+        reference = write_dali_index(str(tar), str(tmp_path / f"{tar.stem}.idx"))
+        assert path.read_bytes() == Path(reference).read_bytes()
+    again = script("make_idx.py", copy)  # existing files are kept unless --force
+    assert "indexed 0 of 3" in again.stderr
+    assert "indexed 3 of 3" in script("make_idx.py", copy, "--force").stderr
+
+
+def test_reshard_with_query_on_a_local_cluster(source, tmp_path):
+    """Default settings: a LocalCluster of worker processes."""
+    out = tmp_path / "out"
+    args = ["--samples-per-shard", 5, "--query", "width >= 256", "--old-id-col", "old_key"]
+    proc = script("reshard.py", source, out, *args)
+    frame = parquet_frame(source)
+    expected = frame[frame["width"] >= 256]["key"].tolist()
+    assert 5 < len(expected) < len(frame)
+    assert f"exported {len(expected)} of {len(frame)} records" in proc.stdout
+    originals = {k: m for t in sorted(source.glob("*.tar")) for k, m in tar_records(t)}
+    tars = sorted(out.glob("*.tar"))
+    assert [t.name for t in tars] == [f"{i:05d}.tar" for i in range(len(tars))]
+    seen = []
+    for n, tar in enumerate(tars):
+        records = tar_records(tar)
+        assert len(records) == (5 if n < len(tars) - 1 else len(expected) - 5 * n)
+        table = pq.read_table(tar.with_suffix(".parquet"))
+        assert table.column("key").to_pylist() == [k for k, _ in records]
+        assert [k for k, _ in records] == [f"{n * 10 + i:06d}" for i in range(len(records))]
+        for old, (_, members) in zip(table.column("old_key").to_pylist(), records, strict=True):
+            assert members == originals[old]  # bytes copied unchanged
+            seen.append(old)
+    assert seen == expected
+
+
+def test_curate_dataset(copy, tmp_path):
+    from dask_imgcurate import ImageTextPairDataset
+    from dask_imgcurate.embed import ClipImageEmbedder
+    from dask_imgcurate.models.classifiers import AestheticClassifier, NsfwClassifier
+
+    models = make_demo_models(tmp_path / "models")
+    # thresholds that split this data: scores of the same model, computed here first
+    heads = [
+        AestheticClassifier(str(models.aesthetic), embedding_dim=models.embedding_dim),
+        NsfwClassifier(str(models.nsfw), embedding_dim=models.embedding_dim),
+    ]
+    embedder = ClipImageEmbedder(TINY_MODEL, pretrained=None, batch_size=16, classifiers=heads)
+    preview = embedder(ImageTextPairDataset.from_webdataset(str(copy))).metadata.compute()
+    low = float(np.quantile(preview["aesthetic_score"], 0.3))
+    high = float(np.quantile(preview["nsfw_score"], 0.8))
+
+    out = tmp_path / "curated"
+    args = [
+        "--model", TINY_MODEL, "--pretrained", "none", "--batch-size", 16,
+        "--aesthetic-model", models.aesthetic, "--nsfw-model", models.nsfw,
+        "--min-aesthetic", repr(low), "--max-nsfw", repr(high), "--samples-per-shard", 6,
+        "--n-workers", 0,
+    ]  # fmt: skip
+    proc = script("curate_dataset.py", copy, out, *args)
+    assert f"scored {SHARDS * PER_SHARD} records in {SHARDS} shards" in proc.stdout
+
+    saved = parquet_frame(copy)  # the script saved the scores as the shards' metadata
+    assert {"image_embedding", "aesthetic_score", "nsfw_score", "error"} <= set(saved.columns)
+    assert saved["error"].isna().all()
+    passing = saved[(saved["aesthetic_score"] >= low) & (saved["nsfw_score"] < high)]
+    expected = passing["key"].tolist()
+    assert 0 < len(expected) < len(saved)
+    kept = [
+        json.loads(members["json"])["key"]  # copied bytes: the json holds the old key
+        for tar in sorted(out.glob("*.tar"))
+        for _, members in tar_records(tar)
+    ]
+    assert kept == expected
+    out_table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))])
+    np.testing.assert_array_equal(
+        out_table.column("aesthetic_score").to_numpy(), passing["aesthetic_score"].to_numpy()
+    )
