@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import dask
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dask_imgcurate.backend import to_arrow
 from dask_imgcurate.io import fs as fsio
@@ -64,7 +65,7 @@ class ExportSummary:
 
 @dataclass(frozen=True)
 class _Selection:
-    """One partition's kept rows (Arrow) and its counts."""
+    """One partition's kept rows (Arrow), its counts and, when asked for, its digest."""
 
     table: pa.Table
     records_in: int
@@ -72,7 +73,7 @@ class _Selection:
     digest: str
 
 
-def _select(frame, filter_column: str | None) -> _Selection:
+def _select(frame, filter_column: str | None, digest: bool) -> _Selection:
     table = to_arrow(frame)
     n_in = table.num_rows
     keep = np.ones(n_in, dtype=bool)
@@ -85,20 +86,30 @@ def _select(frame, filter_column: str | None) -> _Selection:
         errors = int((keep & ~ok).sum())
         keep &= ok
     kept = table.filter(pa.array(keep))
-    digest = hashlib.sha256()
-    for name, record in zip(kept.column("_shard").to_pylist(), kept.column("_members").to_pylist()):
-        digest.update(fsio.basename(name).encode())
-        for m in record:
-            digest.update(f"\0{m['name']}\0{m['size']}".encode())
-    return _Selection(kept, n_in, errors, digest.hexdigest())
+    return _Selection(kept, n_in, errors, _digest(kept) if digest else "")
 
 
-def _select_partitions(dataset, filter_column: str | None) -> list:
+def _digest(kept: pa.Table) -> str:
+    """sha256 over the records' tar names and their members' names and sizes."""
+    lists = kept.column("_members").combine_chunks()
+    flat = lists.flatten()
+    size = flat.field("size").cast(pa.string())
+    members = pc.binary_join_element_wise("", flat.field("name"), size, "\0")
+    bounds = np.concatenate([[0], np.cumsum(lists.value_lengths().to_numpy())])
+    records = pc.binary_join(pa.ListArray.from_arrays(bounds.astype(np.int32), members), "")
+    shards = pc.dictionary_encode(kept.column("_shard").combine_chunks())
+    names = [fsio.basename(s) for s in shards.dictionary.to_pylist()]
+    tars = pa.array(names, pa.string()).take(shards.indices)
+    text = "".join(pc.binary_join_element_wise(tars, records, "").to_pylist())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _select_partitions(dataset, filter_column: str | None, digest: bool) -> list:
     frame = dataset.metadata
     if filter_column is not None and filter_column not in frame.columns:
         raise KeyError(f"filter column {filter_column!r} is not in the metadata")
     parts = frame.to_delayed()
-    selections = [dask.delayed(_select, pure=True)(p, filter_column) for p in parts]
+    selections = [dask.delayed(_select, pure=True)(p, filter_column, digest) for p in parts]
     return list(dask.persist(*selections))
 
 
@@ -122,7 +133,7 @@ def _export(
     started = time.perf_counter()
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
     summary = ExportSummary(path=fsio.qualify(out_fs, out_root))
-    selections = _select_partitions(dataset, filter_column)
+    selections = _select_partitions(dataset, filter_column, name_prefix is not None)
     stats = dask.compute(
         *[
             dask.delayed(
@@ -286,16 +297,13 @@ def write_images(
     if images_per_tar < 1:
         raise ValueError("images_per_tar must be >= 1")
     id_col = dataset.id_col
-    prefix: list[str] = []
+    prefix = [] if deterministic_name else [uuid.uuid4().hex[:16]]
 
     def name_prefix(digests: list[str]) -> None:
-        if deterministic_name:
-            h = hashlib.sha256(f"{images_per_tar}\0{filter_column}\0".encode())
-            for d in digests:
-                h.update(d.encode())
-            prefix.append(h.hexdigest()[:16])
-        else:
-            prefix.append(uuid.uuid4().hex[:16])
+        h = hashlib.sha256(f"{images_per_tar}\0{filter_column}\0".encode())
+        for d in digests:
+            h.update(d.encode())
+        prefix.append(h.hexdigest()[:16])
 
     def new_keys_of(n: int, rows: pa.Table) -> list[str]:
         keys = rows.column(id_col).to_pylist()
@@ -326,7 +334,7 @@ def write_images(
         resume=resume,
         verbose=verbose,
         write_idx=write_idx,
-        name_prefix=name_prefix,
+        name_prefix=name_prefix if deterministic_name else None,
     )
 
 

@@ -21,7 +21,8 @@ import pytest
 
 from dask_imgcurate import ImageTextPairDataset
 from dask_imgcurate.demo import make_demo_dataset, make_shard_records, write_shard
-from dask_imgcurate.io.writer import plan_shards
+from dask_imgcurate.io import writer
+from dask_imgcurate.io.writer import MAX_GAP, MAX_READ, MemberPlan, merged_reads, plan_shards
 
 
 def sha(data: bytes) -> str:
@@ -221,6 +222,56 @@ def test_plan_shards_exact_sizes():
     assert plan_shards([0, 0], 4) == []
     with pytest.raises(ValueError):
         plan_shards([1], 0)
+
+
+def test_merged_reads_rules():
+    offsets = [0, 100, 200 + MAX_GAP + 1, 0, 0, 100, MAX_READ - 50]
+    sizes = [100, 100, 10, 5, 100, 10, 100]
+    plan = MemberPlan(
+        sources=["a", "b"],
+        source=np.array([0, 0, 0, 1, 0, 0, 0]),
+        offsets=np.array(offsets),
+        sizes=np.array(sizes),
+        names=pa.array([str(i) for i in range(7)]),
+    )
+    # adjacent | gap too wide | other source | backwards | read would pass MAX_READ
+    assert list(merged_reads(plan)) == [
+        (0, 2, 0, 200),
+        (2, 3, offsets[2], offsets[2] + 10),
+        (3, 4, 0, 5),
+        (4, 6, 0, 110),
+        (6, 7, MAX_READ - 50, MAX_READ + 50),
+    ]
+
+
+def test_write_all_batches_and_resumes_short_writes(tmp_path, monkeypatch):
+    real_write = os.write
+    batches = []
+
+    def short_writev(fd, buffers):  # writes half of what it is given, as a full disk might
+        batches.append(len(buffers))
+        data = b"".join(bytes(b) for b in buffers)
+        return real_write(fd, data[: max(1, len(data) // 2)])
+
+    monkeypatch.setattr(writer, "_IOV_MAX", 3)
+    monkeypatch.setattr(os, "writev", short_writev)
+    chunks = [b"abc", b"", memoryview(b"xdefgh")[1:], bytearray(b"ij"), b"k" * 1000, b"l"]
+    with open(tmp_path / "out", "wb", buffering=0) as f:
+        writer._write_all(f.fileno(), list(chunks))
+    assert (tmp_path / "out").read_bytes() == b"".join(bytes(c) for c in chunks)
+    assert max(batches) == 3 and len(batches) > 3
+
+
+def test_source_changed_since_indexing_is_an_error(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_shard(src / "00000.tar", make_shard_records(0, 3, seed=1))
+    ds = ImageTextPairDataset.from_webdataset(str(src))
+    ds.metadata = ds.metadata.persist()  # indexed now: the tar then shrinks
+    with open(src / "00000.tar", "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(OSError, match="short read at byte offset"):
+        ds.to_webdataset(str(tmp_path / "out"))
 
 
 def test_too_many_shards_for_max_shards(source, tmp_path):

@@ -15,12 +15,13 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from dask_imgcurate.errors import CompressedTarError, DuplicateKeyError, TarFormatError
 from dask_imgcurate.io import fs as fsio
-from dask_imgcurate.io.records import group_records, split_key
+from dask_imgcurate.io.records import group_records, split_key, split_keys
 from dask_imgcurate.io.tarindex import _number, scan_tar
 
 GNU_TAR = shutil.which("tar")
@@ -399,6 +400,15 @@ def test_gzip_of_raw_bytes_refused(records_tar):
 )
 def test_split_key(name, key, ext):
     assert split_key(name) == (key, ext)
+
+
+def test_split_keys_matches_split_key():
+    rng = np.random.default_rng(0)
+    alphabet = list("ab./é画\n ")
+    names = ["", ".", "/", "a.", "x/y\n.z", "a.b/.c.d", "k/", "é/画.légende"]
+    names += ["".join(rng.choice(alphabet, rng.integers(0, 12))) for _ in range(3000)]
+    keys, exts = split_keys(pa.array(names))
+    assert list(zip(keys.to_pylist(), exts.to_pylist())) == [split_key(n) for n in names]
 
 
 def test_group_records_matches_split_key(demo_dir, tarfile_members):

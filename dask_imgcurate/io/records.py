@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from dask_imgcurate.errors import DuplicateKeyError
 from dask_imgcurate.io.tarindex import TarIndex
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _IMAGE_SET = frozenset(IMAGE_EXTENSIONS)
+_KEY_DOT_EXT = r"(?s)^(?P<key>(?:.*/)?[^/.][^/.]*)\.(?P<ext>[^/]*)$"  # split_key's rule
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -26,6 +29,13 @@ def split_key(name: str) -> tuple[str, str]:
     if dot <= slash:  # no extension, or a dot-file: the whole name is the key
         return name, ""
     return name[:dot], name[dot + 1 :]
+
+
+def split_keys(names: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """``split_key`` over a string array: (keys, extensions), as arrays."""
+    parts = pc.extract_regex(names, _KEY_DOT_EXT)  # null where the whole name is the key
+    keys = pc.coalesce(pc.struct_field(parts, [0]), names)
+    return keys, pc.fill_null(pc.struct_field(parts, [1]), "")
 
 
 @dataclass

@@ -6,6 +6,8 @@ pax extended header carrying the full ``path``, as GNU tar and Python's tarfile 
 
 from __future__ import annotations
 
+import functools
+
 from dask_imgcurate.io.tarindex import BLOCK
 
 MTIME = 1577836800  # 2020-01-01T00:00:00Z: fixed, so the same export gives the same bytes
@@ -25,22 +27,27 @@ def _numeric(value: int, width: int) -> bytes:
     return b"\x80" + value.to_bytes(width - 1, "big")  # GNU base-256 for huge sizes
 
 
+@functools.cache
+def _fixed_fields(typeflag: bytes, mode: int) -> tuple[bytes, bytes, bytes, int]:
+    """The fields that do not depend on name and size: mode + uid + gid (offset 100), mtime
+    (136), typeflag to the end of the block (156), and the sum of their bytes plus eight
+    spaces (the checksum field while it is summed)."""
+    ids = b"%07o\x00" % mode + b"0000000\x00" * 2
+    mtime = _numeric(MTIME, 12)
+    tail = typeflag + bytes(100) + _MAGIC + bytes(BLOCK - 265)
+    return ids, mtime, tail, sum(ids) + sum(mtime) + 8 * ord(" ") + sum(tail)
+
+
 def ustar_header(name: bytes, size: int, typeflag: bytes = b"0", mode: int = 0o644) -> bytes:
     """One 512-byte ustar header block for ``name`` (at most 100 bytes)."""
     if len(name) > 100:
         raise ValueError(f"ustar name longer than 100 bytes: {name!r}")
-    header = bytearray(BLOCK)
-    header[0 : len(name)] = name
-    header[100:108] = b"%07o\x00" % mode
-    header[108:116] = b"0000000\x00"
-    header[116:124] = b"0000000\x00"
-    header[124:136] = _numeric(size, 12)
-    header[136:148] = _numeric(MTIME, 12)
-    header[148:156] = b"        "
-    header[156:157] = typeflag
-    header[257:265] = _MAGIC
-    header[148:156] = b"%06o\x00 " % sum(header)
-    return bytes(header)
+    ids, mtime, tail, fixed_sum = _fixed_fields(typeflag, mode)
+    size_field = _numeric(size, 12)
+    checksum = fixed_sum + sum(name) + sum(size_field)
+    return b"".join(
+        (name.ljust(100, b"\x00"), ids, size_field, mtime, b"%06o\x00 " % checksum, tail)
+    )
 
 
 def pax_record(key: str, value: str) -> bytes:

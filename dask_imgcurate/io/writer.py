@@ -2,9 +2,10 @@
 
 Bytes are copied as they are (no decode, no re-encode), read by byte range from the source
 tars. Adjacent member ranges of a source are merged into one read of at most
-``MAX_READ`` bytes, so memory per shard stays bounded whatever the shard size. Each output
-file is written under a temporary name and moved into place when complete; the Parquet file
-comes last and carries a fingerprint of the job, so a re-run can tell a finished shard.
+``MAX_READ`` bytes (or one member, if larger) into a buffer reused for the whole shard, so
+memory per shard stays bounded whatever the shard size. Each output file is written under a
+temporary name and moved into place when complete; the Parquet file comes last and carries a
+fingerprint of the job, so a re-run can tell a finished shard.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dask_imgcurate.io import fs as fsio
-from dask_imgcurate.io.records import split_key
+from dask_imgcurate.io.dali_index import VERSION as DALI_VERSION
+from dask_imgcurate.io.records import split_keys
 from dask_imgcurate.io.tarindex import BLOCK
 from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE, member_header, padding
 
@@ -29,6 +32,7 @@ MAX_READ = 8 << 20  # bytes per merged read
 MAX_GAP = 64 << 10  # merge two ranges of a source when at most this far apart
 FINGERPRINT_KEY = b"dask_imgcurate.fingerprint"
 TAR_SIZE_KEY = b"dask_imgcurate.tar_size"
+_IOV_MAX = 1024  # buffers per writev: IOV_MAX on Linux, macOS and the BSDs
 
 
 @dataclass(frozen=True)
@@ -43,68 +47,103 @@ class ShardResult:
 
 
 @dataclass(frozen=True)
-class _Member:
-    source: str
-    offset: int
-    size: int
-    out_name: str
+class MemberPlan:
+    """An output shard's members in write order, one array entry per member."""
+
+    sources: list[str]  # the source tars
+    source: np.ndarray  # index into ``sources``
+    offsets: np.ndarray  # payload offset in the source tar
+    sizes: np.ndarray
+    names: pa.Array  # output member names
+
+    def __len__(self) -> int:
+        return len(self.sizes)
 
 
-def output_members(rows: pa.Table, new_keys: Sequence[str]) -> list[_Member]:
+def _flat_members(rows: pa.Table) -> tuple[pa.ListArray, pa.StructArray]:
+    lists = rows.column("_members").combine_chunks()
+    return lists, lists.flatten()
+
+
+def plan_members(rows: pa.Table, new_keys: Sequence[str]) -> MemberPlan:
     """Every member of ``rows`` (in row order, then tar order) with its output name."""
-    sources = rows.column("_shard").to_pylist()
-    members = rows.column("_members").to_pylist()
-    out = []
-    for source, record, key in zip(sources, members, new_keys):
-        for m in record:
-            ext = split_key(m["name"])[1]
-            out.append(_Member(source, m["offset"], m["size"], f"{key}.{ext}" if ext else key))
-    return out
+    lists, flat = _flat_members(rows)
+    record = np.repeat(np.arange(len(lists)), lists.value_lengths().to_numpy())
+    shards = pc.dictionary_encode(rows.column("_shard").combine_chunks())
+    keys = pa.array(new_keys, pa.string()).take(record)
+    ext = split_keys(flat.field("name"))[1]
+    names = pc.if_else(pc.equal(ext, ""), keys, pc.binary_join_element_wise(keys, ext, "."))
+    return MemberPlan(
+        sources=shards.dictionary.to_pylist(),
+        source=shards.indices.to_numpy()[record],
+        offsets=flat.field("offset").to_numpy(),
+        sizes=flat.field("size").to_numpy(),
+        names=names,
+    )
 
 
-def _merged_reads(members: list[_Member]) -> Iterator[tuple[str, int, int, list[_Member]]]:
-    """Group members into reads ``(source, start, end, members)`` of adjacent ranges."""
-    group: list[_Member] = []
-    start = end = 0
-    for m in members:
+def merged_reads(plan: MemberPlan) -> Iterator[tuple[int, int, int, int]]:
+    """Group members into reads ``(first, stop, start, end)``: members ``first:stop`` of one
+    source, in order and at most ``MAX_GAP`` apart, within its bytes ``[start, end)`` (at
+    most ``MAX_READ`` of them unless one member is larger)."""
+    source, offsets = plan.source.tolist(), plan.offsets.tolist()
+    ends = (plan.offsets + plan.sizes).tolist()
+    if not offsets:
+        return
+    first, start, end = 0, offsets[0], ends[0]
+    for i in range(1, len(offsets)):
         if (
-            group
-            and m.source == group[0].source
-            and 0 <= m.offset - end <= MAX_GAP
-            and m.offset + m.size - start <= MAX_READ
+            source[i] != source[first]
+            or not 0 <= offsets[i] - end <= MAX_GAP
+            or ends[i] - start > MAX_READ
         ):
-            group.append(m)
-            end = m.offset + m.size
-            continue
-        if group:
-            yield group[0].source, start, end, group
-        group, start, end = [m], m.offset, m.offset + m.size
-    if group:
-        yield group[0].source, start, end, group
+            yield first, i, start, end
+            first, start = i, offsets[i]
+        end = ends[i]
+    yield first, len(offsets), start, end
+
+
+def _pread_all(fd: int, view: memoryview, offset: int) -> int:
+    """``os.preadv`` into ``view`` until it is full or the file ends; the bytes read."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            break
+        got += n
+    return got
 
 
 class _RangeReader:
-    """Reads byte ranges of source tars: ``pread`` locally, ranged GETs elsewhere (retried
-    on transient errors, see ``fsio.retry``)."""
+    """Reads byte ranges of source tars: locally with ``preadv`` into one reused buffer,
+    elsewhere with ranged GETs (retried on transient errors, see ``fsio.retry``)."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem):
         self.fs = fs
         self.local = fsio.is_local(fs)
         self.files: dict[str, int] = {}
+        self.buffer = bytearray()
 
-    def read(self, source: str, start: int, end: int) -> bytes:
+    def read(self, source: str, start: int, end: int) -> memoryview | bytes:
+        """Bytes ``[start, end)`` of ``source``; a local read is a view of the reused
+        buffer, valid until the next read."""
         path = self.fs._strip_protocol(source)
+        want = end - start
         if self.local:
             fd = self.files.get(path)
             if fd is None:
                 fd = self.files[path] = os.open(path, os.O_RDONLY)
-            data = os.pread(fd, end - start, start)
+            if len(self.buffer) < want:
+                self.buffer = bytearray(want)
+            data = memoryview(self.buffer)[:want]
+            got = _pread_all(fd, data, start)
         else:
             data = fsio.read_range(self.fs, path, start, end)  # retried when transient
-        if len(data) != end - start:
+            got = len(data)
+        if got != want:
             raise OSError(
-                f"{source}: short read at byte offset {start} ({len(data)} of {end - start} "
-                f"bytes); the tar changed or is truncated since it was indexed"
+                f"{source}: short read at byte offset {start} ({got} of {want} bytes); the "
+                f"tar changed or is truncated since it was indexed"
             )
         return data
 
@@ -114,15 +153,72 @@ class _RangeReader:
         self.files.clear()
 
 
+def _write_all(fd: int, chunks: list) -> None:
+    """``os.writev`` all of ``chunks`` in order, ``_IOV_MAX`` at a time, resuming short
+    writes."""
+    i = 0
+    while i < len(chunks):
+        batch = chunks[i : i + _IOV_MAX]
+        written = os.writev(fd, batch)
+        if written == sum(map(len, batch)):
+            i += len(batch)
+            continue
+        for chunk in batch:
+            if written < len(chunk):
+                chunks[i] = memoryview(chunk)[written:]
+                break
+            written -= len(chunk)
+            i += 1
+
+
+def _write_tar(fd: int, plan: MemberPlan, reader: _RangeReader) -> tuple[np.ndarray, int]:
+    """Write ``plan``'s members as a tar to ``fd``; return each payload's position in it
+    and the tar's size."""
+    names, offsets, sizes = plan.names.to_pylist(), plan.offsets.tolist(), plan.sizes.tolist()
+    header_sizes: list[int] = []
+    for first, stop, start, end in merged_reads(plan):
+        data = memoryview(reader.read(plan.sources[plan.source[first]], start, end))
+        chunks: list = []
+        for name, at, size in zip(names[first:stop], offsets[first:stop], sizes[first:stop]):
+            header = member_header(name, size)
+            header_sizes.append(len(header))
+            chunks += (header, data[at - start : at - start + size], padding(size))
+        _write_all(fd, chunks)
+    _write_all(fd, [END_OF_ARCHIVE])
+    padded = plan.sizes + -plan.sizes % BLOCK
+    ends = np.cumsum(np.asarray(header_sizes, dtype=np.int64) + padded)
+    tar_size = int(ends[-1]) if len(ends) else 0
+    return ends - padded, tar_size + len(END_OF_ARCHIVE)
+
+
+def idx_text(plan: MemberPlan, payload_at: np.ndarray) -> str | None:
+    """The DALI ``.idx`` of a tar holding ``plan``'s members with payloads at
+    ``payload_at``: a line per run of members with one key; None if a name has white space."""
+    if pc.any(pc.match_substring_regex(plan.names, r"\s")).as_py():  # as format_dali_index
+        return None
+    keys, exts = split_keys(plan.names)
+    entries = pc.binary_join_element_wise(
+        exts,
+        pa.array(payload_at).cast(pa.string()),
+        pa.array(plan.sizes).cast(pa.string()),
+        plan.names,
+        " ",
+    )
+    new_line = np.ones(len(plan), dtype=bool)
+    new_line[1:] = pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)
+    starts = np.append(np.flatnonzero(new_line), len(plan)).astype(np.int32)
+    lines = pc.binary_join(pa.ListArray.from_arrays(starts, entries), " ").to_pylist()
+    return f"{DALI_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+
+
 def job_fingerprint(rows: pa.Table, new_keys: Sequence[str], params: dict) -> str:
     """A digest of what an output shard will contain, from metadata alone."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
-    for source, record, key in zip(
-        rows.column("_shard").to_pylist(), rows.column("_members").to_pylist(), new_keys
-    ):
-        digest.update(f"{source}\0{key}\0".encode())
-        for m in record:
-            digest.update(f"{m['name']}\0{m['offset']}\0{m['size']}\0".encode())
+    lists, flat = _flat_members(rows)
+    for strings in (rows.column("_shard").to_pylist(), new_keys, flat.field("name").to_pylist()):
+        digest.update("\0".join(strings).encode("utf-8", "surrogateescape") + b"\1")
+    for numbers in (flat.field("offset"), flat.field("size"), lists.value_lengths()):
+        digest.update(numbers.to_numpy().astype("<i8").tobytes())
     return digest.hexdigest()
 
 
@@ -165,36 +261,17 @@ def write_shard(
             out_fs.size(tar_path),
             skipped=True,
         )
-    members = output_members(rows, new_keys)
+    plan = plan_members(rows, new_keys)
     reader = _RangeReader(source_fs)
-    idx_lines: list[str] = []
-    current_key = None
     try:
-        with fsio.atomic_write(out_fs, tar_path) as tmp, open(tmp, "wb") as out:
-            position = 0
-            for source, start, end, group in _merged_reads(members):
-                data = memoryview(reader.read(source, start, end))
-                for m in group:
-                    header = member_header(m.out_name, m.size)
-                    out.write(header)
-                    payload_at = position + len(header)
-                    out.write(data[m.offset - start : m.offset - start + m.size])
-                    out.write(padding(m.size))
-                    position = payload_at + m.size + (-m.size % BLOCK)
-                    key, ext = split_key(m.out_name)
-                    entry = f"{ext} {payload_at} {m.size} {m.out_name}"
-                    if key == current_key:
-                        idx_lines[-1] += " " + entry
-                    else:
-                        idx_lines.append(entry)
-                        current_key = key
-            out.write(END_OF_ARCHIVE)
-            tar_size = position + len(END_OF_ARCHIVE)
+        with fsio.atomic_write(out_fs, tar_path) as tmp, open(tmp, "wb", buffering=0) as out:
+            payload_at, tar_size = _write_tar(out.fileno(), plan, reader)
     finally:
         reader.close()
-    if idx_path is not None and not any(" " in m.out_name for m in members):
+    text = idx_text(plan, payload_at) if idx_path is not None else None
+    if text is not None:
         with fsio.atomic_write(out_fs, idx_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"v1.2 {len(idx_lines)}\n" + "".join(line + "\n" for line in idx_lines))
+            f.write(text)
     schema_meta = dict(parquet_table.schema.metadata or {})
     schema_meta[FINGERPRINT_KEY] = fingerprint.encode()
     schema_meta[TAR_SIZE_KEY] = str(tar_size).encode()
