@@ -315,9 +315,12 @@ def write_images(
             )
         return keys
 
+    def name_of(n: int) -> str:
+        return f"images-{prefix[0]}-{n:06d}"
+
     def parquet_of(n: int, rows: pa.Table, new_keys: list[str]) -> pa.Table:
         table = _user_columns(rows)
-        tar_name = f"images-{prefix[0]}-{n:06d}.tar"
+        tar_name = f"{name_of(n)}.tar"
         table = table.add_column(1, "tar_file", pa.array([tar_name] * rows.num_rows, pa.string()))
         return table.add_column(2, "member_name", rows.column("_image_member"))
 
@@ -326,7 +329,7 @@ def write_images(
         output_dir,
         filter_column=filter_column,
         per_shard=images_per_tar,
-        name_of=lambda n: f"images-{prefix[0]}-{n:06d}",
+        name_of=name_of,
         new_keys_of=new_keys_of,
         parquet_of=parquet_of,
         params=dict(kind="images", per_shard=images_per_tar, id_col=id_col),
