@@ -296,7 +296,7 @@ def test_settings_precedence(tmp_path, monkeypatch):
         seen["config"] = settings
         raise KeyboardInterrupt  # stop before any work: also the Ctrl-C path
 
-    monkeypatch.setattr(cli, "run_curate", fake)
+    monkeypatch.setattr(cli.commands, "run_curate", fake)
     result = run("curate", "in", "out", "--config", config, "--batch-size", "256", ok=False)
     assert result.exit_code == 130
     settings = seen["config"]

@@ -494,31 +494,6 @@ def test_s3_throttling_retried_by_botocore(local_data, remote_data, s3_endpoint,
         assert len(tf.getmembers()) == 3 * 24
 
 
-def test_s3_transient_errors_retried_by_us(
-    local_data, remote_data, s3_endpoint, heads, caplog, monkeypatch
-):
-    """With the client's own retries off, our retry loop absorbs transient read errors."""
-    caplog.set_level(logging.WARNING, logger="dask_imgcurate")
-    monkeypatch.setattr(fsio, "RETRY_DELAY", 0.01)
-    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs: one try
-    no_client_retries = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}  # botocore
-    with FaultInjectingProxy(s3_endpoint) as proxy:
-        via = options(proxy.url, **no_client_retries)
-        local = embed(ImageTextPairDataset.from_webdataset(str(local_data["nopq"])), heads)
-        dataset = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=via)
-        remote = embed(dataset, heads)
-        # one fewer than our tries: passes even if every failure hits the same range
-        proxy.fail = fsio.RETRY_ATTEMPTS - 1
-        with dask.config.set(scheduler="sync"):
-            a, b = dask.compute(local.metadata, remote.metadata)
-    assert proxy.failed == fsio.RETRY_ATTEMPTS - 1
-    assert b["error"].isna().all()
-    assert frame_table(a).equals(frame_table(b))
-    retries = [r for r in caplog.records if "transient error" in r.getMessage()]
-    assert retries and all(r.levelno == logging.WARNING for r in retries)
-    assert "s3://" in retries[0].getMessage() and SECRET not in caplog.text
-
-
 class FlakyMemoryFileSystem(MemoryFileSystem):
     """An in-memory filesystem whose reads fail with a transient error: the first ``fail``
     ones, and with ``fail_once`` (a set) the first read of every distinct range."""

@@ -1,0 +1,305 @@
+"""The ``dask-imgcurate`` click group ``main`` and its commands."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from dask_imgcurate.cli.config import CurateConfig, _settings, _storage_options
+from dask_imgcurate.cli.options import (
+    storage_option,
+    with_cluster_options,
+    with_filter_options,
+    with_layout_options,
+    with_model_options,
+)
+from dask_imgcurate.cli.output import _Group, _setup_logging, _show_progress, _summary_table, _table
+from dask_imgcurate.cli.work import (
+    _check_output,
+    _client,
+    _export,
+    _head_available,
+    _load,
+    _Progress,
+    _scored,
+    _with_keep,
+    run_curate,
+)
+from dask_imgcurate.cluster import cluster_kind, describe
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log details, show tracebacks.")
+@click.version_option(package_name="dask_imgcurate")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Curate image-text WebDataset shards: index, embed, score, filter, export."""
+    ctx.call_on_close(_setup_logging(verbose))
+
+
+@main.command()
+@click.argument("path")
+@storage_option
+def index(path: str, storage_options: str | None) -> None:
+    """Write a DALI .idx beside every .tar shard of PATH (a directory, glob or tar)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from dask_imgcurate.io import find_shards, write_dali_index
+    from dask_imgcurate.io import fs as fsio
+
+    options = _storage_options(storage_options)
+    fs, _ = fsio.url_to_fs(path, options)
+    shards = find_shards(fs, path)
+    if not shards:
+        raise FileNotFoundError(f"no .tar shards found in {path}")
+
+    def one(shard):
+        return write_dali_index(fsio.qualify(fs, shard.tar), storage_options=options)
+
+    with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+        written = list(
+            tqdm(
+                pool.map(one, shards),
+                total=len(shards),
+                desc="index",
+                unit="shard",
+                file=sys.stderr,
+                disable=not _show_progress(),
+            )
+        )
+    _table({"shards indexed": len(written), "first": written[0], "last": written[-1]})
+
+
+@main.command()
+@click.argument("path")
+@storage_option
+@click.option("--rows", default=5, show_default=True, help="Sample rows to show.")
+@click.option("--lenient", is_flag=True, help="Report damaged shards instead of failing.")
+def inspect(path: str, storage_options: str | None, rows: int, lenient: bool) -> None:
+    """Shards, records, columns, sizes and damage of the dataset at PATH."""
+    import dask
+
+    options = _storage_options(storage_options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = _load(path, CurateConfig(storage_options=options), strict=not lenient)
+        frame = ds.metadata
+        tasks = {
+            "per_shard": frame.map_partitions(len),
+            "image_bytes": frame["_image_size"].clip(lower=0).sum(),
+            "no_image": (frame["_image_size"] < 0).sum(),
+            "head": frame.head(rows, npartitions=-1, compute=False),
+        }
+        if "error" in frame.columns:
+            tasks["errors"] = frame["error"].count()  # non-null
+        bar = contextlib.nullcontext()
+        if _show_progress():
+            from dask.diagnostics import ProgressBar
+
+            bar = ProgressBar(out=sys.stderr)
+        with bar:
+            (result,) = dask.compute(tasks, scheduler="threads")
+    # a shard's damage is reported each time it is read: once per message is enough
+    damaged = list(dict.fromkeys(str(w.message) for w in caught if "byte offset" in str(w.message)))
+    other = [w for w in caught if "byte offset" not in str(w.message)]
+    for w in other:  # not the damage reports: show them as usual
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    fs = ds.fs
+    sizes = [fs.size(s.tar) for s in ds.shards]
+    per_shard = list(result["per_shard"])
+    summary = {
+        "path": path,
+        "shards": len(ds.shards),
+        "with parquet": sum(s.parquet is not None for s in ds.shards),
+        "with .idx": sum(s.idx is not None for s in ds.shards),
+        "records": int(sum(per_shard)),
+        "records without image": int(result["no_image"]),
+    }
+    if "errors" in result:
+        summary["records with errors"] = int(result["errors"])
+    summary["tar bytes"] = f"{sum(sizes) / 1e6:.1f} MB"
+    summary["image bytes"] = f"{int(result['image_bytes']) / 1e6:.1f} MB"
+    summary["damaged shards"] = len(damaged)
+    _table(summary)
+    if len(per_shard) == len(ds.shards):
+        click.echo("\nshards:")
+        shown = 10
+        for shard, count, size in list(zip(ds.shards, per_shard, sizes))[:shown]:
+            click.echo(f"  {_basename(shard.tar):<24} {count:>8} records {size / 1e6:>9.1f} MB")
+        if len(ds.shards) > shown:
+            click.echo(f"  ... and {len(ds.shards) - shown} more")
+    click.echo("\ncolumns:")
+    for name, dtype in frame.dtypes.items():
+        click.echo(f"  {name:<24} {dtype}")
+    for line in damaged:
+        click.echo(f"damage: {line}")
+    head = result["head"]
+    if rows and len(head):
+        visible = [c for c in head.columns if not c.startswith("_")]
+        click.echo("\n" + head[visible].to_string(max_colwidth=40))
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@main.command()
+@click.argument("path")
+@click.option(
+    "--output", default=None, help="Directory for the Parquet files [default: beside the tars]."
+)
+@with_model_options
+@with_cluster_options
+@storage_option
+@click.pass_context
+def embed(ctx: click.Context, path: str, output: str | None, **_) -> None:
+    """Compute CLIP embeddings and scores of PATH; save them as its Parquet metadata.
+
+    A score head runs when its weights are given (--aesthetic-model, --nsfw-model), cached,
+    or --allow-download is set. The Parquet files (NNNNN.parquet beside NNNNN.tar, or in
+    --output) then hold every metadata column plus image_embedding, aesthetic_score,
+    nsfw_score and error.
+    """
+    config = _settings(ctx)
+    dataset = _load(path, config)
+    aesthetic, nsfw = _head_available("aesthetic", config), _head_available("nsfw", config)
+    fetch = cluster_kind(config.scheduler_address, config.n_workers) != "existing"
+    progress = _Progress("embed", _show_progress())
+    scored = progress.wrap(_scored(dataset, config, aesthetic=aesthetic, nsfw=nsfw, fetch=fetch))
+    with _client(config) as client, progress.attached(client):
+        written = scored.save_metadata(output)
+        cluster = describe(client)
+    columns = ["image_embedding"] + [
+        c for c, on in (("aesthetic_score", aesthetic), ("nsfw_score", nsfw)) if on
+    ]
+    _table(
+        {
+            "parquet files written": len(written),
+            "records": int(written["rows"].sum()),
+            "columns added": ", ".join(columns + ["error"]),
+            "output": os.path.dirname(written["path"].iloc[0]) if len(written) else output,
+            "cluster": cluster,
+        }
+    )
+
+
+@main.command()
+@click.argument("path")
+@click.argument("output")
+@with_layout_options
+@with_filter_options
+@with_cluster_options
+@storage_option
+@click.pass_context
+def export(ctx: click.Context, path: str, output: str, **_) -> None:
+    """Export the records of PATH that pass the filters to OUTPUT (tar + Parquet shards).
+
+    Filters read the metadata (run `embed` first for the scores); rows with an error are
+    always dropped. Re-running an interrupted export finishes it.
+    """
+    config = _settings(ctx)
+    _check_output(path, output)
+    dataset, column = _with_keep(_load(path, config), config)
+    with _client(config) as client:
+        summary = _export(dataset, output, config, column)
+        cluster = describe(client)
+    _summary_table(summary, cluster)
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@click.argument("output")
+@click.option("--config", "config_path", default=None, help="YAML file of settings.")
+@with_model_options
+@with_filter_options
+@with_layout_options
+@with_cluster_options
+@storage_option
+@click.pass_context
+def curate(ctx: click.Context, input_path: str, output: str, config_path: str | None, **_) -> None:
+    """Embed, score, filter and export INPUT to OUTPUT in one pass.
+
+    Settings come from --config (a YAML mapping whose keys are the flags' names with
+    underscores, e.g. min_aesthetic: 5.0); flags given on the command line override it.
+    Score heads run when a filter needs them or their weights are given.
+    """
+    config = _settings(ctx, config_path)
+    _check_output(input_path, output)
+    summary, cluster = run_curate(input_path, output, config)
+    _summary_table(summary, cluster)
+
+
+@main.command()
+@click.option("--dir", "directory", default="demo-output", show_default=True)
+@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--n-workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Worker processes of the local cluster; 0: no cluster, threads in this process.",
+)
+@click.option("--scheduler-address", default=None, help="Use the running Dask cluster instead.")
+def demo(
+    directory: str,
+    shards: int,
+    samples_per_shard: int,
+    n_workers: int,
+    scheduler_address: str | None,
+) -> None:
+    """Build the demo dataset and curate it end to end with a tiny built-in model.
+
+    The steps are the documented workflow: embed and score, save_metadata, filter on the
+    scores, export. Random weights give arbitrary score scales, so the demo's thresholds
+    are score quantiles (keep the top 70 % aesthetic, drop the top 10 % NSFW).
+    """
+    import dask
+
+    from dask_imgcurate.demo import make_demo_dataset
+    from dask_imgcurate.models.builtin import make_demo_models
+
+    root = Path(directory)
+    source = root / "input"
+    make_demo_dataset(source, n_shards=shards, samples_per_shard=samples_per_shard)
+    models = make_demo_models(root / "models")
+    click.echo(
+        f"demo dataset: {shards} shards x {samples_per_shard} records in {source}\n"
+        f"model: {models.clip_model} with RANDOM weights (offline demo): its scores are "
+        f"meaningless. For real work: --model ViT-L-14 --pretrained openai"
+    )
+    config = CurateConfig(
+        model=models.clip_model,
+        pretrained=None,
+        aesthetic_model=str(models.aesthetic),
+        nsfw_model=str(models.nsfw),
+        batch_size=32,
+        samples_per_shard=100,
+        max_shards=3,
+        scheduler_address=scheduler_address,
+        n_workers=n_workers,
+    )
+    scored = _scored(_load(str(source), config), config, aesthetic=True, nsfw=True)
+    progress = _Progress("embed", _show_progress())
+    scored = progress.wrap(scored)
+    with _client(config) as client:
+        with progress.attached(client):
+            scored.save_metadata()  # embeddings + scores become the shards' Parquet metadata
+        dataset = _load(str(source), config)  # cheap reload: the scores are metadata now
+        meta = dataset.metadata
+        low, high = dask.compute(
+            meta["aesthetic_score"].quantile(0.3), meta["nsfw_score"].quantile(0.9)
+        )
+        config.min_aesthetic, config.max_nsfw = float(low), float(high)
+        dataset, column = _with_keep(dataset, config)
+        summary = _export(dataset, str(root / "curated"), config, column)
+        cluster = describe(client)
+    click.echo(f"thresholds: aesthetic_score >= {low:.4f}, nsfw_score < {high:.4f}")
+    _summary_table(summary, cluster)

@@ -1,0 +1,308 @@
+"""The work of the commands: load, check models, embed and score, filter, export."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import uuid
+import warnings
+
+from dask_imgcurate.cli.config import CurateConfig
+from dask_imgcurate.cli.output import _one_line, _show_progress, _verbose
+from dask_imgcurate.cluster import cluster_kind, describe
+from dask_imgcurate.errors import CurateError
+
+
+def _check_output(path: str, output: str) -> None:
+    """Refuse to export into the input's own directory (it would replace shards being read)."""
+    if "://" in path or "://" in output or any(ch in path for ch in "*?["):
+        same = path.rstrip("/") == output.rstrip("/")
+    else:
+        source = os.path.realpath(path)
+        source = os.path.dirname(source) if source.endswith(".tar") else source
+        same = source == os.path.realpath(output)
+    if same:
+        raise ValueError(f"OUTPUT must be another directory than the input: {output}")
+
+
+def _load(path: str, config: CurateConfig, *, strict: bool = True):
+    from dask_imgcurate import ImageTextPairDataset
+
+    return ImageTextPairDataset.from_webdataset(
+        path, storage_options=config.storage_options or None, strict=strict
+    )
+
+
+def _clip_dim(config: CurateConfig, *, fetch: bool) -> int:
+    """Check the CLIP model and its weights before any work; return its embedding size.
+
+    A pretrained tag's weights are fetched here once (``fetch``) so that local workers find
+    them in the cache instead of each downloading them.
+    """
+    import open_clip
+
+    from dask_imgcurate.models.builtin import register_builtin_configs
+    from dask_imgcurate.models.clip import clip_embed_dim
+
+    register_builtin_configs()
+    model, pretrained = config.model, config.pretrained
+    schema = model.startswith(("hf-hub:", "local-dir:"))
+    dim = clip_embed_dim(model)
+    if dim is None and not schema:
+        raise ValueError(
+            f"unknown open_clip model {model!r} (--model); open_clip.list_models() lists them"
+        )
+    # pretrained=None (random weights): _scored says so once everything else is checked
+    if pretrained is not None and not schema and not os.path.isfile(pretrained):
+        name = model.replace("/", "-")
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not cfg:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise FileNotFoundError(
+                f"CLIP weights not found: {pretrained!r} is neither a file nor a pretrained tag "
+                f"of {model} (tags: {tags}; 'none' for random weights)"
+            )
+        if fetch:
+            try:
+                open_clip.download_pretrained(cfg)
+            except Exception as err:  # noqa: BLE001 - any failure means: no weights
+                raise CurateError(
+                    f"cannot get CLIP weights {model}/{pretrained}: {_one_line(err)} (offline? "
+                    f"pass --pretrained PATH to a local checkpoint)"
+                ) from None
+    return dim or 768
+
+
+def _head_class(kind: str):
+    from dask_imgcurate.models import classifiers
+
+    return classifiers.AestheticClassifier if kind == "aesthetic" else classifiers.NsfwClassifier
+
+
+def _check_head_file(kind: str, config: CurateConfig) -> None:
+    """Raise naming the flag when the head's weights are neither given, cached nor allowed
+    to be downloaded, or the given file does not exist."""
+    from dask_imgcurate.models import classifiers
+
+    cls = _head_class(kind)
+    path = getattr(config, f"{kind}_model")
+    flag = f"--{kind}-model"
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"{kind} model weights not found: {path} ({flag})")
+    cached = os.path.join(classifiers.cache_dir(), cls.filename)
+    if path is None and not config.allow_download and not os.path.isfile(cached):
+        raise FileNotFoundError(
+            f"no {kind} model weights: pass {flag} PATH (a torch state dict) or "
+            f"--allow-download (fetches {cls.url} into {classifiers.cache_dir()})"
+        )
+
+
+def _head(kind: str, config: CurateConfig, dim: int):
+    """The aesthetic or NSFW head, its weights loaded once here (or fetched) as a check."""
+    import torch
+
+    from dask_imgcurate.models import classifiers
+
+    _check_head_file(kind, config)
+    cls = _head_class(kind)
+    path = getattr(config, f"{kind}_model")
+    cached = os.path.join(classifiers.cache_dir(), cls.filename)
+    head = cls(path, embedding_dim=dim, allow_download=config.allow_download)
+    try:
+        weights = head.weights_path()  # downloads once, here, when allowed and missing
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        head._check_weights(state, weights)
+        head.build().load_state_dict(state)
+    except ValueError as err:
+        raise ValueError(f"{kind} model: {_one_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - unreadable, wrong layout, failed download
+        raise CurateError(
+            f"cannot load {kind} model weights {path or cached}: {_one_line(err)}"
+        ) from None
+    return head
+
+
+def _scored(dataset, config: CurateConfig, *, aesthetic: bool, nsfw: bool, fetch: bool = True):
+    """The dataset with embeddings and the asked-for scores (lazy); checks weights first."""
+    from dask_imgcurate.embed import ClipImageEmbedder
+
+    wanted = [kind for kind, on in (("aesthetic", aesthetic), ("nsfw", nsfw)) if on]
+    for kind in wanted:  # the cheapest checks first
+        _check_head_file(kind, config)
+    dim = _clip_dim(config, fetch=fetch)
+    heads = [_head(kind, config, dim) for kind in wanted]
+    if config.pretrained is None:
+        from dask_imgcurate.models.clip import RandomWeightsWarning
+
+        warnings.warn(
+            f"{config.model} runs with random weights (pretrained: none): its embeddings and "
+            f"scores are meaningless",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
+    embedder = ClipImageEmbedder(
+        model_name=config.model,
+        pretrained=config.pretrained,
+        batch_size=config.batch_size,
+        num_threads=config.num_threads,
+        classifiers=heads,
+    )
+    return embedder(dataset)
+
+
+def _needs(config: CurateConfig, column: str) -> bool:
+    """Whether ``curate``'s filters read ``column``."""
+    threshold = config.min_aesthetic if column == "aesthetic_score" else config.max_nsfw
+    return threshold is not None or column in (config.query or "")
+
+
+def _head_available(kind: str, config: CurateConfig) -> bool:
+    """Whether ``embed`` can run a head: weights given, cached, or downloadable."""
+    from dask_imgcurate.models import classifiers
+
+    if getattr(config, f"{kind}_model") is not None or config.allow_download:
+        return True
+    cls = classifiers.AestheticClassifier if kind == "aesthetic" else classifiers.NsfwClassifier
+    return os.path.isfile(os.path.join(classifiers.cache_dir(), cls.filename))
+
+
+def _with_keep(dataset, config: CurateConfig):
+    """Add the boolean ``_keep`` column from the thresholds and query (None: keep all).
+
+    Everything is checked against the frame's columns now, before any work.
+    """
+    meta = dataset.metadata
+    for column, flag, threshold in (
+        ("aesthetic_score", "--min-aesthetic", config.min_aesthetic),
+        ("nsfw_score", "--max-nsfw", config.max_nsfw),
+    ):
+        if threshold is not None and column not in meta.columns:
+            raise KeyError(
+                f"{flag}: the metadata has no {column!r} column; run `dask-imgcurate embed` "
+                f"with the {column.split('_')[0]} model first"
+            )
+    keep = None
+    if config.min_aesthetic is not None:
+        keep = meta["aesthetic_score"] >= config.min_aesthetic
+    if config.max_nsfw is not None:
+        verdict = meta["nsfw_score"] < config.max_nsfw
+        keep = verdict if keep is None else keep & verdict
+    if config.query:
+        query = config.query
+        try:
+            result = meta._meta.eval(query)
+        except Exception as err:  # noqa: BLE001 - pandas raises many kinds
+            raise ValueError(f"bad query {query!r}: {_one_line(err)}") from None
+        if getattr(result, "ndim", 0) != 1:
+            raise ValueError(f"bad query {query!r}: it must give one true/false value per row")
+        verdict = meta.map_partitions(_eval_query, query, meta=("keep", bool))
+        keep = verdict if keep is None else keep & verdict
+    if keep is None:
+        return dataset, None
+    # "_keep": a bookkeeping name, so the column is not written to the output's Parquet
+    return dataset.with_metadata(meta.assign(_keep=keep.fillna(False).astype(bool))), "_keep"
+
+
+def _eval_query(frame, query: str):
+    return frame.eval(query).fillna(False).astype(bool)
+
+
+def _export(dataset, output: str, config: CurateConfig, filter_column: str | None):
+    progress = _show_progress()
+    # the export's own progress bar writes to stdout: keep stdout for the summary table
+    with contextlib.redirect_stdout(sys.stderr) if progress else contextlib.nullcontext():
+        options = dict(storage_options=config.storage_options or None, verbose=progress)
+        if config.layout == "images":
+            return dataset.write_images(
+                output, images_per_tar=config.images_per_tar, filter_column=filter_column, **options
+            )
+        return dataset.to_webdataset(
+            output,
+            filter_column=filter_column,
+            samples_per_shard=config.samples_per_shard,
+            max_shards=config.max_shards,
+            **options,
+        )
+
+
+def _client(config: CurateConfig):
+    from dask_imgcurate.cluster import dask_client
+
+    return dask_client(config.scheduler_address, config.n_workers, quiet=not _verbose())
+
+
+# Progress of the embed stage: each partition reports its row count when done, through
+# distributed's events on a cluster, or a callback in this process without one.
+_LOCAL_TICKS: dict = {}
+
+
+def _tick(frame, topic: str):
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        worker = None
+    if worker is not None:
+        worker.log_event(topic, len(frame))
+    elif topic in _LOCAL_TICKS:
+        _LOCAL_TICKS[topic](len(frame))
+    return frame
+
+
+class _Progress:
+    """A progress bar over the partitions of a lazy stage (disabled: does nothing)."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled = label, enabled
+        self.topic = f"dask-imgcurate-{label}-{uuid.uuid4().hex}"
+        self.bar = None
+        self.records = 0
+
+    def wrap(self, dataset):
+        if not self.enabled:
+            return dataset
+        meta = dataset.metadata
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=meta.npartitions, desc=self.label, unit="shard", file=sys.stderr)
+        _LOCAL_TICKS[self.topic] = self._update
+        return dataset.with_metadata(meta.map_partitions(_tick, self.topic, meta=meta._meta))
+
+    def _update(self, rows: int) -> None:
+        self.records += rows
+        self.bar.set_postfix(records=self.records, refresh=False)
+        self.bar.update(1)
+
+    @contextlib.contextmanager
+    def attached(self, client):
+        if self.bar is not None and client is not None:
+            client.subscribe_topic(self.topic, lambda event: self._update(event[1]))
+        try:
+            yield
+        finally:
+            _LOCAL_TICKS.pop(self.topic, None)
+            if self.bar is not None:
+                if client is not None:
+                    client.unsubscribe_topic(self.topic)
+                self.bar.close()
+
+
+def run_curate(input_path: str, output: str, config: CurateConfig):
+    """Load, embed and score, filter, export (the ``curate`` command's work).
+
+    Returns ``(ExportSummary, cluster description)``.
+    """
+    dataset = _load(input_path, config)
+    aesthetic = _needs(config, "aesthetic_score") or config.aesthetic_model is not None
+    nsfw = _needs(config, "nsfw_score") or config.nsfw_model is not None
+    fetch = cluster_kind(config.scheduler_address, config.n_workers) != "existing"
+    progress = _Progress("embed", _show_progress())
+    scored = progress.wrap(_scored(dataset, config, aesthetic=aesthetic, nsfw=nsfw, fetch=fetch))
+    scored, column = _with_keep(scored, config)
+    with _client(config) as client, progress.attached(client):
+        summary = _export(scored, output, config, column)
+        return summary, describe(client)
