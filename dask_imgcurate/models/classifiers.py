@@ -10,7 +10,6 @@ documented URL only when ``allow_download=True``. Loaded heads are cached per pr
 from __future__ import annotations
 
 import os
-import threading
 import urllib.request
 import zipfile
 from typing import Any, ClassVar
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from dask_imgcurate.device import resolve_device
+from dask_imgcurate.models.cache import ProcessCache
 
 AESTHETIC_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
@@ -110,8 +110,7 @@ class NsfwMLP(nn.Module):
         return torch.sigmoid(self.linear_4(x))
 
 
-_HEADS: dict[tuple, nn.Module] = {}
-_HEADS_LOCK = threading.Lock()
+_HEADS: ProcessCache[nn.Module] = ProcessCache()
 
 
 class EmbeddingClassifier:
@@ -184,22 +183,18 @@ class EmbeddingClassifier:
         device = resolve_device(self.device)
         path = os.path.abspath(self.weights_path())
         key = (type(self).__name__, path, self.embedding_dim, str(device))
-        head = _HEADS.get(key)
-        if head is not None:
-            return head
-        with _HEADS_LOCK:
-            head = _HEADS.get(key)
-            if head is None:
-                head = self.build()
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if isinstance(state, dict) and "state_dict" in state:
-                    state = state["state_dict"]
-                self._check_weights(state, path)
-                head.load_state_dict(state)
-                head.eval().to(device)
-                for p in head.parameters():
-                    p.requires_grad_(False)
-                _HEADS[key] = head
+        return _HEADS.get(key, lambda: self._load_head(path, device))
+
+    def _load_head(self, path: str, device) -> nn.Module:
+        head = self.build()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        self._check_weights(state, path)
+        head.load_state_dict(state)
+        head.eval().to(device)
+        for p in head.parameters():
+            p.requires_grad_(False)
         return head
 
     def _check_weights(self, state: dict[str, Any], path: str) -> None:
@@ -382,5 +377,4 @@ def convert_keras_nsfw(src: str, dest: str) -> str:
 
 def clear_classifier_cache() -> None:
     """Forget the heads loaded in this process."""
-    with _HEADS_LOCK:
-        _HEADS.clear()
+    _HEADS.clear()

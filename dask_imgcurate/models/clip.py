@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from dask_imgcurate.device import resolve_device
 from dask_imgcurate.io.image_reader import PreprocessSpec
 from dask_imgcurate.models.builtin import register_builtin_configs
+from dask_imgcurate.models.cache import ProcessCache
 
 RANDOM_WEIGHTS_SEED = 0
 """Seed for models built with ``pretrained=None``, identical in every process."""
@@ -75,8 +75,7 @@ class ClipModel:
         return features
 
 
-_CACHE: dict[tuple, ClipModel] = {}
-_LOCK = threading.Lock()
+_CACHE: ProcessCache[ClipModel] = ProcessCache()
 _LOADS = 0
 
 
@@ -97,15 +96,7 @@ def load_clip(
     """The open_clip model for these arguments, loaded on first call in this process."""
     dev = resolve_device(device)
     key = _cache_key(model_name, pretrained, dev, precision)
-    cached = _CACHE.get(key)
-    if cached is not None:
-        return cached
-    with _LOCK:
-        cached = _CACHE.get(key)
-        if cached is None:
-            cached = _load(model_name, pretrained, dev, precision, key)
-            _CACHE[key] = cached
-    return cached
+    return _CACHE.get(key, lambda: _load(model_name, pretrained, dev, precision, key))
 
 
 def _load(
@@ -177,10 +168,9 @@ def clip_embed_dim(model_name: str) -> int | None:
 
 def clear_clip_cache() -> None:
     """Forget the models loaded in this process."""
-    with _LOCK:
-        _CACHE.clear()
+    _CACHE.clear()
 
 
 def clip_cache_info() -> dict[str, Any]:
     """``{"loads": models loaded so far in this process, "cached": [cache keys]}``."""
-    return {"loads": _LOADS, "cached": list(_CACHE)}
+    return {"loads": _LOADS, "cached": _CACHE.keys()}
