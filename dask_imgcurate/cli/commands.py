@@ -42,16 +42,24 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.call_on_close(_setup_logging(verbose))
 
 
+def _write_index(job: tuple[str, dict | None]) -> str:
+    """Write one shard's .idx (module level, so a worker process can run it)."""
+    from dask_imgcurate.io import write_dali_index
+
+    tar, options = job
+    return write_dali_index(tar, storage_options=options)
+
+
 @main.command()
 @click.argument("path")
 @storage_option
 def index(path: str, storage_options: str | None) -> None:
     """Write a DALI .idx beside every .tar shard of PATH (a directory, glob or tar)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    from dask_imgcurate.io import find_shards, write_dali_index
+    from dask_imgcurate.io import find_shards
     from dask_imgcurate.io import fs as fsio
 
     options = _storage_options(storage_options)
@@ -59,14 +67,16 @@ def index(path: str, storage_options: str | None) -> None:
     shards = find_shards(fs, path)
     if not shards:
         raise FileNotFoundError(f"no .tar shards found in {path}")
-
-    def one(shard):
-        return write_dali_index(fsio.qualify(fs, shard.tar), storage_options=options)
-
-    with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+    # Local shards: scanning headers is CPU work, so use processes; remote ones wait on I/O.
+    if fsio.is_local(fs):
+        pool = ProcessPoolExecutor(max_workers=min(os.cpu_count() or 1, len(shards)))
+    else:
+        pool = ThreadPoolExecutor(max_workers=min(8, len(shards)))
+    jobs = [(fsio.qualify(fs, shard.tar), options) for shard in shards]
+    with pool:
         written = list(
             tqdm(
-                pool.map(one, shards),
+                pool.map(_write_index, jobs),
                 total=len(shards),
                 desc="index",
                 unit="shard",
