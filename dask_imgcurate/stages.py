@@ -19,7 +19,6 @@ resource nothing is annotated (such tasks could never be scheduled there).
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -29,7 +28,7 @@ from typing import Any
 import dask
 
 from dask_imgcurate.dataset import ImageTextPairDataset
-from dask_imgcurate.device import GPU_RESOURCE
+from dask_imgcurate.device import GPU_RESOURCE, worker_resources
 from dask_imgcurate.export import ExportSummary
 
 KEEP_COLUMN = "keep"
@@ -119,11 +118,7 @@ class ImageReaderStage(Stage):
             raise ValueError(f"task_batch_size must be >= 1, got {task_batch_size}")
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-        share = float(num_gpus_per_worker)
-        if not math.isfinite(share) or share < 0:
-            raise ValueError(
-                f"num_gpus_per_worker must be a finite number >= 0, got {num_gpus_per_worker!r}"
-            )
+        worker_resources(num_gpus_per_worker)  # validates the share
         self.task_batch_size = task_batch_size
         self.verbose = verbose
         self.num_threads = num_threads
@@ -318,13 +313,10 @@ def gpu_task_resources(num_gpus_per_worker: float, client=None) -> dict[str, flo
     Raises ``ValueError`` when the share exceeds every GPU worker's ``GPU`` resource: such
     tasks could never run.
     """
-    share = float(num_gpus_per_worker)
-    if not math.isfinite(share) or share < 0:
-        raise ValueError(
-            f"num_gpus_per_worker must be a finite number >= 0, got {num_gpus_per_worker!r}"
-        )
-    if share == 0:
+    wanted = worker_resources(num_gpus_per_worker)  # validates; {} for a zero share
+    if not wanted:
         return {}
+    share = wanted[GPU_RESOURCE]
     client = client if client is not None else _current_client()
     if client is None:
         return {}
