@@ -100,8 +100,6 @@ def _check_head_file(kind: str, config: CurateConfig) -> None:
 
 def _head(kind: str, config: CurateConfig, dim: int):
     """The aesthetic or NSFW head, its weights loaded once here (or fetched) as a check."""
-    import torch
-
     from dask_imgcurate.models import classifiers
 
     _check_head_file(kind, config)
@@ -110,12 +108,7 @@ def _head(kind: str, config: CurateConfig, dim: int):
     cached = os.path.join(classifiers.cache_dir(), cls.filename)
     head = cls(path, embedding_dim=dim, allow_download=config.allow_download)
     try:
-        weights = head.weights_path()  # downloads once, here, when allowed and missing
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        head._check_weights(state, weights)
-        head.build().load_state_dict(state)
+        head.load_weights(head.weights_path())  # downloads once, here, when allowed and missing
     except ValueError as err:
         raise ValueError(f"{kind} model: {_one_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - unreadable, wrong layout, failed download

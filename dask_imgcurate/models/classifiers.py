@@ -183,9 +183,10 @@ class EmbeddingClassifier:
         device = resolve_device(self.device)
         path = os.path.abspath(self.weights_path())
         key = (type(self).__name__, path, self.embedding_dim, str(device))
-        return _HEADS.get(key, lambda: self._load_head(path, device))
+        return _HEADS.get(key, lambda: self.load_weights(path, device))
 
-    def _load_head(self, path: str, device) -> nn.Module:
+    def load_weights(self, path: str, device: str | torch.device = "cpu") -> nn.Module:
+        """A new head with the state dict at ``path`` (checked against ``embedding_dim``)."""
         head = self.build()
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
