@@ -124,8 +124,10 @@ class ClipImageEmbedder:
         Uses open_clip's config only (no weights); unknown configs are checked on the worker.
         """
         dim = clip_embed_dim(self.model_name)
-        if dim is None:
-            return
+        if dim is not None:
+            self._check_classifiers(dim)
+
+    def _check_classifiers(self, dim: int) -> None:
         for clf in self.classifiers:
             if clf.embedding_dim != dim:
                 raise ValueError(
@@ -140,12 +142,7 @@ class ClipImageEmbedder:
     ) -> pd.DataFrame:
         """Embed and score one pandas partition (the function mapped over the dataset)."""
         clip = load_clip(self.model_name, self.pretrained, self.device, self.precision)
-        for clf in self.classifiers:
-            if clf.embedding_dim != clip.embed_dim:
-                raise ValueError(
-                    f"{type(clf).__name__} expects {clf.embedding_dim}-d embeddings but "
-                    f"{self.model_name} produces {clip.embed_dim}-d embeddings"
-                )
+        self._check_classifiers(clip.embed_dim)
         n = len(df)
         dim = clip.embed_dim
         embeddings = np.zeros((n, dim), dtype=np.float32)
