@@ -9,6 +9,9 @@ directory every time, median of ``--repeat`` runs, round-robin so that drift hit
                     filter_column="keep", samples_per_shard=5000, resume=False)``, dask
                     ``synchronous`` scheduler.
 ``ours-threads2``   the same with dask's threaded scheduler, 2 threads.
+``ours-dist1``      the same on ``distributed.LocalCluster(n_workers=1, threads_per_worker=1,
+                    processes=True)``: one worker with the cluster's machinery, the like-for-
+                    like base for ``ours-dist2``.
 ``ours-dist2``      the same on ``distributed.LocalCluster(n_workers=2, threads_per_worker=1,
                     processes=True)`` (cluster start and worker imports are setup, not timed).
 ``legacy``          the legacy serial algorithm, re-implemented faithfully: metadata from the
@@ -68,8 +71,8 @@ sys.path.insert(0, HERE)
 
 KEEP_PERCENT = 70
 MAX_SHARDS = 5
-CONTENDERS = ("cp", "ours-1w", "ours-threads2", "ours-dist2", "legacy", "wds")
-OURS = ("ours-1w", "ours-threads2", "ours-dist2")
+CONTENDERS = ("cp", "ours-1w", "ours-threads2", "ours-dist1", "ours-dist2", "legacy", "wds")
+OURS = ("ours-1w", "ours-threads2", "ours-dist1", "ours-dist2")
 RESULT_MARK = "@@RESULT "
 GNU_TIME = "/usr/bin/time"
 
@@ -105,12 +108,12 @@ def run_ours(data: str, out: str, mode: str, per_shard: int) -> dict:
 
     setup = 0.0
     cluster = client = None
-    if mode == "ours-dist2":
+    if mode in ("ours-dist1", "ours-dist2"):
         started = time.perf_counter()
         from distributed import Client, LocalCluster
 
         cluster = LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=int(mode[-1]), threads_per_worker=1, processes=True, dashboard_address=None
         )
         client = Client(cluster)
         client.run(lambda: __import__("dask_imgcurate.dataset"))  # warm workers' imports
@@ -573,11 +576,16 @@ def goals(stats: dict[str, dict]) -> list[str]:
             for n in ours:
                 r = t[base] / t[n]
                 lines.append(f"- >= {need}{label}: `{n}` {r:.2f}x -> {mark(r >= need)}")
-    if "ours-1w" in t:
-        for n in ("ours-threads2", "ours-dist2"):
-            if n in t:
-                r = t["ours-1w"] / t[n]
-                lines.append(f"- 2 workers >= 1.6x 1 worker: `{n}` {r:.2f}x -> {mark(r >= 1.6)}")
+    for one, two in (
+        ("ours-1w", "ours-threads2"),
+        ("ours-1w", "ours-dist2"),
+        ("ours-dist1", "ours-dist2"),
+    ):
+        if one in t and two in t:
+            r = t[one] / t[two]
+            lines.append(
+                f"- 2 workers >= 1.6x 1 worker: `{two}` vs `{one}` {r:.2f}x -> {mark(r >= 1.6)}"
+            )
     for n in ours:
         s = stats[n]
         limit = 2 * s["largest_shard"] + 300e6

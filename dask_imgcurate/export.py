@@ -4,8 +4,11 @@
    held (``dask.persist``): metadata only, never image bytes.
 2. Their counts are prefix-summed into global positions, so output shard ``n`` knows
    exactly which row slices it holds (``plan_shards``).
-3. Each output shard is an independent task that reads only the byte ranges of its own
-   records from the source tars and writes tar, ``.idx`` and Parquet (``io.writer``).
+3. Each output shard is staged (``.idx`` and Parquet written to temporary files, the tar
+   pre-sized: its layout is known from metadata), then filled by independent piece tasks of
+   about ``PIECE_BYTES`` each that copy only their records' byte ranges from the source tars
+   to their precomputed offsets, then committed (renamed into place, Parquet last). On
+   object stores a shard is one task (staged locally, uploaded whole).
 """
 
 from __future__ import annotations
@@ -19,23 +22,32 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import dask
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dask_imgcurate.backend import to_arrow
 from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE
 from dask_imgcurate.io.writer import (
     ShardResult,
+    commit_shard,
+    finished,
     job_fingerprint,
+    plan_members,
     plan_shards,
+    record_spans,
     stack_slices,
+    write_piece,
     write_shard,
 )
 from dask_imgcurate.metadata import is_bookkeeping
 from dask_imgcurate.progress import compute_with_progress
 
 log = logging.getLogger(__name__)
+
+PIECE_BYTES = 32 << 20  # target bytes per piece task of a local output shard
 
 
 @dataclass
@@ -65,15 +77,21 @@ class ExportSummary:
 
 @dataclass(frozen=True)
 class _Selection:
-    """One partition's kept rows (Arrow), its counts and, when asked for, its digest."""
+    """One partition's kept rows (Arrow), what each takes in an output tar, its counts and,
+    when asked for, its digest."""
 
     table: pa.Table
+    spans: np.ndarray  # bytes of each kept record in an output tar (``record_spans``)
     records_in: int
     dropped_for_errors: int
     digest: str
 
+    def stats(self) -> tuple:
+        """What the planner needs: everything but the rows."""
+        return self.spans, self.records_in, self.dropped_for_errors, self.digest
 
-def _select(frame, filter_column: str | None, digest: bool) -> _Selection:
+
+def _select(frame, filter_column: str | None, digest: bool, key_bytes_of) -> _Selection:
     table = to_arrow(frame)
     n_in = table.num_rows
     keep = np.ones(n_in, dtype=bool)
@@ -86,7 +104,8 @@ def _select(frame, filter_column: str | None, digest: bool) -> _Selection:
         errors = int((keep & ~ok).sum())
         keep &= ok
     kept = table.filter(pa.array(keep))
-    return _Selection(kept, n_in, errors, _digest(kept) if digest else "")
+    spans = record_spans(kept, key_bytes_of(kept))
+    return _Selection(kept, spans, n_in, errors, _digest(kept) if digest else "")
 
 
 def _digest(kept: pa.Table) -> str:
@@ -104,13 +123,51 @@ def _digest(kept: pa.Table) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _select_partitions(dataset, filter_column: str | None, digest: bool) -> list:
-    frame = dataset.metadata
-    if filter_column is not None and filter_column not in frame.columns:
-        raise KeyError(f"filter column {filter_column!r} is not in the metadata")
-    parts = frame.to_delayed()
-    selections = [dask.delayed(_select, pure=True)(p, filter_column, digest) for p in parts]
-    return list(dask.persist(*selections))
+@dataclass(frozen=True)
+class _Layout:
+    """How one kind of export names and describes its output shards."""
+
+    name_of: Callable[[int], str]  # output shard n -> file name without extension
+    new_keys_of: Callable[[int, int, pa.Table], list[str]]  # (n, first position, rows)
+    key_bytes_of: Callable[[pa.Table], np.ndarray]  # rows -> UTF-8 bytes of their new keys
+    parquet_of: Callable[[int, pa.Table, list[str]], pa.Table]
+    params: dict  # what else decides the output's bytes (part of each shard's fingerprint)
+
+
+@dataclass(frozen=True)
+class _ShardPlan:
+    """One output shard: its rows as partition slices, and its pieces."""
+
+    n: int
+    slices: list[tuple[int, int, int]]  # (partition, start, stop)
+    pieces: list[tuple[int, int, int, int, int]]  # (partition, start, stop, position, offset)
+    tar_size: int
+
+
+def _plan(stats: list[tuple], per_shard: int) -> list[_ShardPlan]:
+    """Output shards of ``per_shard`` records, each cut into pieces of about
+    ``PIECE_BYTES`` that never cross an input partition, with their byte offsets."""
+    shards = []
+    for n, slices in enumerate(plan_shards([len(s[0]) for s in stats], per_shard)):
+        pieces, position, offset = [], 0, 0
+        for p, start, stop in slices:
+            ends = np.cumsum(stats[p][0][start:stop])
+            cuts = [
+                0,
+                *(
+                    np.searchsorted(
+                        ends, range(PIECE_BYTES, int(ends[-1]), PIECE_BYTES), side="right"
+                    )
+                    + 1
+                ).tolist(),
+            ]
+            for a, b in zip(cuts, [*cuts[1:], stop - start]):
+                if b > a:
+                    pieces.append((p, start + a, start + b, position + a, offset))
+                    offset += int(ends[b - 1] - (ends[a - 1] if a else 0))
+            position += stop - start
+        shards.append(_ShardPlan(n, slices, pieces, offset + len(END_OF_ARCHIVE)))
+    return shards
 
 
 def _export(
@@ -119,10 +176,7 @@ def _export(
     *,
     filter_column: str | None,
     per_shard: int,
-    name_of: Callable[[int], str],
-    new_keys_of: Callable[[int, pa.Table], list[str]],
-    parquet_of: Callable[[int, pa.Table, list[str]], pa.Table],
-    params: dict,
+    layout: _Layout,
     storage_options: dict | None,
     resume: bool,
     verbose: bool,
@@ -133,57 +187,87 @@ def _export(
     started = time.perf_counter()
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
     summary = ExportSummary(path=fsio.qualify(out_fs, out_root))
-    selections = _select_partitions(dataset, filter_column, name_prefix is not None)
-    stats = dask.compute(
+    frame = dataset.metadata
+    if filter_column is not None and filter_column not in frame.columns:
+        raise KeyError(f"filter column {filter_column!r} is not in the metadata")
+    selections = dask.persist(
         *[
-            dask.delayed(
-                lambda s: (s.table.num_rows, s.records_in, s.dropped_for_errors, s.digest)
-            )(s)
-            for s in selections
+            dask.delayed(_select, pure=True)(
+                part, filter_column, name_prefix is not None, layout.key_bytes_of
+            )
+            for part in frame.to_delayed()
         ]
     )
-    counts = [s[0] for s in stats]
+    stats = list(dask.compute(*[dask.delayed(_Selection.stats)(s) for s in selections]))
     summary.records_in = sum(s[1] for s in stats)
     summary.dropped_for_errors = sum(s[2] for s in stats)
-    summary.records_out = sum(counts)
+    summary.records_out = sum(len(s[0]) for s in stats)
     summary.dropped_by_filter = (
         summary.records_in - summary.records_out - summary.dropped_for_errors
     )
     if name_prefix is not None:
         name_prefix([s[3] for s in stats])
-    plan = plan_shards(counts, per_shard)
-    if not plan:
+    shards = _plan(stats, per_shard)
+    if not shards:
         message = "the filter kept no records: nothing was written"
         warnings.warn(f"{summary.path}: {message}", stacklevel=3)
         summary.seconds = time.perf_counter() - started
         log.info("%s", summary)
         return summary
-    shard_count_check(len(plan))
+    shard_count_check(len(shards))
     fsio.makedirs(out_fs, out_root)  # object stores: the bucket must exist
     if fsio.remove_stale_temps(out_fs, out_root):
         log.info("%s: removed temporary files of an interrupted earlier run", summary.path)
+    job = _Job(out_fs, out_root, dataset.fs, layout, write_idx)
+    done = _finished_shards(job, selections, shards) if resume else {}
+    run = uuid.uuid4().hex[:8]
+    shared = dask.delayed(job, name=f"export-job-{run}")  # shipped once, not in every task
     tasks = []
-    for n, pieces in enumerate(plan):
-        used = sorted({p for p, _, _ in pieces})
-        local = [(used.index(p), start, stop) for p, start, stop in pieces]
-        tasks.append(
-            dask.delayed(_write_one, pure=True)(
-                [selections[p] for p in used],
-                local,
-                n,
-                dict(
-                    name=fsio.join(out_root, name_of(n)),
-                    source_fs=dataset.fs,
-                    out_fs=out_fs,
-                    new_keys_of=new_keys_of,
-                    parquet_of=parquet_of,
-                    params=params,
-                    resume=resume,
-                    write_idx=write_idx,
-                ),
+    for shard in shards:
+        n = shard.n
+        used = sorted({p for p, _, _ in shard.slices})
+        parts = [selections[p] for p in used]
+        slices = [(used.index(p), start, stop) for p, start, stop in shard.slices]
+        if n in done:
+            tasks.append(done[n])
+        elif fsio.is_local(out_fs):  # pieces fill one temporary tar in place, in parallel
+            tar_tmp = fsio.temp_path(out_fs, job.path(n, ".tar"))
+            written = [
+                dask.delayed(_write_piece)(
+                    selections[p],
+                    start,
+                    stop,
+                    n,
+                    position,
+                    offset,
+                    tar_tmp,
+                    shared,
+                    dask_key_name=f"export-piece-{run}-{n}-{k}",
+                )
+                for k, (p, start, stop, position, offset) in enumerate(shard.pieces)
+            ]
+            tasks.append(
+                dask.delayed(_commit)(
+                    parts,
+                    slices,
+                    n,
+                    tar_tmp,
+                    shared,
+                    written,
+                    dask_key_name=f"export-commit-{run}-{n}",
+                )
             )
-        )
-    results: Sequence[ShardResult] = compute_with_progress(tasks, verbose, "export")
+        else:  # object stores: a whole shard per task, uploaded when complete
+            tasks.append(
+                dask.delayed(_write_whole)(
+                    parts, slices, n, shared, dask_key_name=f"export-shard-{run}-{n}"
+                )
+            )
+    try:
+        results: Sequence[ShardResult] = compute_with_progress(tasks, verbose, "export")
+    except BaseException:
+        fsio.remove_stale_temps(out_fs, out_root)  # this run's temporary files
+        raise
     summary.shards_written = sum(not r.skipped for r in results)
     summary.shards_skipped = sum(r.skipped for r in results)
     summary.bytes_written = sum(r.bytes for r in results if not r.skipped)
@@ -193,21 +277,104 @@ def _export(
     return summary
 
 
-def _write_one(selections: list[_Selection], pieces, n: int, spec: dict) -> ShardResult:
-    rows = stack_slices([s.table for s in selections], pieces)
-    new_keys = spec["new_keys_of"](n, rows)
-    name = spec["name"]
+@dataclass(frozen=True)
+class _Job:
+    """What every task of one export shares."""
+
+    out_fs: fsspec.AbstractFileSystem
+    out_root: str
+    source_fs: fsspec.AbstractFileSystem
+    layout: _Layout
+    write_idx: bool
+
+    def path(self, n: int, ext: str) -> str:
+        return fsio.join(self.out_root, self.layout.name_of(n) + ext)
+
+    def outputs(self, n: int) -> dict:
+        """Output shard ``n``'s file paths, as ``commit_shard`` and ``write_shard`` take them."""
+        return dict(
+            tar_path=self.path(n, ".tar"),
+            parquet_path=self.path(n, ".parquet"),
+            idx_path=self.path(n, ".idx") if self.write_idx else None,
+        )
+
+    def shard(self, parts: list[_Selection], slices, n: int) -> tuple:
+        """Output shard ``n``'s rows, new keys, Parquet table and fingerprint."""
+        rows = stack_slices([s.table for s in parts], slices)
+        keys = self.layout.new_keys_of(n, 0, rows)
+        fingerprint = job_fingerprint(rows, keys, dict(self.layout.params, shard=n))
+        return rows, keys, fingerprint
+
+    def skipped(self, n: int, records: int) -> ShardResult:
+        tar = self.path(n, ".tar")
+        return ShardResult(
+            fsio.qualify(self.out_fs, tar),
+            fsio.qualify(self.out_fs, self.path(n, ".parquet")),
+            records,
+            self.out_fs.size(tar),
+            skipped=True,
+        )
+
+
+def _finished_shards(job: _Job, selections, shards: list[_ShardPlan]) -> dict[int, ShardResult]:
+    """Shards a finished earlier run of the same job left complete (resume): checked by
+    fingerprint only where a final Parquet exists."""
+    existing = [s for s in shards if job.out_fs.exists(job.path(s.n, ".parquet"))]
+    if not existing:
+        return {}
+
+    def fingerprint(parts, slices, n):
+        rows, _, digest = job.shard(parts, slices, n)
+        return len(rows), digest
+
+    checks = []
+    for shard in existing:
+        used = sorted({p for p, _, _ in shard.slices})
+        slices = [(used.index(p), start, stop) for p, start, stop in shard.slices]
+        checks.append(dask.delayed(fingerprint)([selections[p] for p in used], slices, shard.n))
+    done = {}
+    for shard, (records, digest) in zip(existing, dask.compute(*checks)):
+        tar, parquet = job.path(shard.n, ".tar"), job.path(shard.n, ".parquet")
+        if finished(job.out_fs, tar, parquet, digest):
+            done[shard.n] = job.skipped(shard.n, records)
+    return done
+
+
+def _write_piece(
+    part: _Selection, start: int, stop: int, n: int, position: int, offset: int, tar_tmp, job
+) -> int:
+    rows = part.table.slice(start, stop - start)
+    keys = job.layout.new_keys_of(n, position, rows)
+    return write_piece(tar_tmp, plan_members(rows, keys), offset, job.source_fs)
+
+
+def _commit(
+    parts: list[_Selection], slices, n: int, tar_tmp: str, job: _Job, written
+) -> ShardResult:
+    del written  # a dependency only: every piece is in place
+    rows, keys, fingerprint = job.shard(parts, slices, n)
+    return commit_shard(
+        rows,
+        keys,
+        job.layout.parquet_of(n, rows, keys),
+        out_fs=job.out_fs,
+        tar_tmp=tar_tmp,
+        fingerprint=fingerprint,
+        **job.outputs(n),
+    )
+
+
+def _write_whole(parts: list[_Selection], slices, n: int, job: _Job) -> ShardResult:
+    rows, keys, fingerprint = job.shard(parts, slices, n)
     return write_shard(
         rows,
-        new_keys,
-        spec["parquet_of"](n, rows, new_keys),
-        source_fs=spec["source_fs"],
-        out_fs=spec["out_fs"],
-        tar_path=name + ".tar",
-        parquet_path=name + ".parquet",
-        idx_path=name + ".idx" if spec["write_idx"] else None,
-        fingerprint=job_fingerprint(rows, new_keys, dict(spec["params"], shard=n)),
-        resume=spec["resume"],
+        keys,
+        job.layout.parquet_of(n, rows, keys),
+        source_fs=job.source_fs,
+        out_fs=job.out_fs,
+        fingerprint=fingerprint,
+        **job.outputs(n),
+        resume=False,  # checked before
     )
 
 
@@ -235,8 +402,8 @@ def to_webdataset(
     position_digits = 0 if samples_per_shard == 1 else len(str(samples_per_shard - 1))
     width = max_shards + position_digits
 
-    def new_keys_of(n: int, rows: pa.Table) -> list[str]:
-        base = n * 10**position_digits
+    def new_keys_of(n: int, first: int, rows: pa.Table) -> list[str]:
+        base = n * 10**position_digits + first
         return [f"{base + i:0{width}d}" for i in range(rows.num_rows)]
 
     def parquet_of(n: int, rows: pa.Table, new_keys: list[str]) -> pa.Table:
@@ -261,15 +428,18 @@ def to_webdataset(
         path,
         filter_column=filter_column,
         per_shard=samples_per_shard,
-        name_of=lambda n: f"{n:0{max_shards}d}",
-        new_keys_of=new_keys_of,
-        parquet_of=parquet_of,
-        params=dict(
-            kind="webdataset",
-            per_shard=samples_per_shard,
-            max_shards=max_shards,
-            old_id_col=old_id_col,
-            id_col=id_col,
+        layout=_Layout(
+            name_of=lambda n: f"{n:0{max_shards}d}",
+            new_keys_of=new_keys_of,
+            key_bytes_of=lambda rows: np.full(rows.num_rows, width, dtype=np.int64),
+            parquet_of=parquet_of,
+            params=dict(
+                kind="webdataset",
+                per_shard=samples_per_shard,
+                max_shards=max_shards,
+                old_id_col=old_id_col,
+                id_col=id_col,
+            ),
         ),
         storage_options=storage_options,
         resume=resume,
@@ -305,7 +475,7 @@ def write_images(
             h.update(d.encode())
         prefix.append(h.hexdigest()[:16])
 
-    def new_keys_of(n: int, rows: pa.Table) -> list[str]:
+    def new_keys_of(n: int, first: int, rows: pa.Table) -> list[str]:
         keys = rows.column(id_col).to_pylist()
         unsafe = [k for k in keys if k.startswith("/") or ".." in k.split("/")]
         if unsafe:
@@ -314,6 +484,10 @@ def write_images(
                 f"which renames records"
             )
         return keys
+
+    def key_bytes_of(rows: pa.Table) -> np.ndarray:
+        ids = rows.column(id_col).combine_chunks().cast(pa.binary())
+        return pc.binary_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
 
     def name_of(n: int) -> str:
         return f"images-{prefix[0]}-{n:06d}"
@@ -329,10 +503,13 @@ def write_images(
         output_dir,
         filter_column=filter_column,
         per_shard=images_per_tar,
-        name_of=name_of,
-        new_keys_of=new_keys_of,
-        parquet_of=parquet_of,
-        params=dict(kind="images", per_shard=images_per_tar, id_col=id_col),
+        layout=_Layout(
+            name_of=name_of,
+            new_keys_of=new_keys_of,
+            key_bytes_of=key_bytes_of,
+            parquet_of=parquet_of,
+            params=dict(kind="images", per_shard=images_per_tar, id_col=id_col),
+        ),
         storage_options=storage_options,
         resume=resume,
         verbose=verbose,

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dask_imgcurate import ImageTextPairDataset
+from dask_imgcurate import ImageTextPairDataset, export
 from dask_imgcurate.demo import make_demo_dataset, make_shard_records, write_shard
 from dask_imgcurate.io import writer
 from dask_imgcurate.io.writer import MAX_GAP, MAX_READ, MemberPlan, merged_reads, plan_shards
@@ -244,21 +244,24 @@ def test_merged_reads_rules():
     ]
 
 
-def test_write_all_batches_and_resumes_short_writes(tmp_path, monkeypatch):
-    real_write = os.write
+def test_pwrite_all_batches_and_resumes_short_writes(tmp_path, monkeypatch):
+    real_pwrite = os.pwrite
     batches = []
 
-    def short_writev(fd, buffers):  # writes half of what it is given, as a full disk might
+    def short_pwritev(fd, buffers, offset):  # writes half of what it is given (a full disk)
         batches.append(len(buffers))
         data = b"".join(bytes(b) for b in buffers)
-        return real_write(fd, data[: max(1, len(data) // 2)])
+        return real_pwrite(fd, data[: max(1, len(data) // 2)], offset)
 
     monkeypatch.setattr(writer, "_IOV_MAX", 3)
-    monkeypatch.setattr(os, "writev", short_writev)
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
     chunks = [b"abc", b"", memoryview(b"xdefgh")[1:], bytearray(b"ij"), b"k" * 1000, b"l"]
+    expected = b"".join(bytes(c) for c in chunks)
     with open(tmp_path / "out", "wb", buffering=0) as f:
-        writer._write_all(f.fileno(), list(chunks))
-    assert (tmp_path / "out").read_bytes() == b"".join(bytes(c) for c in chunks)
+        f.write(b"head")
+        end = writer._pwrite_all(f.fileno(), list(chunks), 4)
+    assert end == 4 + len(expected)
+    assert (tmp_path / "out").read_bytes() == b"head" + expected
     assert max(batches) == 3 and len(batches) > 3
 
 
@@ -284,13 +287,31 @@ def _digest_dir(directory: Path) -> dict[str, str]:
     return {p.name: sha(p.read_bytes()) for p in sorted(directory.iterdir())}
 
 
-def test_two_process_cluster_gives_identical_bytes(source, tmp_path):
+def test_pieces_of_any_size_give_identical_bytes(source, tmp_path, monkeypatch):
+    """A shard filled by many piece tasks (a record each here) equals one written whole."""
+    ds = load_with_keep(source)
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "whole"), filter_column="keep", samples_per_shard=10)
+    plans = []
+    real = export._plan
+    monkeypatch.setattr(export, "PIECE_BYTES", 1)
+    monkeypatch.setattr(export, "_plan", lambda *a: plans.append(real(*a)) or plans[-1])
+    with dask.config.set(scheduler="threads", num_workers=4):
+        ds.to_webdataset(str(tmp_path / "pieces"), filter_column="keep", samples_per_shard=10)
+    first = plans[0][0]
+    assert [stop - start for _, start, stop, _, _ in first.pieces] == [1] * 10  # a record each
+    assert [position for _, _, _, position, _ in first.pieces] == list(range(10))
+    assert _digest_dir(tmp_path / "whole") == _digest_dir(tmp_path / "pieces")
+
+
+def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch):
     from distributed import Client, LocalCluster
 
     ds = load_with_keep(source)
     with dask.config.set(scheduler="synchronous"):
         ds.to_webdataset(str(tmp_path / "single"), filter_column="keep", samples_per_shard=6)
         ds.write_images(str(tmp_path / "single-img"), images_per_tar=6, filter_column="keep")
+    monkeypatch.setattr(export, "PIECE_BYTES", 1)  # a shard's pieces spread over both workers
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as c:
@@ -375,14 +396,15 @@ def test_resume_after_kill(source, tmp_path):
         import os, signal, dask
         import dask_imgcurate.io.writer as writer
         from dask_imgcurate import ImageTextPairDataset
-        calls = [0]
-        real = writer.member_header
-        def dying_header(name, size):
-            calls[0] += 1
-            if calls[0] == 40:  # in the middle of the fourth shard
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(name, size)
-        writer.member_header = dying_header
+        real = writer._pwrite_all
+        tars = set()
+        def dying_write(fd, chunks, offset):
+            end = real(fd, chunks, offset)
+            tars.add(os.readlink(f"/proc/self/fd/{{fd}}"))
+            if len(tars) == 4:
+                os.kill(os.getpid(), signal.SIGKILL)  # the fourth shard's tar: part written
+            return end
+        writer._pwrite_all = dying_write
         ds = ImageTextPairDataset.from_webdataset({str(source)!r})
         with dask.config.set(scheduler="synchronous"):
             ds.to_webdataset({str(out)!r}, samples_per_shard=4, max_shards=2)

@@ -409,6 +409,56 @@ def test_split_keys_matches_split_key():
     names += ["".join(rng.choice(alphabet, rng.integers(0, 12))) for _ in range(3000)]
     keys, exts = split_keys(pa.array(names))
     assert list(zip(keys.to_pylist(), exts.to_pylist())) == [split_key(n) for n in names]
+    # without "/" and dot-files split_keys takes its fast path (split at the first dot)
+    plain = [n for n in names if "/" not in n and not n.startswith(".")]
+    assert len(plain) > 1000 and any("." in n[1:] for n in plain)
+    keys, exts = split_keys(pa.array(plain))
+    assert list(zip(keys.to_pylist(), exts.to_pylist())) == [split_key(n) for n in plain]
+
+
+def test_non_utf8_member_name_is_a_clear_error():
+    info = tarfile.TarInfo("café.jpg")
+    info.size = 3
+    data = info.tobuf(tarfile.GNU_FORMAT, "latin-1", "strict") + b"abc".ljust(512, b"\0")
+    index = scan_tar(data + bytes(1024), "latin.tar")
+    assert index.names == ["caf\udce9.jpg"]  # kept as the bytes were, not guessed
+    with pytest.raises(TarFormatError, match=r"latin.tar: member name .* is not UTF-8"):
+        group_records(index)
+
+
+def _mixed_tar() -> bytes:
+    """Plain members around every header kind the general loop handles."""
+    out = io.BytesIO()
+    entries = [
+        (tarfile.GNU_FORMAT, "000.jpg"),
+        (tarfile.GNU_FORMAT, "x" * 120 + ".jpg"),  # GNU long name ("L")
+        (tarfile.USTAR_FORMAT, "d" * 90 + "/" + "p" * 40 + ".txt"),  # ustar prefix
+        (tarfile.PAX_FORMAT, "画像.jpg"),  # pax "path"
+        (tarfile.GNU_FORMAT, "001.json"),
+        (tarfile.GNU_FORMAT, "001.txt"),
+    ]
+    for fmt, name in entries:
+        info = tarfile.TarInfo(name)
+        payload = name.encode() * 3
+        info.size = len(payload)
+        out.write(info.tobuf(fmt, "utf-8", "surrogateescape"))
+        out.write(payload.ljust(-len(payload) % 512 + len(payload), b"\0"))
+        if name == "000.jpg":
+            link = tarfile.TarInfo("000.lnk")  # not a regular file: listed as skipped
+            link.type, link.linkname = tarfile.SYMTYPE, "000.jpg"
+            out.write(link.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+    return out.getvalue() + bytes(1024)
+
+
+def test_fast_walk_equals_general_loop_and_tarfile():
+    data = _mixed_tar()
+    fast = scan_tar(data, "m.tar")  # bytes: plain runs take the fast walk
+    general = scan_tar(memoryview(data), "m.tar")  # memoryview: the general loop only
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        expected = [(m.name, m.offset_data, m.size) for m in tf.getmembers() if m.isfile()]
+    for index in (fast, general):
+        assert list(zip(index.names, index.offsets.tolist(), index.sizes.tolist())) == expected
+    assert fast.skipped == general.skipped == ["000.lnk"]
 
 
 def test_group_records_matches_split_key(demo_dir, tarfile_members):

@@ -304,30 +304,46 @@ def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str) -> int:
     return len(stale)
 
 
-@contextlib.contextmanager
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
-    """Yield a local temporary file name; on success it becomes ``path`` in one step.
+def temp_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A new local file name to write ``path``'s bytes to before ``publish``.
 
-    Local files are renamed into place (same directory, so the rename is atomic); object
-    stores get the finished file in one upload (retried on transient errors), so no partial
-    or temporary object is ever visible there. On error the temporary file is removed and
-    ``path`` is untouched.
+    Local outputs get a hidden name in the same directory (so the rename is atomic, and
+    ``remove_stale_temps`` finds it after a crash); object stores get a local temp file.
     """
     if is_local(fs):
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(
+        return os.path.join(
             directory, f".{os.path.basename(path)}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
         )
-    else:
-        fd, tmp = tempfile.mkstemp(prefix="dask-imgcurate-", suffix=".part")
-        os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix="dask-imgcurate-", suffix=".part")
+    os.close(fd)
+    return tmp
+
+
+def publish(fs: fsspec.AbstractFileSystem, tmp: str, path: str) -> None:
+    """Make the finished local file ``tmp`` (from ``temp_path``) appear as ``path`` in one
+    step: a rename locally, one whole upload (retried on transient errors) elsewhere."""
+    if is_local(fs):
+        os.replace(tmp, path)
+        return
+    try:
+        retry(fs, path, lambda: fs.put_file(tmp, path), action="write")
+    finally:
+        os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+    """Yield a local temporary file name; on success it becomes ``path`` in one step.
+
+    See ``temp_path`` and ``publish``: no partial or temporary object is ever visible
+    under ``path``. On error the temporary file is removed and ``path`` is untouched.
+    """
+    tmp = temp_path(fs, path)
     try:
         yield tmp
-        if is_local(fs):
-            os.replace(tmp, path)
-        else:
-            retry(fs, path, lambda: fs.put_file(tmp, path), action="write")
+        publish(fs, tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dask_imgcurate.errors import DuplicateKeyError
+from dask_imgcurate.errors import DuplicateKeyError, TarFormatError
 from dask_imgcurate.io.tarindex import TarIndex
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -33,6 +33,14 @@ def split_key(name: str) -> tuple[str, str]:
 
 def split_keys(names: pa.Array) -> tuple[pa.Array, pa.Array]:
     """``split_key`` over a string array: (keys, extensions), as arrays."""
+    if not pc.any(pc.match_substring(names, "/")).as_py():
+        dot = pc.find_substring(names, ".")
+        if not pc.any(pc.equal(dot, 0)).as_py():  # no dot-files: split at the first dot
+            dotted = pc.if_else(
+                pc.greater(dot, 0), names, pc.binary_join_element_wise(names, ".", "")
+            )
+            parts = pc.split_pattern(dotted, ".", max_splits=1)
+            return pc.list_element(parts, 0), pc.list_element(parts, 1)
     parts = pc.extract_regex(names, _KEY_DOT_EXT)  # null where the whole name is the key
     keys = pc.coalesce(pc.struct_field(parts, [0]), names)
     return keys, pc.fill_null(pc.struct_field(parts, [1]), "")
@@ -60,21 +68,19 @@ def group_records(index: TarIndex) -> RecordIndex:
     be missing members) and counted in ``dropped_incomplete``.
     """
     names = index.names
-    keys: list[str] = []
-    starts: list[int] = []
-    images: list[int] = []
-    previous = None
-    for i, name in enumerate(names):
-        slash = name.rfind("/") + 1  # split_key, inlined: this loop is hot
-        dot = name.find(".", slash)
-        key, ext = (name[:dot], name[dot + 1 :]) if dot > slash else (name, "")
-        if key != previous:
-            keys.append(key)
-            starts.append(i)
-            images.append(-1)
-            previous = key
-        if images[-1] < 0 and ext.lower() in _IMAGE_SET:
-            images[-1] = i
+    count = len(names)
+    key_array, ext_array = split_keys(_name_array(index))
+    member_keys = np.asarray(key_array.to_numpy(zero_copy_only=False), dtype=object)
+    new_record = np.ones(count, dtype=bool)
+    new_record[1:] = member_keys[1:] != member_keys[:-1]
+    starts = np.flatnonzero(new_record).tolist()
+    keys = member_keys[starts].tolist()
+    lower = pc.utf8_lower(ext_array)
+    is_image = pc.is_in(lower, value_set=pa.array(IMAGE_EXTENSIONS)).to_numpy(zero_copy_only=False)
+    candidates = np.where(is_image, np.arange(count), count)
+    images = np.minimum.reduceat(candidates, starts) if starts else np.zeros(0, np.int64)
+    bounds = np.append(starts, count)
+    images = np.where(images < bounds[1:], images, -1).tolist()
     if len(set(keys)) != len(keys) or len(set(names)) != len(names):
         _raise_duplicate(index, keys, starts)
     stops = starts[1:] + [len(names)]
@@ -90,6 +96,23 @@ def group_records(index: TarIndex) -> RecordIndex:
         image_member=np.asarray(images, dtype=np.int64),
         dropped_incomplete=dropped,
     )
+
+
+def _name_array(index: TarIndex) -> pa.Array:
+    """The member names as an Arrow array; a name that is not UTF-8 is a clear error."""
+    try:
+        return pa.array(index.names, pa.string())
+    except UnicodeEncodeError:
+        for i, name in enumerate(index.names):
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                raise TarFormatError(
+                    index.source,
+                    int(index.offsets[i]),
+                    f"member name {name!r} is not UTF-8; its data starts",
+                ) from None
+        raise
 
 
 def _raise_duplicate(index: TarIndex, keys: list[str], starts: list[int]) -> None:

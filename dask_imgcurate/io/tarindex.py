@@ -9,6 +9,7 @@ itself stays a tight loop.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 # uname gname devmajor devminor(80) prefix (first byte; read in full only when set)
 _HEADER = struct.Struct("100s24x12s20xc100x8s80xc")
 _REGULAR = (b"0", b"\x00", b"7")
+_PLAIN_TYPES = frozenset((ord("0"), 0, ord("7")))
 _SKIPPED_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K", b"V", b"M", b"S", b"D")
 _USTAR = b"ustar\x0000"
 
@@ -96,8 +98,20 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
     pax: dict[str, str] = {}
     pending = False  # a long name or pax header applies to the next member
     damage: TarFormatError | None = None
+    plain: list[int] = []  # indices into names of members named later, from their headers
+    plain_rows: list[int] = []  # ... and their headers' indices into header_starts
+    walk = _walk_plain if isinstance(buffer, (bytes, bytearray, mmap.mmap)) else None
     try:
         while True:
+            if walk is not None and not pending:
+                first = len(header_starts)
+                pos = walk(buffer, pos, size_total, header_starts, sizes)
+                added = len(header_starts) - first
+                if added:
+                    plain.extend(range(len(names), len(names) + added))
+                    plain_rows.extend(range(first, first + added))
+                    names.extend([""] * added)
+                    offsets.extend([start + BLOCK for start in header_starts[first:]])
             if pos + BLOCK > size_total:
                 if pos == size_total and not pending:
                     break  # archive without end-of-archive blocks: accepted, like GNU tar
@@ -157,12 +171,15 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
         damage = err
     except (ValueError, UnicodeDecodeError) as err:  # malformed pax / long-name payload
         damage = TarFormatError(source, pos, f"corrupt extended header ({err})")
+    headers = _header_blocks(buffer, header_starts)
     try:
         # Also when the walk stopped early: the headers read before the damage must be
         # intact too, and a bad one among them is the first damage.
-        _verify_checksums(buffer, header_starts, source)
+        _verify_checksums(headers, header_starts, source)
     except TarFormatError as err:
         damage = err
+    if plain:
+        _name_plain(names, plain, headers[plain_rows, :100])
     if damage is not None:
         if strict:
             raise damage from None
@@ -196,15 +213,55 @@ def _refuse_compressed(buffer, source: str) -> None:
             )
 
 
-def _verify_checksums(buffer, header_starts: list[int], source: str) -> None:
+def _walk_plain(buffer, pos: int, end: int, header_starts: list[int], sizes: list[int]) -> int:
+    """Walk the run of plain members from ``pos`` (regular files, octal size, no ustar
+    prefix: nearly every WebDataset member) appending their header offsets and sizes; stop
+    at anything else (end of archive, extended headers, damage) for ``scan_tar``'s general
+    loop, and return where. Names are read afterwards, for all at once."""
+    add_header, add_size = header_starts.append, sizes.append
+    while pos + BLOCK <= end:
+        if buffer[pos] == 0 or buffer[pos + 156] not in _PLAIN_TYPES:
+            break
+        if buffer[pos + 135] not in (0, 32) or buffer[pos + 345] != 0:
+            break
+        try:
+            size = int(buffer[pos + 124 : pos + 135], 8)
+        except ValueError:
+            break
+        data = pos + BLOCK
+        if data + size > end:
+            break
+        add_header(pos)
+        add_size(size)
+        pos = data + ((size + BLOCK - 1) & ~(BLOCK - 1))
+    return pos
+
+
+def _header_blocks(buffer, header_starts: list[int]) -> np.ndarray:
+    """A copy of the header blocks at ``header_starts``, one row each."""
+    starts = np.asarray(header_starts, dtype=np.int64)
+    view = np.frombuffer(buffer, dtype=np.uint8)
+    blocks = view[: len(view) // BLOCK * BLOCK].reshape(-1, BLOCK)
+    headers = blocks[starts // BLOCK]
+    del view, blocks  # release the buffer export so an mmap can be closed
+    return headers
+
+
+def _name_plain(names: list, plain: list[int], name_fields: np.ndarray) -> None:
+    """Set ``names[plain[k]]`` from the 100-byte header name field ``name_fields[k]``."""
+    raw = np.ascontiguousarray(name_fields).view("S100").ravel().tolist()
+    for i, value in zip(plain, raw):
+        try:
+            names[i] = value.partition(b"\x00")[0].decode()
+        except UnicodeDecodeError:
+            names[i] = _text(value)
+
+
+def _verify_checksums(headers: np.ndarray, header_starts: list[int], source: str) -> None:
     """Check every header's checksum in one vectorised pass; raise at the first bad one."""
     if not header_starts:
         return
     starts = np.asarray(header_starts, dtype=np.int64)
-    view = np.frombuffer(buffer, dtype=np.uint8)
-    blocks = view[: len(view) // BLOCK * BLOCK].reshape(-1, BLOCK)
-    headers = blocks[starts // BLOCK]  # a copy of just the header blocks
-    del view, blocks  # release the buffer export so an mmap can be closed
     chk = headers[:, 148:156].astype(np.int64)
     expected = np.zeros(len(headers), dtype=np.int64)
     is_digit = (chk >= 48) & (chk <= 55)

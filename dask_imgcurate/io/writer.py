@@ -10,9 +10,11 @@ fingerprint of the job, so a re-run can tell a finished shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,13 +28,15 @@ from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.dali_index import VERSION as DALI_VERSION
 from dask_imgcurate.io.records import split_keys
 from dask_imgcurate.io.tarindex import BLOCK
-from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE, member_header, padding
+from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE, header_lengths, member_headers
 
 MAX_READ = 8 << 20  # bytes per merged read
 MAX_GAP = 64 << 10  # merge two ranges of a source when at most this far apart
 FINGERPRINT_KEY = b"dask_imgcurate.fingerprint"
 TAR_SIZE_KEY = b"dask_imgcurate.tar_size"
+HEADER_BATCH = 1024  # members whose headers are encoded at once
 _IOV_MAX = 1024  # buffers per writev: IOV_MAX on Linux, macOS and the BSDs
+_ZEROS = memoryview(bytes(BLOCK))
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,16 @@ class MemberPlan:
 
     def __len__(self) -> int:
         return len(self.sizes)
+
+    def slice(self, first: int, stop: int) -> MemberPlan:
+        """Members ``first:stop``."""
+        return MemberPlan(
+            self.sources,
+            self.source[first:stop],
+            self.offsets[first:stop],
+            self.sizes[first:stop],
+            self.names.slice(first, stop - first),
+        )
 
 
 def _flat_members(rows: pa.Table) -> tuple[pa.ListArray, pa.StructArray]:
@@ -114,15 +128,28 @@ def _pread_all(fd: int, view: memoryview, offset: int) -> int:
     return got
 
 
+_THREAD = threading.local()
+
+
+def _read_buffer(size: int) -> memoryview:
+    """A writable view of ``size`` bytes, reused by every read of this thread (fresh pages
+    cost a page fault each, expensive on VMs); buffers over ``MAX_READ`` are not kept."""
+    buffer = getattr(_THREAD, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(max(size, MAX_READ))
+        if size <= MAX_READ:
+            _THREAD.buffer = buffer
+    return memoryview(buffer)[:size]
+
+
 class _RangeReader:
-    """Reads byte ranges of source tars: locally with ``preadv`` into one reused buffer,
-    elsewhere with ranged GETs (retried on transient errors, see ``fsio.retry``)."""
+    """Reads byte ranges of source tars: locally with ``preadv`` into this thread's reused
+    buffer, elsewhere with ranged GETs (retried on transient errors, see ``fsio.retry``)."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem):
         self.fs = fs
         self.local = fsio.is_local(fs)
         self.files: dict[str, int] = {}
-        self.buffer = bytearray()
 
     def read(self, source: str, start: int, end: int) -> memoryview | bytes:
         """Bytes ``[start, end)`` of ``source``; a local read is a view of the reused
@@ -133,9 +160,7 @@ class _RangeReader:
             fd = self.files.get(path)
             if fd is None:
                 fd = self.files[path] = os.open(path, os.O_RDONLY)
-            if len(self.buffer) < want:
-                self.buffer = bytearray(want)
-            data = memoryview(self.buffer)[:want]
+            data = _read_buffer(want)
             got = _pread_all(fd, data, start)
         else:
             data = fsio.read_range(self.fs, path, start, end)  # retried when transient
@@ -153,13 +178,14 @@ class _RangeReader:
         self.files.clear()
 
 
-def _write_all(fd: int, chunks: list) -> None:
-    """``os.writev`` all of ``chunks`` in order, ``_IOV_MAX`` at a time, resuming short
-    writes."""
+def _pwrite_all(fd: int, chunks: list, offset: int) -> int:
+    """``os.pwritev`` all of ``chunks`` in order at ``offset``, ``_IOV_MAX`` at a time,
+    resuming short writes; return the offset after them."""
     i = 0
     while i < len(chunks):
         batch = chunks[i : i + _IOV_MAX]
-        written = os.writev(fd, batch)
+        written = os.pwritev(fd, batch, offset)
+        offset += written
         if written == sum(map(len, batch)):
             i += len(batch)
             continue
@@ -169,26 +195,160 @@ def _write_all(fd: int, chunks: list) -> None:
                 break
             written -= len(chunk)
             i += 1
+    return offset
 
 
-def _write_tar(fd: int, plan: MemberPlan, reader: _RangeReader) -> tuple[np.ndarray, int]:
-    """Write ``plan``'s members as a tar to ``fd``; return each payload's position in it
-    and the tar's size."""
-    names, offsets, sizes = plan.names.to_pylist(), plan.offsets.tolist(), plan.sizes.tolist()
-    header_sizes: list[int] = []
-    for first, stop, start, end in merged_reads(plan):
-        data = memoryview(reader.read(plan.sources[plan.source[first]], start, end))
-        chunks: list = []
-        for name, at, size in zip(names[first:stop], offsets[first:stop], sizes[first:stop]):
-            header = member_header(name, size)
-            header_sizes.append(len(header))
-            chunks += (header, data[at - start : at - start + size], padding(size))
-        _write_all(fd, chunks)
-    _write_all(fd, [END_OF_ARCHIVE])
-    padded = plan.sizes + -plan.sizes % BLOCK
-    ends = np.cumsum(np.asarray(header_sizes, dtype=np.int64) + padded)
-    tar_size = int(ends[-1]) if len(ends) else 0
-    return ends - padded, tar_size + len(END_OF_ARCHIVE)
+def tar_layout(header_bytes: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Where each member's header starts in a tar of these members, and the tar's size
+    (end-of-archive blocks included)."""
+    span = np.asarray(header_bytes, dtype=np.int64) + sizes + -sizes % BLOCK
+    ends = np.cumsum(span)
+    total = int(ends[-1]) if len(ends) else 0
+    return ends - span, total + len(END_OF_ARCHIVE)
+
+
+def record_spans(rows: pa.Table, key_bytes: np.ndarray) -> np.ndarray:
+    """Bytes each record of ``rows`` occupies in an output tar (headers, payloads, padding)
+    when written under a key of ``key_bytes[i]`` UTF-8 bytes, as ``plan_members`` names it."""
+    lists, flat = _flat_members(rows)
+    counts = lists.value_lengths().to_numpy()
+    ext = split_keys(flat.field("name"))[1]
+    ext_bytes = pc.binary_length(ext.cast(pa.binary())).to_numpy(zero_copy_only=False)
+    name_bytes = np.repeat(np.asarray(key_bytes, dtype=np.int64), counts) + np.where(
+        ext_bytes > 0, ext_bytes + 1, 0
+    )
+    sizes = flat.field("size").to_numpy()
+    spans = header_lengths(name_bytes) + sizes + -sizes % BLOCK
+    ends = np.cumsum(spans)
+    record_ends = ends[np.cumsum(counts) - 1] if len(counts) else ends[:0]
+    return np.diff(record_ends, prepend=0)
+
+
+def write_piece(
+    tar: str, plan: MemberPlan, offset: int, source_fs: fsspec.AbstractFileSystem
+) -> int:
+    """Copy ``plan``'s members (headers, payloads, padding) into the local file ``tar``
+    (created if missing; other pieces may be writing elsewhere in it) from byte ``offset``;
+    return the offset after them."""
+    offsets, sizes = plan.offsets.tolist(), plan.sizes.tolist()
+    reader = _RangeReader(source_fs)
+    fd = os.open(tar, os.O_WRONLY | os.O_CREAT, 0o644)
+    at = offset
+    batch = batch_end = 0  # headers are made for HEADER_BATCH members at a time
+    try:
+        for first, stop, start, end in merged_reads(plan):
+            data = memoryview(reader.read(plan.sources[plan.source[first]], start, end))
+            chunks: list = []
+            for i in range(first, stop):
+                if i >= batch_end:
+                    batch, batch_end = i, min(i + HEADER_BATCH, len(plan))
+                    names = plan.names.slice(batch, batch_end - batch)
+                    headers, bounds = member_headers(names, plan.sizes[batch:batch_end])
+                    starts = bounds.tolist()
+                size, begin, j = sizes[i], offsets[i] - start, i - batch
+                chunks += (
+                    headers[starts[j] : starts[j + 1]],
+                    data[begin : begin + size],
+                    _ZEROS[: -size % BLOCK],
+                )
+            at = _pwrite_all(fd, chunks, at)
+    finally:
+        os.close(fd)
+        reader.close()
+    return at
+
+
+def commit_shard(
+    rows: pa.Table,
+    new_keys: Sequence[str],
+    parquet_table: pa.Table,
+    *,
+    out_fs: fsspec.AbstractFileSystem,
+    tar_tmp: str,
+    tar_path: str,
+    parquet_path: str,
+    idx_path: str | None,
+    fingerprint: str,
+) -> ShardResult:
+    """Finish an output shard whose members are all in ``tar_tmp`` (``write_piece``): end
+    the tar, write its DALI ``.idx`` and Parquet, and publish all three under their final
+    names, the Parquet (which marks the shard complete) last.
+
+    ``rows`` (with ``_shard`` and ``_members``), ``new_keys`` and ``parquet_table`` are the
+    shard's records as its pieces wrote them.
+    """
+    plan = plan_members(rows, new_keys)
+    _, header_starts = member_headers(plan.names, plan.sizes)
+    header_at, tar_size = tar_layout(np.diff(header_starts), plan.sizes)
+    staged = [(tar_tmp, tar_path)]
+    try:
+        members_end = tar_size - len(END_OF_ARCHIVE)
+        with open(tar_tmp, "r+b") as f:
+            if os.fstat(f.fileno()).st_size > members_end:  # never published
+                raise RuntimeError(f"{tar_tmp}: pieces wrote past the members' end")
+            os.pwrite(f.fileno(), END_OF_ARCHIVE, members_end)
+        text = idx_text(plan, header_at + np.diff(header_starts)) if idx_path else None
+        if text is not None:
+            staged.append((fsio.temp_path(out_fs, idx_path), idx_path))
+            with open(staged[-1][0], "w", encoding="utf-8") as f:
+                f.write(text)
+        schema_meta = dict(parquet_table.schema.metadata or {})
+        schema_meta[FINGERPRINT_KEY] = fingerprint.encode()
+        schema_meta[TAR_SIZE_KEY] = str(tar_size).encode()
+        staged.append((fsio.temp_path(out_fs, parquet_path), parquet_path))
+        pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
+        for tmp, final in staged:
+            fsio.publish(out_fs, tmp, final)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+    return ShardResult(
+        fsio.qualify(out_fs, tar_path), fsio.qualify(out_fs, parquet_path), len(rows), tar_size
+    )
+
+
+def write_shard(
+    rows: pa.Table,
+    new_keys: Sequence[str],
+    parquet_table: pa.Table,
+    *,
+    source_fs: fsspec.AbstractFileSystem,
+    out_fs: fsspec.AbstractFileSystem,
+    tar_path: str,
+    parquet_path: str,
+    idx_path: str | None,
+    fingerprint: str,
+    resume: bool = True,
+) -> ShardResult:
+    """One output shard in one call: ``write_piece`` of all its members, then
+    ``commit_shard``. With ``resume``, a shard whose Parquet carries the same fingerprint
+    and whose tar has the recorded size is left as it is."""
+    if resume and finished(out_fs, tar_path, parquet_path, fingerprint):
+        return ShardResult(
+            fsio.qualify(out_fs, tar_path),
+            fsio.qualify(out_fs, parquet_path),
+            len(rows),
+            out_fs.size(tar_path),
+            skipped=True,
+        )
+    tar_tmp = fsio.temp_path(out_fs, tar_path)
+    try:
+        write_piece(tar_tmp, plan_members(rows, new_keys), 0, source_fs)
+        return commit_shard(
+            rows,
+            new_keys,
+            parquet_table,
+            out_fs=out_fs,
+            tar_tmp=tar_tmp,
+            tar_path=tar_path,
+            parquet_path=parquet_path,
+            idx_path=idx_path,
+            fingerprint=fingerprint,
+        )
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tar_tmp)
 
 
 def idx_text(plan: MemberPlan, payload_at: np.ndarray) -> str | None:
@@ -232,57 +392,6 @@ def finished(fs: fsspec.AbstractFileSystem, tar: str, parquet: str, fingerprint:
         ) == fs.size(tar)
     except (FileNotFoundError, OSError, pa.ArrowInvalid, ValueError):
         return False
-
-
-def write_shard(
-    rows: pa.Table,
-    new_keys: Sequence[str],
-    parquet_table: pa.Table,
-    *,
-    source_fs: fsspec.AbstractFileSystem,
-    out_fs: fsspec.AbstractFileSystem,
-    tar_path: str,
-    parquet_path: str,
-    idx_path: str | None,
-    fingerprint: str,
-    resume: bool = True,
-) -> ShardResult:
-    """Write ``rows``' records as ``tar_path`` (+ DALI ``idx_path``) and ``parquet_table``.
-
-    ``rows`` needs ``_shard`` and ``_members``; record i is written under ``new_keys[i]``
-    and ``parquet_table`` row i describes it. With ``resume``, a shard whose Parquet carries
-    the same fingerprint and whose tar has the recorded size is left as it is.
-    """
-    if resume and finished(out_fs, tar_path, parquet_path, fingerprint):
-        return ShardResult(
-            fsio.qualify(out_fs, tar_path),
-            fsio.qualify(out_fs, parquet_path),
-            rows.num_rows,
-            out_fs.size(tar_path),
-            skipped=True,
-        )
-    plan = plan_members(rows, new_keys)
-    reader = _RangeReader(source_fs)
-    try:
-        with fsio.atomic_write(out_fs, tar_path) as tmp, open(tmp, "wb", buffering=0) as out:
-            payload_at, tar_size = _write_tar(out.fileno(), plan, reader)
-    finally:
-        reader.close()
-    text = idx_text(plan, payload_at) if idx_path is not None else None
-    if text is not None:
-        with fsio.atomic_write(out_fs, idx_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    schema_meta = dict(parquet_table.schema.metadata or {})
-    schema_meta[FINGERPRINT_KEY] = fingerprint.encode()
-    schema_meta[TAR_SIZE_KEY] = str(tar_size).encode()
-    with fsio.atomic_write(out_fs, parquet_path) as tmp:
-        pq.write_table(parquet_table.replace_schema_metadata(schema_meta), tmp)
-    return ShardResult(
-        fsio.qualify(out_fs, tar_path),
-        fsio.qualify(out_fs, parquet_path),
-        rows.num_rows,
-        tar_size,
-    )
 
 
 def stack_slices(parts: Sequence[pa.Table], pieces: Sequence[tuple[int, int, int]]) -> pa.Table:
