@@ -190,14 +190,16 @@ def _export(
     frame = dataset.metadata
     if filter_column is not None and filter_column not in frame.columns:
         raise KeyError(f"filter column {filter_column!r} is not in the metadata")
-    selections = dask.persist(
-        *[
-            dask.delayed(_select, pure=True)(
-                part, filter_column, name_prefix is not None, layout.key_bytes_of
-            )
-            for part in frame.to_delayed()
-        ]
-    )
+    select = (filter_column, name_prefix is not None, layout.key_bytes_of)
+    if "resources" in dask.get_annotations():
+        # GPU tasks are annotated by their keys (stages.gpu_annotations): keep them intact
+        parts = [dask.delayed(_select)(part, *select) for part in frame.to_delayed()]
+    else:  # one fused task per partition (read + select), whose result is not a frame
+        selected = frame.map_partitions(
+            _select, *select, meta=("selection", object), enforce_metadata=False
+        )
+        parts = selected.to_delayed()
+    selections = dask.persist(*parts)
     stats = list(dask.compute(*[dask.delayed(_Selection.stats)(s) for s in selections]))
     summary.records_in = sum(s[1] for s in stats)
     summary.dropped_for_errors = sum(s[2] for s in stats)
@@ -263,11 +265,9 @@ def _export(
                     parts, slices, n, shared, dask_key_name=f"export-shard-{run}-{n}"
                 )
             )
-    try:
-        results: Sequence[ShardResult] = compute_with_progress(tasks, verbose, "export")
-    except BaseException:
-        fsio.remove_stale_temps(out_fs, out_root)  # this run's temporary files
-        raise
+    # A failed or interrupted run may leave temporary files (never final names): the next
+    # run removes them first. Removing them here could race pieces still running elsewhere.
+    results: Sequence[ShardResult] = compute_with_progress(tasks, verbose, "export")
     summary.shards_written = sum(not r.skipped for r in results)
     summary.shards_skipped = sum(r.skipped for r in results)
     summary.bytes_written = sum(r.bytes for r in results if not r.skipped)
