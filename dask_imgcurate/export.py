@@ -47,7 +47,7 @@ from dask_imgcurate.progress import compute_with_progress
 
 log = logging.getLogger(__name__)
 
-PIECE_BYTES = 32 << 20  # target bytes per piece task of a local output shard
+PIECE_BYTES = 64 << 20  # target bytes per piece task of a local output shard
 
 
 @dataclass

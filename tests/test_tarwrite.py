@@ -6,9 +6,19 @@ import io
 import random
 import tarfile
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
-from dask_imgcurate.io.tarwrite import MTIME, member_header, pax_record, ustar_header
+from dask_imgcurate.io.tarwrite import (
+    MTIME,
+    header_length,
+    header_lengths,
+    member_header,
+    member_headers,
+    pax_record,
+    ustar_header,
+)
 
 HUGE = 8**11  # the first size that needs GNU base-256
 
@@ -91,3 +101,16 @@ def test_tarfile_reads_long_names_and_huge_sizes(name, size):
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         (member,) = tar.getmembers()
         assert (member.name, member.size, tar.extractfile(member).read()) == (name, size, data)
+
+
+def test_member_headers_match_member_header_and_header_lengths():
+    names = ["a.jpg", "x" * 100, "y" * 101 + ".jpg", "ü/é.txt", "画" * 40 + ".json", "", "big.bin"]
+    sizes = np.array([0, 1, 12345, 8**11 - 1, 77, 5, 8**11], dtype=np.int64)
+    headers, starts = member_headers(pa.array(names), sizes)
+    expected = [member_header(n, int(s)) for n, s in zip(names, sizes)]
+    assert bytes(headers) == b"".join(expected)
+    assert np.diff(starts).tolist() == [len(h) for h in expected]
+    name_bytes = np.array([len(n.encode()) for n in names])
+    assert header_lengths(name_bytes).tolist() == [len(h) for h in expected]
+    for n in range(95, 700, 7):  # the pax record's length digits change along the way
+        assert header_length(n) == len(member_header("n" * n, 1))

@@ -278,8 +278,8 @@ def commit_shard(
     shard's records as its pieces wrote them.
     """
     plan = plan_members(rows, new_keys)
-    _, header_starts = member_headers(plan.names, plan.sizes)
-    header_at, tar_size = tar_layout(np.diff(header_starts), plan.sizes)
+    header_bytes = header_lengths(pc.binary_length(plan.names.cast(pa.binary())).to_numpy())
+    header_at, tar_size = tar_layout(header_bytes, plan.sizes)
     staged = [(tar_tmp, tar_path)]
     try:
         members_end = tar_size - len(END_OF_ARCHIVE)
@@ -287,7 +287,7 @@ def commit_shard(
             if os.fstat(f.fileno()).st_size > members_end:  # never published
                 raise RuntimeError(f"{tar_tmp}: pieces wrote past the members' end")
             os.pwrite(f.fileno(), END_OF_ARCHIVE, members_end)
-        text = idx_text(plan, header_at + np.diff(header_starts)) if idx_path else None
+        text = idx_text(plan, header_at + header_bytes) if idx_path else None
         if text is not None:
             staged.append((fsio.temp_path(out_fs, idx_path), idx_path))
             with open(staged[-1][0], "w", encoding="utf-8") as f:
