@@ -131,7 +131,7 @@ def run_ours(data: str, out: str, mode: str, per_shard: int, warmup: tuple | Non
         config = dask.config.set(scheduler="synchronous")
     with config:
         if warmup:
-            export(*warmup, 4)
+            export(*warmup, 16)
         setup = time.perf_counter() - started
         started = time.perf_counter()
         summary = export(data, out, per_shard)
@@ -143,12 +143,12 @@ def run_ours(data: str, out: str, mode: str, per_shard: int, warmup: tuple | Non
 
 
 def warmup_data() -> tuple[str, str]:
-    """A tiny dataset (2 shards x 8 records) and an output directory for an untimed
+    """A tiny dataset (2 shards x 40 records) and an output directory for an untimed
     warm-up run of a contender's own code: lazy imports and first-call costs are setup."""
     from dask_imgcurate.demo import make_demo_dataset
 
     root = tempfile.mkdtemp(prefix="bench-reshard-warmup-")
-    make_demo_dataset(os.path.join(root, "in"), n_shards=2, samples_per_shard=8, seed=0)
+    make_demo_dataset(os.path.join(root, "in"), n_shards=2, samples_per_shard=40, seed=0)
     return os.path.join(root, "in"), os.path.join(root, "out")
 
 
@@ -269,7 +269,7 @@ def child_main(name: str, data: str, out: str, per_shard: int) -> None:
             result = run_ours(data, out, name, per_shard, warmup)
         elif name in ("legacy", "wds"):
             run = run_legacy if name == "legacy" else run_wds
-            run(warm_in, warm_out, 4)
+            run(warm_in, warm_out, 16)
             setup = time.perf_counter() - started
             result = run(data, out, per_shard)
             result["setup"] += setup

@@ -1,14 +1,15 @@
 """Export a dataset's kept records as new tar + Parquet shards, in parallel.
 
-1. Each partition's kept rows (filter column True, no ``error``) are computed once and
-   held (``dask.persist``): metadata only, never image bytes.
-2. Their counts are prefix-summed into global positions, so output shard ``n`` knows
-   exactly which row slices it holds (``plan_shards``).
-3. Each output shard is staged (``.idx`` and Parquet written to temporary files, the tar
-   pre-sized: its layout is known from metadata), then filled by independent piece tasks of
-   about ``PIECE_BYTES`` each that copy only their records' byte ranges from the source tars
-   to their precomputed offsets, then committed (renamed into place, Parquet last). On
-   object stores a shard is one task (staged locally, uploaded whole).
+1. Each partition's kept rows (filter column True, no ``error``) are selected once, in the
+   task that reads the partition, and held (``dask.persist``): metadata only, never image
+   bytes, plus the bytes each record will take in an output tar (``record_spans``).
+2. Their counts are prefix-summed into global positions (``plan_shards``), so output shard
+   ``n`` knows exactly which row slices it holds and where each record goes in its tar.
+3. Local outputs: each shard is filled by independent piece tasks of about ``PIECE_BYTES``
+   that copy their records' byte ranges to precomputed offsets of one temporary tar
+   (``write_piece``), then one commit task ends it, writes ``.idx`` + Parquet and renames
+   them into place, Parquet last (``commit_shard``). Object stores: a shard is one task that
+   stages it locally and uploads each file whole (``write_shard``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import dask
 import fsspec
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -140,7 +142,8 @@ class _ShardPlan:
 
     n: int
     slices: list[tuple[int, int, int]]  # (partition, start, stop)
-    pieces: list[tuple[int, int, int, int, int]]  # (partition, start, stop, position, offset)
+    # (partition, start, stop, position in the shard, byte offset in its tar, bytes)
+    pieces: list[tuple[int, int, int, int, int, int]]
     tar_size: int
 
 
@@ -163,8 +166,9 @@ def _plan(stats: list[tuple], per_shard: int) -> list[_ShardPlan]:
             ]
             for a, b in zip(cuts, [*cuts[1:], stop - start]):
                 if b > a:
-                    pieces.append((p, start + a, start + b, position + a, offset))
-                    offset += int(ends[b - 1] - (ends[a - 1] if a else 0))
+                    size = int(ends[b - 1] - (ends[a - 1] if a else 0))
+                    pieces.append((p, start + a, start + b, position + a, offset, size))
+                    offset += size
             position += stop - start
         shards.append(_ShardPlan(n, slices, pieces, offset + len(END_OF_ARCHIVE)))
     return shards
@@ -191,8 +195,9 @@ def _export(
     if filter_column is not None and filter_column not in frame.columns:
         raise KeyError(f"filter column {filter_column!r} is not in the metadata")
     select = (filter_column, name_prefix is not None, layout.key_bytes_of)
-    if "resources" in dask.get_annotations():
-        # GPU tasks are annotated by their keys (stages.gpu_annotations): keep them intact
+    if "resources" in dask.get_annotations() or not isinstance(frame._meta, pd.DataFrame):
+        # GPU tasks are annotated by their keys (stages.gpu_annotations): keep them intact;
+        # other backends (cudf) get the same plain tasks
         parts = [dask.delayed(_select)(part, *select) for part in frame.to_delayed()]
     else:  # one fused task per partition (read + select), whose result is not a frame
         selected = frame.map_partitions(
@@ -241,12 +246,12 @@ def _export(
                     stop,
                     n,
                     position,
-                    offset,
+                    (offset, size),
                     tar_tmp,
                     shared,
                     dask_key_name=f"export-piece-{run}-{n}-{k}",
                 )
-                for k, (p, start, stop, position, offset) in enumerate(shard.pieces)
+                for k, (p, start, stop, position, offset, size) in enumerate(shard.pieces)
             ]
             tasks.append(
                 dask.delayed(_commit)(
@@ -341,11 +346,18 @@ def _finished_shards(job: _Job, selections, shards: list[_ShardPlan]) -> dict[in
 
 
 def _write_piece(
-    part: _Selection, start: int, stop: int, n: int, position: int, offset: int, tar_tmp, job
+    part: _Selection, start: int, stop: int, n: int, position: int, span, tar_tmp, job
 ) -> int:
     rows = part.table.slice(start, stop - start)
     keys = job.layout.new_keys_of(n, position, rows)
-    return write_piece(tar_tmp, plan_members(rows, keys), offset, job.source_fs)
+    offset, size = span
+    end = write_piece(tar_tmp, plan_members(rows, keys), offset, job.source_fs)
+    if end != offset + size:  # the plan and the tar disagree: never commit such a tar
+        raise RuntimeError(
+            f"{tar_tmp}: a piece wrote bytes [{offset}, {end}), the plan said "
+            f"[{offset}, {offset + size}) (an inconsistency in dask_imgcurate; please report)"
+        )
+    return size
 
 
 def _commit(

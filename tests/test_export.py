@@ -299,8 +299,10 @@ def test_pieces_of_any_size_give_identical_bytes(source, tmp_path, monkeypatch):
     with dask.config.set(scheduler="threads", num_workers=4):
         ds.to_webdataset(str(tmp_path / "pieces"), filter_column="keep", samples_per_shard=10)
     first = plans[0][0]
-    assert [stop - start for _, start, stop, _, _ in first.pieces] == [1] * 10  # a record each
-    assert [position for _, _, _, position, _ in first.pieces] == list(range(10))
+    assert [piece[2] - piece[1] for piece in first.pieces] == [1] * 10  # a record each
+    assert [piece[3] for piece in first.pieces] == list(range(10))  # positions in the shard
+    offsets = [piece[4] for piece in first.pieces] + [first.tar_size - 1024]
+    assert np.diff(offsets).tolist() == [piece[5] for piece in first.pieces]
     assert _digest_dir(tmp_path / "whole") == _digest_dir(tmp_path / "pieces")
 
 
@@ -468,3 +470,14 @@ def test_record_without_json_keeps_int_columns_and_exports(tmp_path):
     table = pq.read_table(tmp_path / "out" / "00001.parquet")
     assert table.schema.field("width").type == pa.int64()
     assert table.column("width").to_pylist()[0] is None  # record 000000004, position 4
+
+
+def test_a_piece_that_disagrees_with_the_plan_is_never_published(source, tmp_path, monkeypatch):
+    """Offsets come from metadata (record_spans); a piece ending elsewhere is an error."""
+    real = export.record_spans
+    monkeypatch.setattr(export, "record_spans", lambda rows, keys: real(rows, keys) + 512)
+    ds = load_with_keep(source)
+    out = tmp_path / "out"
+    with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="plan said"):
+        ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=6)
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]

@@ -1,11 +1,13 @@
-"""The writer core: copy records' member bytes into one output tar (+ .idx + Parquet).
+"""The writer core: copy records' member bytes into an output tar (+ .idx + Parquet).
 
 Bytes are copied as they are (no decode, no re-encode), read by byte range from the source
-tars. Adjacent member ranges of a source are merged into one read of at most
-``MAX_READ`` bytes (or one member, if larger) into a buffer reused for the whole shard, so
-memory per shard stays bounded whatever the shard size. Each output file is written under a
-temporary name and moved into place when complete; the Parquet file comes last and carries a
-fingerprint of the job, so a re-run can tell a finished shard.
+tars: adjacent member ranges of a source are merged into one read of at most ``MAX_READ``
+bytes (or one member, if larger) into a buffer reused by the thread, so memory stays bounded
+whatever the shard size. The layout of an output tar follows from metadata alone
+(``record_spans``, ``tar_layout``), so several ``write_piece`` calls, in any processes, can
+fill one temporary tar at known offsets; ``commit_shard`` then ends it and publishes tar,
+``.idx`` and Parquet, the Parquet last: it carries a fingerprint of the job, so a re-run can
+tell a finished shard. ``write_shard`` does all of it in one call.
 """
 
 from __future__ import annotations
@@ -62,16 +64,6 @@ class MemberPlan:
 
     def __len__(self) -> int:
         return len(self.sizes)
-
-    def slice(self, first: int, stop: int) -> MemberPlan:
-        """Members ``first:stop``."""
-        return MemberPlan(
-            self.sources,
-            self.source[first:stop],
-            self.offsets[first:stop],
-            self.sizes[first:stop],
-            self.names.slice(first, stop - first),
-        )
 
 
 def _flat_members(rows: pa.Table) -> tuple[pa.ListArray, pa.StructArray]:
