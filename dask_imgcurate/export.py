@@ -155,23 +155,21 @@ def _plan(stats: list[tuple], per_shard: int) -> list[_ShardPlan]:
         pieces, position, offset = [], 0, 0
         for p, start, stop in slices:
             ends = np.cumsum(stats[p][0][start:stop])
-            cuts = [
-                0,
-                *(
-                    np.searchsorted(
-                        ends, range(PIECE_BYTES, int(ends[-1]), PIECE_BYTES), side="right"
-                    )
-                    + 1
-                ).tolist(),
-            ]
-            for a, b in zip(cuts, [*cuts[1:], stop - start]):
-                if b > a:
-                    size = int(ends[b - 1] - (ends[a - 1] if a else 0))
-                    pieces.append((p, start + a, start + b, position + a, offset, size))
-                    offset += size
+            cuts = _piece_cuts(ends)
+            for a, b in zip(cuts, cuts[1:]):
+                size = int(ends[b - 1] - (ends[a - 1] if a else 0))
+                pieces.append((p, start + a, start + b, position + a, offset, size))
+                offset += size
             position += stop - start
         shards.append(_ShardPlan(n, slices, pieces, offset + len(END_OF_ARCHIVE)))
     return shards
+
+
+def _piece_cuts(ends: np.ndarray) -> list[int]:
+    """Row boundaries that cut rows whose bytes end at ``ends`` into ~``PIECE_BYTES`` pieces."""
+    marks = range(PIECE_BYTES, int(ends[-1]), PIECE_BYTES)
+    cuts = np.searchsorted(ends, marks, side="right") + 1  # each piece passes a mark once
+    return sorted({0, *cuts.tolist(), len(ends)})
 
 
 def _export(
@@ -198,13 +196,13 @@ def _export(
     if "resources" in dask.get_annotations() or not isinstance(frame._meta, pd.DataFrame):
         # GPU tasks are annotated by their keys (stages.gpu_annotations): keep them intact;
         # other backends (cudf) get the same plain tasks
-        parts = [dask.delayed(_select)(part, *select) for part in frame.to_delayed()]
+        selecting = [dask.delayed(_select)(part, *select) for part in frame.to_delayed()]
     else:  # one fused task per partition (read + select), whose result is not a frame
         selected = frame.map_partitions(
             _select, *select, meta=("selection", object), enforce_metadata=False
         )
-        parts = selected.to_delayed()
-    selections = dask.persist(*parts)
+        selecting = selected.to_delayed()
+    selections = dask.persist(*selecting)
     stats = list(dask.compute(*[dask.delayed(_Selection.stats)(s) for s in selections]))
     summary.records_in = sum(s[1] for s in stats)
     summary.dropped_for_errors = sum(s[2] for s in stats)

@@ -481,3 +481,11 @@ def test_a_piece_that_disagrees_with_the_plan_is_never_published(source, tmp_pat
     with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="plan said"):
         ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=6)
     assert not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def test_piece_cuts(monkeypatch):
+    monkeypatch.setattr(export, "PIECE_BYTES", 25)
+    ends = np.cumsum([10] * 10)
+    assert export._piece_cuts(ends) == [0, 3, 6, 8, 10]  # each piece passes 25 bytes once
+    assert export._piece_cuts(np.cumsum([100, 1])) == [0, 1, 2]  # a record over the size
+    assert export._piece_cuts(np.cumsum([5, 5])) == [0, 2]  # all under the size: one piece
