@@ -362,7 +362,9 @@ def test_write_images_layout_and_types(source, tmp_path):
     assert random.files and prefix not in random.files[0]
 
 
-def test_members_of_any_kind_and_long_names_survive(tmp_path):
+@pytest.mark.parametrize("piece_bytes", [export.PIECE_BYTES, 1])  # 1: a piece per record
+def test_members_of_any_kind_and_long_names_survive(tmp_path, monkeypatch, piece_bytes):
+    monkeypatch.setattr(export, "PIECE_BYTES", piece_bytes)  # pax headers move later pieces
     src = tmp_path / "src"
     src.mkdir()
     records = make_shard_records(0, 3, seed=1)
