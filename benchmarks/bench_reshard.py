@@ -9,12 +9,11 @@ directory every time, median of ``--repeat`` runs, round-robin so that drift hit
                     filter_column="keep", samples_per_shard=5000, resume=False)``, dask
                     ``synchronous`` scheduler.
 ``ours-threads2``   the same with dask's threaded scheduler, 2 threads.
-``ours-dist1``      the same on the local cluster ``dask_imgcurate.cluster.dask_client`` starts
-                    (as the CLI does) with one worker process: the like-for-like base for
-                    ``ours-dist2``.
-``ours-dist2``      the same on ``dask_client(n_workers=2)``: a ``distributed.LocalCluster``
-                    of 2 single-threaded worker processes, without task queuing (cluster
-                    start and worker imports are setup, not timed).
+``ours-dist1``      the same on ``distributed.LocalCluster(n_workers=1, threads_per_worker=1,
+                    processes=True)``: one worker with the cluster's machinery, the like-for-
+                    like base for ``ours-dist2``.
+``ours-dist2``      the same on ``distributed.LocalCluster(n_workers=2, threads_per_worker=1,
+                    processes=True)`` (cluster start and worker imports are setup, not timed).
 ``legacy``          the legacy serial algorithm, re-implemented faithfully: metadata from the
                     sidecar Parquet (no tar indexing), filtered and written as a temporary
                     Parquet per partition; then one loop on the driver over (temp Parquet, tar)
@@ -117,10 +116,15 @@ def run_ours(data: str, out: str, mode: str, per_shard: int, warmup: tuple | Non
         return ds.to_webdataset(target, filter_column="keep", samples_per_shard=per, resume=False)
 
     started = time.perf_counter()
-    if mode in ("ours-dist1", "ours-dist2"):  # the local cluster the CLI starts
-        from dask_imgcurate.cluster import dask_client
+    cluster = client = None
+    if mode in ("ours-dist1", "ours-dist2"):
+        from distributed import Client, LocalCluster
 
-        config = dask_client(n_workers=int(mode[-1]))
+        cluster = LocalCluster(
+            n_workers=int(mode[-1]), threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+        config = contextlib.nullcontext()
     elif mode == "ours-threads2":
         config = dask.config.set(scheduler="threads", num_workers=2)
     else:
@@ -132,6 +136,9 @@ def run_ours(data: str, out: str, mode: str, per_shard: int, warmup: tuple | Non
         started = time.perf_counter()
         summary = export(data, out, per_shard)
         seconds = time.perf_counter() - started
+    if client is not None:
+        client.close()
+        cluster.close()
     return dict(seconds=seconds, setup=setup, records=summary.records_out)
 
 

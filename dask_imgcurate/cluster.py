@@ -110,24 +110,17 @@ def describe(client) -> str:
     return f"{name} at {client.scheduler.address} ({workers} workers)"
 
 
-def _local_cluster_config(cuda: bool = False) -> dict:
-    """Dask config for the local clusters this module starts.
+def _fast_exit() -> dict:
+    """Dask config starting local workers with ``forkserver`` where available.
 
-    - CPU workers start with ``forkserver`` where available: a worker started with ``spawn``
-      (distributed's default) runs the full interpreter shutdown when it closes, which takes
-      seconds once torch and torchvision are imported; the nanny then waits 4 s and kills
-      it. ``forkserver`` children leave with ``os._exit`` at once; the fork server itself is
-      a fresh interpreter.
-    - ``worker-saturation: inf``: the scheduler hands workers every ready task instead of
-      about one per thread, so a worker starts its next task without a round trip to the
-      scheduler. Our graphs hold metadata, not image bytes, so running ahead costs little
-      memory; on a 2-core machine, where the scheduler shares the cores, the round trips
-      cost 5 - 9 ms per task (measured; see BENCHMARKS.md).
+    A worker started with ``spawn`` (distributed's default) runs the full interpreter
+    shutdown when it closes, which takes seconds once torch and torchvision are imported;
+    the nanny then waits 4 s and kills it. ``forkserver`` children leave with ``os._exit``
+    at once. Nothing else differs: the fork server itself is a fresh interpreter.
     """
-    config: dict = {"distributed.scheduler.worker-saturation": float("inf")}
-    if not cuda and "forkserver" in multiprocessing.get_all_start_methods():
-        config["distributed.worker.multiprocessing-method"] = "forkserver"
-    return config
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return {"distributed.worker.multiprocessing-method": "forkserver"}
+    return {}
 
 
 @contextlib.contextmanager
@@ -162,12 +155,11 @@ def dask_client(
     if kind == "local-cuda":
         from dask_cuda import LocalCUDACluster
 
-        with dask.config.set(_local_cluster_config(cuda=True)):
-            cluster = LocalCUDACluster(
-                n_workers=n_workers, dashboard_address=":0", silence_logs=silence
-            )
+        cluster = LocalCUDACluster(
+            n_workers=n_workers, dashboard_address=":0", silence_logs=silence
+        )
     else:
-        with dask.config.set(_local_cluster_config()):
+        with dask.config.set(_fast_exit()):
             cluster = LocalCluster(
                 n_workers=n_workers,
                 threads_per_worker=1,

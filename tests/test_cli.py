@@ -17,7 +17,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import dask
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -554,15 +553,3 @@ def test_cli_restores_logging_and_warnings():
     run("--help")
     run("inspect", "/definitely/not/here", ok=False)
     assert (root.level, list(root.handlers), list(root.filters), list(warnings.filters)) == before
-
-
-def test_local_cluster_hands_workers_every_ready_task():
-    """dask_client's local clusters run without queuing (no scheduler round trip between a
-    worker's tasks) and leave the caller's dask config as it was."""
-    from dask_imgcurate.cluster import dask_client
-
-    before = dask.config.get("distributed.scheduler.worker-saturation")
-    with dask_client(n_workers=1) as client:
-        assert client.cluster.scheduler.WORKER_SATURATION == float("inf")
-        assert len(client.nthreads()) == 1
-    assert dask.config.get("distributed.scheduler.worker-saturation") == before != float("inf")
