@@ -4,7 +4,9 @@
    task that reads the partition, and held (``dask.persist``): metadata only, never image
    bytes, plus the bytes each record will take in an output tar (``record_spans``).
 2. Their counts are prefix-summed into global positions (``plan_shards``), so output shard
-   ``n`` knows exactly which row slices it holds and where each record goes in its tar.
+   ``n`` knows exactly which row slices it holds and where each record goes in its tar. On
+   a distributed client this happens as partitions arrive: a shard is started once every
+   partition before its last row is selected (``_stream``).
 3. Local outputs: each shard is filled by independent piece tasks of about ``PIECE_BYTES``
    that copy their records' byte ranges to precomputed offsets of one temporary tar
    (``write_piece``), then one commit task ends it, writes ``.idx`` + Parquet and renames
@@ -45,7 +47,7 @@ from dask_imgcurate.io.writer import (
     write_shard,
 )
 from dask_imgcurate.metadata import is_bookkeeping
-from dask_imgcurate.progress import compute_with_progress
+from dask_imgcurate.progress import compute_with_progress, current_client
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +149,15 @@ class _ShardPlan:
     tar_size: int
 
 
-def _plan(stats: list[tuple], per_shard: int) -> list[_ShardPlan]:
-    """Output shards of ``per_shard`` records, each cut into pieces of about
-    ``PIECE_BYTES`` that never cross an input partition, with their byte offsets."""
+def _plan(
+    stats: list[tuple], per_shard: int, first_shard: int = 0, complete_only: bool = False
+) -> list[_ShardPlan]:
+    """Output shards of ``per_shard`` records (see ``plan_shards``), each cut into pieces of
+    about ``PIECE_BYTES`` that never cross an input partition, with their byte offsets."""
     shards = []
-    for n, slices in enumerate(plan_shards([len(s[0]) for s in stats], per_shard)):
+    counts = [len(s[0]) for s in stats]
+    planned = plan_shards(counts, per_shard, first_shard, complete_only)
+    for n, slices in enumerate(planned, start=first_shard):
         pieces, position, offset = [], 0, 0
         for p, start, stop in slices:
             ends = np.cumsum(stats[p][0][start:stop])
@@ -202,75 +208,32 @@ def _export(
             _select, *select, meta=("selection", object), enforce_metadata=False
         )
         selecting = selected.to_delayed()
-    selections = dask.persist(*selecting)
-    stats = list(dask.compute(*[dask.delayed(_Selection.stats)(s) for s in selections]))
+    with dask.annotate(priority=_in_partition_order):  # on a cluster, for _stream
+        selections = dask.persist(*selecting)
+    stats_tasks = [dask.delayed(_Selection.stats)(s) for s in selections]
+    job = _Job(out_fs, out_root, dataset.fs, layout, write_idx)
+    submit = _Submitter(job, selections, resume, shard_count_check)
+    client = current_client()
+    if client is not None and name_prefix is None:
+        stats, results = _stream(client, stats_tasks, per_shard, submit, verbose)
+    else:  # all counts first (and, for deterministic names, every partition's digest)
+        stats = list(dask.compute(*stats_tasks))
+        if name_prefix is not None:
+            name_prefix([s[3] for s in stats])
+        shards = _plan(stats, per_shard)
+        tasks = submit(shards) if shards else []
+        # A failed or interrupted run may leave temporary files (never final names): the
+        # next run removes them first (here they could race pieces still running elsewhere).
+        results = compute_with_progress(tasks, verbose, "export")
     summary.records_in = sum(s[1] for s in stats)
     summary.dropped_for_errors = sum(s[2] for s in stats)
     summary.records_out = sum(len(s[0]) for s in stats)
     summary.dropped_by_filter = (
         summary.records_in - summary.records_out - summary.dropped_for_errors
     )
-    if name_prefix is not None:
-        name_prefix([s[3] for s in stats])
-    shards = _plan(stats, per_shard)
-    if not shards:
+    if not results:
         message = "the filter kept no records: nothing was written"
         warnings.warn(f"{summary.path}: {message}", stacklevel=3)
-        summary.seconds = time.perf_counter() - started
-        log.info("%s", summary)
-        return summary
-    shard_count_check(len(shards))
-    fsio.makedirs(out_fs, out_root)  # object stores: the bucket must exist
-    if fsio.remove_stale_temps(out_fs, out_root):
-        log.info("%s: removed temporary files of an interrupted earlier run", summary.path)
-    job = _Job(out_fs, out_root, dataset.fs, layout, write_idx)
-    done = _finished_shards(job, selections, shards) if resume else {}
-    run = uuid.uuid4().hex[:8]
-    shared = dask.delayed(job, name=f"export-job-{run}")  # shipped once, not in every task
-    tasks = []
-    for shard in shards:
-        n = shard.n
-        used = sorted({p for p, _, _ in shard.slices})
-        parts = [selections[p] for p in used]
-        slices = [(used.index(p), start, stop) for p, start, stop in shard.slices]
-        if n in done:
-            tasks.append(done[n])
-        elif fsio.is_local(out_fs):  # pieces fill one temporary tar in place, in parallel
-            tar_tmp = fsio.temp_path(out_fs, job.path(n, ".tar"))
-            written = [
-                dask.delayed(_write_piece)(
-                    selections[p],
-                    start,
-                    stop,
-                    n,
-                    position,
-                    (offset, size),
-                    tar_tmp,
-                    shared,
-                    dask_key_name=f"export-piece-{run}-{n}-{k}",
-                )
-                for k, (p, start, stop, position, offset, size) in enumerate(shard.pieces)
-            ]
-            tasks.append(
-                dask.delayed(_commit)(
-                    parts,
-                    slices,
-                    n,
-                    tar_tmp,
-                    shared,
-                    written,
-                    dask_key_name=f"export-commit-{run}-{n}",
-                )
-            )
-        else:  # object stores: a whole shard per task, uploaded when complete
-            tasks.append(
-                dask.delayed(_write_whole)(
-                    parts, slices, n, shared, dask_key_name=f"export-shard-{run}-{n}"
-                )
-            )
-    # A failed or interrupted run may leave temporary files (never final names): the next
-    # run removes them first. Removing them here could race pieces still running elsewhere.
-    results: Sequence[ShardResult] = compute_with_progress(tasks, verbose, "export")
     summary.shards_written = sum(not r.skipped for r in results)
     summary.shards_skipped = sum(r.skipped for r in results)
     summary.bytes_written = sum(r.bytes for r in results if not r.skipped)
@@ -278,6 +241,88 @@ def _export(
     summary.seconds = time.perf_counter() - started
     log.info("%s", summary)
     return summary
+
+
+def _in_partition_order(key) -> int:
+    """Task priority: partitions in order (a frame's task keys end in their index)."""
+    return -key[-1] if isinstance(key, tuple) and isinstance(key[-1], int) else 0
+
+
+def _stream(client, stats_tasks: list, per_shard: int, submit, verbose: bool) -> tuple:
+    """On a distributed client: start writing each output shard as soon as the partitions
+    before its last row are selected, while later partitions are still being read."""
+    from distributed import as_completed, progress
+
+    futures = client.compute(stats_tasks, priority=1)  # each as soon as its partition is
+    index = {future.key: i for i, future in enumerate(futures)}
+    stats: list = [None] * len(futures)
+    known = planned = 0  # partitions selected without a gap from the first; shards planned
+    writing: list = []
+    for future in as_completed(futures):
+        stats[index[future.key]] = future.result()
+        while known < len(stats) and stats[known] is not None:
+            known += 1
+        shards = _plan(stats[:known], per_shard, planned, complete_only=True)
+        if shards:  # before the remaining reads: a worker never waits for the last one
+            writing += client.compute(submit(shards), priority=1)
+            planned += len(shards)
+    shards = _plan(stats, per_shard, planned)  # the last, shorter shard
+    if shards:
+        writing += client.compute(submit(shards), priority=1)
+    if verbose and writing:
+        progress(writing)
+    return stats, client.gather(writing)
+
+
+class _Submitter:
+    """Turns planned output shards into tasks (a finished ``ShardResult`` for a shard an
+    earlier run completed); prepares the output directory before the first."""
+
+    def __init__(self, job: _Job, selections: Sequence, resume: bool, shard_count_check):
+        self.job, self.selections, self.resume = job, selections, resume
+        self.shard_count_check = shard_count_check
+        self.run = uuid.uuid4().hex[:8]
+        self.shared = dask.delayed(job, name=f"export-job-{self.run}")  # shipped once
+        self.prepared = False
+
+    def __call__(self, shards: list[_ShardPlan]) -> list:
+        job = self.job
+        self.shard_count_check(shards[-1].n + 1)
+        if not self.prepared:
+            fsio.makedirs(job.out_fs, job.out_root)  # object stores: the bucket must exist
+            if fsio.remove_stale_temps(job.out_fs, job.out_root):
+                log.info("%s: removed temporary files of an interrupted earlier run", job.out_root)
+            self.prepared = True
+        done = _finished_shards(job, self.selections, shards) if self.resume else {}
+        return [done[s.n] if s.n in done else self._task(s) for s in shards]
+
+    def _task(self, shard: _ShardPlan):
+        n, job, run, shared = shard.n, self.job, self.run, self.shared
+        used = sorted({p for p, _, _ in shard.slices})
+        parts = [self.selections[p] for p in used]
+        slices = [(used.index(p), start, stop) for p, start, stop in shard.slices]
+        if not fsio.is_local(job.out_fs):  # object stores: one task, uploaded when complete
+            return dask.delayed(_write_whole)(
+                parts, slices, n, shared, dask_key_name=f"export-shard-{run}-{n}"
+            )
+        tar_tmp = fsio.temp_path(job.out_fs, job.path(n, ".tar"))  # pieces fill it in place
+        written = [
+            dask.delayed(_write_piece)(
+                self.selections[p],
+                start,
+                stop,
+                n,
+                position,
+                (offset, size),
+                tar_tmp,
+                shared,
+                dask_key_name=f"export-piece-{run}-{n}-{k}",
+            )
+            for k, (p, start, stop, position, offset, size) in enumerate(shard.pieces)
+        ]
+        return dask.delayed(_commit)(
+            parts, slices, n, tar_tmp, shared, written, dask_key_name=f"export-commit-{run}-{n}"
+        )
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,23 @@ from collections.abc import Sequence
 import dask
 
 
-def _client():
+def current_client():
+    """The ``distributed`` client dask computes on now, or None (a local scheduler, also
+    when ``dask.config`` names one while a client exists)."""
     try:
         from distributed import get_client
 
-        return get_client()
+        client = get_client()
     except (ImportError, ValueError):
         return None
+    return client if dask.base.get_scheduler() == client.get else None
 
 
 def compute_with_progress(tasks: Sequence, verbose: bool, label: str) -> list:
     """``dask.compute(*tasks)``, showing progress when ``verbose``."""
     if not verbose:
         return list(dask.compute(*tasks))
-    client = _client()
+    client = current_client()
     if client is not None:
         from distributed import progress
 

@@ -222,6 +222,10 @@ def test_plan_shards_exact_sizes():
     assert plan_shards([0, 0], 4) == []
     with pytest.raises(ValueError):
         plan_shards([1], 0)
+    # planning as partitions arrive: complete shards only, from a given shard on
+    assert plan_shards([3, 0, 5], 4, complete_only=True) == plan[:2]
+    assert plan_shards([3, 0, 5, 2], 4, first_shard=1) == plan[1:]
+    assert plan_shards([3, 0, 5], 4, first_shard=2, complete_only=True) == []
 
 
 def test_merged_reads_rules():
@@ -314,12 +318,22 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
         ds.to_webdataset(str(tmp_path / "single"), filter_column="keep", samples_per_shard=6)
         ds.write_images(str(tmp_path / "single-img"), images_per_tar=6, filter_column="keep")
     monkeypatch.setattr(export, "PIECE_BYTES", 1)  # a shard's pieces spread over both workers
+    plans = []
+    real_plan = export._plan
+    monkeypatch.setattr(export, "_plan", lambda *a, **k: plans.append(k) or real_plan(*a, **k))
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as c:
         with Client(c):
-            ds.to_webdataset(str(tmp_path / "cluster"), filter_column="keep", samples_per_shard=6)
+            summary = ds.to_webdataset(
+                str(tmp_path / "cluster"), filter_column="keep", samples_per_shard=6
+            )
+            # on a cluster, shards are planned (and written) as partitions are selected
+            assert any(k.get("complete_only") for k in plans)
             ds.write_images(str(tmp_path / "cluster-img"), images_per_tar=6, filter_column="keep")
+            with pytest.raises(ValueError, match="max_shards"):
+                ds.to_webdataset(str(tmp_path / "too-many"), samples_per_shard=1, max_shards=1)
+    assert summary.shards_written == len(list((tmp_path / "single").glob("*.tar")))
     assert _digest_dir(tmp_path / "single") == _digest_dir(tmp_path / "cluster")
     assert _digest_dir(tmp_path / "single-img") == _digest_dir(tmp_path / "cluster-img")
 

@@ -394,19 +394,24 @@ def stack_slices(parts: Sequence[pa.Table], pieces: Sequence[tuple[int, int, int
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def plan_shards(counts: Sequence[int], per_shard: int) -> list[list[tuple[int, int, int]]]:
+def plan_shards(
+    counts: Sequence[int], per_shard: int, first_shard: int = 0, complete_only: bool = False
+) -> list[list[tuple[int, int, int]]]:
     """Split rows counted per partition into output shards of ``per_shard`` rows.
 
-    Returns, per output shard, its ``(partition, start, stop)`` row slices, in input order:
-    every shard but the last holds exactly ``per_shard`` rows.
+    Returns, per output shard from ``first_shard`` on, its ``(partition, start, stop)`` row
+    slices, in input order: every shard but the last holds exactly ``per_shard`` rows. With
+    ``complete_only`` a last shard of fewer rows is left out (more rows may follow).
     """
     if per_shard < 1:
         raise ValueError("samples per shard must be >= 1")
     bounds = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
     total = int(bounds[-1])
     plan = []
-    for first in range(0, total, per_shard):
+    for first in range(first_shard * per_shard, total, per_shard):
         last = min(first + per_shard, total)
+        if complete_only and last - first < per_shard:
+            break
         pieces = []
         p = int(np.searchsorted(bounds, first, side="right") - 1)
         while p < len(counts) and bounds[p] < last:
