@@ -330,6 +330,11 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
             )
             # on a cluster, shards are planned (and written) as partitions are selected
             assert any(k.get("complete_only") for k in plans)
+            (tmp_path / "cluster" / "00001.parquet").unlink()  # as if killed before it
+            again = ds.to_webdataset(
+                str(tmp_path / "cluster"), filter_column="keep", samples_per_shard=6
+            )
+            assert (again.shards_written, again.shards_skipped) == (1, summary.shards_written - 1)
             ds.write_images(str(tmp_path / "cluster-img"), images_per_tar=6, filter_column="keep")
             with pytest.raises(ValueError, match="max_shards"):
                 ds.to_webdataset(str(tmp_path / "too-many"), samples_per_shard=1, max_shards=1)
