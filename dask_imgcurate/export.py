@@ -148,6 +148,12 @@ class _ShardPlan:
     pieces: list[tuple[int, int, int, int, int, int]]
     tar_size: int
 
+    def inputs(self, selections: Sequence) -> tuple[list, list[tuple[int, int, int]]]:
+        """The selections this shard reads, and its slices indexing into them."""
+        used = sorted({p for p, _, _ in self.slices})
+        slices = [(used.index(p), start, stop) for p, start, stop in self.slices]
+        return [selections[p] for p in used], slices
+
 
 def _plan(
     stats: list[tuple], per_shard: int, first_shard: int = 0, complete_only: bool = False
@@ -298,9 +304,7 @@ class _Submitter:
 
     def _task(self, shard: _ShardPlan):
         n, job, run, shared = shard.n, self.job, self.run, self.shared
-        used = sorted({p for p, _, _ in shard.slices})
-        parts = [self.selections[p] for p in used]
-        slices = [(used.index(p), start, stop) for p, start, stop in shard.slices]
+        parts, slices = shard.inputs(self.selections)
         if not fsio.is_local(job.out_fs):  # object stores: one task, uploaded when complete
             return dask.delayed(_write_whole)(
                 parts, slices, n, shared, dask_key_name=f"export-shard-{run}-{n}"
@@ -377,9 +381,7 @@ def _finished_shards(job: _Job, selections, shards: list[_ShardPlan]) -> dict[in
 
     checks = []
     for shard in existing:
-        used = sorted({p for p, _, _ in shard.slices})
-        slices = [(used.index(p), start, stop) for p, start, stop in shard.slices]
-        checks.append(dask.delayed(fingerprint)([selections[p] for p in used], slices, shard.n))
+        checks.append(dask.delayed(fingerprint)(*shard.inputs(selections), shard.n))
     done = {}
     for shard, (records, digest) in zip(existing, dask.compute(*checks)):
         tar, parquet = job.path(shard.n, ".tar"), job.path(shard.n, ".parquet")

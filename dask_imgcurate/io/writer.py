@@ -209,11 +209,9 @@ def record_spans(rows: pa.Table, key_bytes: np.ndarray) -> np.ndarray:
     name_bytes = np.repeat(np.asarray(key_bytes, dtype=np.int64), counts) + np.where(
         ext_bytes > 0, ext_bytes + 1, 0
     )
-    sizes = flat.field("size").to_numpy()
-    spans = header_lengths(name_bytes) + sizes + -sizes % BLOCK
-    ends = np.cumsum(spans)
-    record_ends = ends[np.cumsum(counts) - 1] if len(counts) else ends[:0]
-    return np.diff(record_ends, prepend=0)
+    header_at, tar_size = tar_layout(header_lengths(name_bytes), flat.field("size").to_numpy())
+    record_at = header_at[np.cumsum(counts) - counts]  # each record's first header
+    return np.diff(record_at, append=tar_size - len(END_OF_ARCHIVE))
 
 
 def write_piece(
