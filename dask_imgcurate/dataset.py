@@ -19,7 +19,7 @@ from dask_imgcurate.backend import resolve_backend, to_arrow, to_frame
 from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.shards import Shard, find_shards
-from dask_imgcurate.metadata import BOOKKEEPING, is_bookkeeping, shard_table
+from dask_imgcurate.metadata import BOOKKEEPING, is_bookkeeping, shard_table, sidecar_schema
 
 log = logging.getLogger(__name__)
 
@@ -246,14 +246,18 @@ class _ShardLoader:
 
 
 def _infer_schema(loader: _ShardLoader, shards: list[Shard]) -> pa.Schema:
-    """Schema of the first shard with records (null columns typed as strings)."""
-    table = None
+    """Schema of the first shard with records (null columns typed as strings): from its
+    sidecar Parquet's footer when it has one, so loading reads no tar on the client."""
     for shard in shards:
+        schema = sidecar_schema(loader.fs, shard, loader.id_col)
+        if schema is not None:
+            break
         table = loader.table(shard)
+        schema = table.schema
         if table.num_rows:
             break
     fields = []
-    for field in table.schema:
+    for field in schema:
         fields.append(field.with_type(pa.string()) if field.type == pa.null() else field)
     return pa.schema(fields)
 

@@ -97,17 +97,42 @@ def bookkeeping_table(records: RecordIndex, source: str) -> pa.Table:
     )
 
 
+def sidecar_schema(
+    fs: fsspec.AbstractFileSystem, shard: Shard, id_col: str = "key"
+) -> pa.Schema | None:
+    """The schema ``shard_table`` gives ``shard``, from its sidecar Parquet's footer alone
+    (no tar read); None without a sidecar or when the sidecar has no rows."""
+    if shard.parquet is None:
+        return None
+    with fs.open(shard.parquet, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
+    if not rows:
+        return None
+    _check_id_column(fs, shard, id_col, schema.names)
+    fields = [
+        field.with_type(pa.string()) if field.name == id_col else field
+        for field in schema
+        if not is_bookkeeping(field.name)
+    ]
+    return pa.schema(fields + [pa.field(name, kind) for name, kind in BOOKKEEPING.items()])
+
+
 def _read_sidecar(fs: fsspec.AbstractFileSystem, shard: Shard, id_col: str) -> pa.Table:
     with fs.open(shard.parquet, "rb") as f:
         table = pq.read_table(f)
-    if id_col not in table.column_names:
-        raise MetadataMismatchError(
-            f"{fsio.qualify(fs, shard.parquet)}: no id column {id_col!r} "
-            f"(columns: {table.column_names}); pass id_col= to name it"
-        )
+    _check_id_column(fs, shard, id_col, table.column_names)
     ids = table.column(id_col).cast(pa.string())
     table = table.set_column(table.column_names.index(id_col), id_col, ids)
     return table.drop_columns([c for c in table.column_names if is_bookkeeping(c)])
+
+
+def _check_id_column(fs, shard: Shard, id_col: str, columns: list[str]) -> None:
+    if id_col not in columns:
+        raise MetadataMismatchError(
+            f"{fsio.qualify(fs, shard.parquet)}: no id column {id_col!r} "
+            f"(columns: {columns}); pass id_col= to name it"
+        )
 
 
 def _align(

@@ -17,6 +17,8 @@ import tarfile
 from pathlib import Path
 
 import dask
+import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,7 +32,8 @@ from dask_imgcurate.errors import (
     MetadataMismatchError,
     TarFormatError,
 )
-from dask_imgcurate.metadata import BOOKKEEPING
+from dask_imgcurate.io.shards import Shard
+from dask_imgcurate.metadata import BOOKKEEPING, shard_table, sidecar_schema
 
 BOOK = list(BOOKKEEPING)
 
@@ -232,6 +235,51 @@ def test_custom_id_column(tmp_path):
     assert frame["score"].tolist() == [1.0, 2.0, 3.0, 4.0]
     with pytest.raises(MetadataMismatchError, match="no id column 'key'"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"key": ["a", "b"], "caption": ["x", None], "score": [1.5, 2.0]},
+        {"key": [1, 2], "width": [64, 32], "nsfw": [True, False]},  # integer ids
+        {"key": ["a", "b"], "embedding": [[0.5, 1.0], [2.0, 3.0]], "empty": [None, None]},
+        {"key": ["a", "b"], "_shard": ["x", "y"], "_old": [1, 2], "when": ["2024-01-02"] * 2},
+        {"key": ["a", "b"], "label": pd.Categorical(["cat", "dog"])},  # dictionary-typed
+    ],
+    ids=["strings", "int-ids", "lists-nulls", "bookkeeping-names", "categorical"],
+)
+def test_schema_from_sidecar_footer_matches_rows(tmp_path, columns):
+    keys = [str(k) for k in columns["key"]]
+    records = [dict(r, __key__=k) for r, k in zip(demo.make_shard_records(0, 2), keys)]
+    demo.write_shard(tmp_path / "00000.tar", records)
+    frame = pd.DataFrame(columns)
+    if "when" in frame:
+        frame["when"] = pd.to_datetime(frame["when"])
+    if "embedding" in columns:  # float32 lists, as embedding stages write them
+        frame["embedding"] = frame["embedding"].map(lambda v: np.array(v, "float32"))
+    pq.write_table(
+        pa.Table.from_pandas(frame.set_index("key", drop=False)), tmp_path / "00000.parquet"
+    )
+    fs = fsspec.filesystem("file")
+    shard = Shard(str(tmp_path / "00000.tar"), str(tmp_path / "00000.parquet"))
+    rows = shard_table(fs, shard)
+    assert sidecar_schema(fs, shard).equals(pa.schema(list(rows.schema)), check_metadata=True)
+    got = load(tmp_path).metadata.compute()
+    assert got["key"].tolist() == keys
+    assert list(got.columns) == rows.column_names
+
+
+def test_loading_reads_no_tar_when_a_sidecar_gives_the_schema(demo_dir, monkeypatch):
+    import dask_imgcurate.metadata as metadata
+
+    def no_tar_reads(*args, **kwargs):
+        raise AssertionError("a tar was indexed on the client")
+
+    monkeypatch.setattr(metadata, "index_shard", no_tar_reads)
+    ds = load(demo_dir)
+    assert list(ds.metadata.columns)[-len(BOOK) :] == BOOK
+    monkeypatch.undo()
+    assert ds.metadata.compute().shape[1] == len(ds.metadata.columns)
 
 
 # --- awkward shards --------------------------------------------------------------------------
