@@ -264,8 +264,9 @@ def _stream(client, stats_tasks: list, per_shard: int, submit, verbose: bool) ->
     stats: list = [None] * len(futures)
     known = planned = 0  # partitions selected without a gap from the first; shards planned
     writing: list = []
-    for future in as_completed(futures):
-        stats[index[future.key]] = future.result()
+    for batch in as_completed(futures).batches():  # all that finished since the last one
+        for future, result in zip(batch, client.gather(batch)):
+            stats[index[future.key]] = result
         while known < len(stats) and stats[known] is not None:
             known += 1
         shards = _plan(stats[:known], per_shard, planned, complete_only=True)
