@@ -202,8 +202,8 @@ def _export(
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
     summary = ExportSummary(path=fsio.qualify(out_fs, out_root))
     frame = dataset.metadata
-    if filter_column is not None and filter_column not in frame.columns:
-        raise KeyError(f"filter column {filter_column!r} is not in the metadata")
+    if filter_column is not None:
+        _check_filter_column(frame, filter_column)
     select = (filter_column, name_prefix is not None, layout.key_bytes_of)
     if "resources" in dask.get_annotations() or not isinstance(frame._meta, pd.DataFrame):
         # GPU tasks are annotated by their keys (stages.gpu_annotations): keep them intact;
@@ -247,6 +247,18 @@ def _export(
     summary.seconds = time.perf_counter() - started
     log.info("%s", summary)
     return summary
+
+
+def _check_filter_column(frame, column: str) -> None:
+    if column not in frame.columns:
+        raise KeyError(f"filter column {column!r} is not in the metadata")
+    dtype = frame.dtypes[column]
+    if not pd.api.types.is_bool_dtype(dtype):
+        raise TypeError(
+            f"filter column {column!r} must be boolean (True keeps a record, False or null "
+            f"drops it), not {dtype}; make one first, e.g. "
+            f"metadata.assign(keep=metadata[{column!r}] > threshold)"
+        )
 
 
 def _in_partition_order(key) -> int:

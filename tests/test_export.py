@@ -202,6 +202,24 @@ def test_partition_filtered_out_and_nothing_kept(source, tmp_path):
     assert not empty.exists() or not any(empty.iterdir())
 
 
+def test_filter_column_must_be_boolean_and_nulls_drop(source, tmp_path):
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    for column in ("caption", "_image_size"):  # a string and an integer column
+        with pytest.raises(TypeError, match=f"filter column '{column}' must be boolean"):
+            ds.to_webdataset(str(tmp_path / column), filter_column=column)
+        assert not (tmp_path / column).exists()
+    meta = ds.metadata
+    number = meta["key"].str.slice(0, 9).astype(int)
+    meta["keep"] = (number % 3 == 0).astype("boolean").mask(number % 3 == 1)  # True/null/False
+    ds.metadata = meta
+    out = tmp_path / "out"
+    summary = ds.to_webdataset(str(out), filter_column="keep", old_id_col="old")
+    frame = ds.metadata.compute()
+    expected = [k for k in frame["key"] if int(k[:9]) % 3 == 0]
+    assert pq.read_table(out / "00000.parquet").column("old").to_pylist() == expected
+    assert summary.records_out == len(expected) and summary.dropped_by_filter == 35 - len(expected)
+
+
 def test_error_rows_are_dropped_and_counted(source, tmp_path):
     ds = ImageTextPairDataset.from_webdataset(str(source))
     meta = ds.metadata
