@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import posixpath
 import time
 import uuid
 import warnings
@@ -200,6 +202,7 @@ def _export(
 ) -> ExportSummary:
     started = time.perf_counter()
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
+    _refuse_input_directory(dataset, out_fs, out_root)
     summary = ExportSummary(path=fsio.qualify(out_fs, out_root))
     frame = dataset.metadata
     if filter_column is not None:
@@ -247,6 +250,22 @@ def _export(
     summary.seconds = time.perf_counter() - started
     log.info("%s", summary)
     return summary
+
+
+def _refuse_input_directory(dataset, out_fs, out_root: str) -> None:
+    """Outputs are named like shards (``00000.tar``): never write among the input's own."""
+
+    def where(fs, directory: str) -> str:
+        return os.path.realpath(directory) if fsio.is_local(fs) else fsio.qualify(fs, directory)
+
+    target = where(out_fs, out_root).rstrip("/")
+    source_fs = dataset.fs
+    for directory in sorted({posixpath.dirname(s.tar) for s in dataset.shards}):
+        if where(source_fs, directory).rstrip("/") == target:
+            raise ValueError(
+                f"{target} holds this dataset's input shards: exporting there could replace "
+                f"them while they are read; write to another directory"
+            )
 
 
 def _check_filter_column(frame, column: str) -> None:

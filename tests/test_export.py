@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -218,6 +219,25 @@ def test_filter_column_must_be_boolean_and_nulls_drop(source, tmp_path):
     expected = [k for k in frame["key"] if int(k[:9]) % 3 == 0]
     assert pq.read_table(out / "00000.parquet").column("old").to_pylist() == expected
     assert summary.records_out == len(expected) and summary.dropped_by_filter == 35 - len(expected)
+
+
+def test_export_into_the_input_directory_is_refused(source, tmp_path):
+    shutil.copytree(source, tmp_path / "in")
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+
+    def digests() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.glob("in/*")}
+
+    before = digests()
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "in"))
+    for target in (tmp_path / "in", tmp_path / "link", f"{tmp_path}/in/"):
+        with pytest.raises(ValueError, match="holds this dataset's input shards"):
+            ds.to_webdataset(str(target), samples_per_shard=5)
+        with pytest.raises(ValueError, match="holds this dataset's input shards"):
+            ds.write_images(str(target))
+    assert digests() == before
+    summary = ds.to_webdataset(str(tmp_path / "in" / "curated"), samples_per_shard=5)
+    assert summary.records_out == 35
 
 
 def test_error_rows_are_dropped_and_counted(source, tmp_path):
