@@ -70,6 +70,7 @@ class ExportSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    other_files: list[str] = field(default_factory=list)  # shard files it did not write
 
     def __str__(self) -> str:
         rate = self.bytes_written / self.seconds / 1e6 if self.seconds else 0.0
@@ -242,14 +243,42 @@ def _export(
     )
     if not results:
         message = "the filter kept no records: nothing was written"
-        warnings.warn(f"{summary.path}: {message}", stacklevel=3)
+        warnings.warn(f"{summary.path}: {message}", stacklevel=4)  # the caller of the method
     summary.shards_written = sum(not r.skipped for r in results)
     summary.shards_skipped = sum(r.skipped for r in results)
     summary.bytes_written = sum(r.bytes for r in results if not r.skipped)
     summary.files = [r.tar for r in results]
+    summary.other_files = _other_shard_files(out_fs, out_root, results)
+    if summary.other_files:
+        warnings.warn(
+            f"{summary.path} also holds {len(summary.other_files)} shard files this export did "
+            f"not write (from an earlier, different export?), e.g. "
+            f"{[fsio.basename(f) for f in summary.other_files[:5]]}: readers of the directory "
+            f"will see them too; remove them, or export to an empty directory",
+            stacklevel=4,
+        )
     summary.seconds = time.perf_counter() - started
     log.info("%s", summary)
     return summary
+
+
+def _other_shard_files(out_fs, out_root: str, results: list[ShardResult]) -> list[str]:
+    """``.tar`` / ``.parquet`` / ``.idx`` files in the output directory that are not this
+    export's (temporary files of running writers are hidden: never listed)."""
+    if not results and not out_fs.exists(out_root):
+        return []
+    ours = set()
+    for r in results:
+        stem = r.tar[: -len(".tar")]
+        ours.update((r.tar, r.parquet, stem + ".idx"))
+    found = []
+    for path in sorted(out_fs.ls(out_root, detail=False)):
+        name = fsio.basename(path)
+        qualified = fsio.qualify(out_fs, path)
+        if name.endswith((".tar", ".parquet", ".idx")) and not name.startswith("."):
+            if qualified not in ours:
+                found.append(qualified)
+    return found
 
 
 def _refuse_input_directory(dataset, out_fs, out_root: str) -> None:
@@ -386,8 +415,9 @@ class _Job:
         """Output shard ``n``'s rows, new keys, Parquet table and fingerprint."""
         rows = stack_slices([s.table for s in parts], slices)
         keys = self.layout.new_keys_of(n, 0, rows)
-        fingerprint = job_fingerprint(rows, keys, dict(self.layout.params, shard=n))
-        return rows, keys, fingerprint
+        table = self.layout.parquet_of(n, rows, keys)
+        params = dict(self.layout.params, shard=n)
+        return rows, keys, table, job_fingerprint(rows, keys, params, table)
 
     def skipped(self, n: int, records: int) -> ShardResult:
         tar = self.path(n, ".tar")
@@ -408,7 +438,7 @@ def _finished_shards(job: _Job, selections, shards: list[_ShardPlan]) -> dict[in
         return {}
 
     def fingerprint(parts, slices, n):
-        rows, _, digest = job.shard(parts, slices, n)
+        rows, _, _, digest = job.shard(parts, slices, n)
         return len(rows), digest
 
     checks = []
@@ -441,11 +471,11 @@ def _commit(
     parts: list[_Selection], slices, n: int, tar_tmp: str, job: _Job, written
 ) -> ShardResult:
     del written  # a dependency only: every piece is in place
-    rows, keys, fingerprint = job.shard(parts, slices, n)
+    rows, keys, table, fingerprint = job.shard(parts, slices, n)
     return commit_shard(
         rows,
         keys,
-        job.layout.parquet_of(n, rows, keys),
+        table,
         out_fs=job.out_fs,
         tar_tmp=tar_tmp,
         fingerprint=fingerprint,
@@ -454,11 +484,11 @@ def _commit(
 
 
 def _write_whole(parts: list[_Selection], slices, n: int, job: _Job) -> ShardResult:
-    rows, keys, fingerprint = job.shard(parts, slices, n)
+    rows, keys, table, fingerprint = job.shard(parts, slices, n)
     return write_shard(
         rows,
         keys,
-        job.layout.parquet_of(n, rows, keys),
+        table,
         source_fs=job.source_fs,
         out_fs=job.out_fs,
         fingerprint=fingerprint,

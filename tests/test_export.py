@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import warnings
 from pathlib import Path
 
 import dask
@@ -500,8 +499,7 @@ def test_resume_rewrites_shards_of_a_different_job(source, tmp_path):
     ds = load_with_keep(source)
     out = tmp_path / "out"
     ds.to_webdataset(str(out), samples_per_shard=5, max_shards=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match="shard files this export did not write"):
         summary = ds.to_webdataset(
             str(out), filter_column="keep", samples_per_shard=5, max_shards=2
         )
@@ -510,6 +508,28 @@ def test_resume_rewrites_shards_of_a_different_job(source, tmp_path):
     ds.to_webdataset(str(fresh), filter_column="keep", samples_per_shard=5, max_shards=2)
     for p in fresh.iterdir():
         assert sha((out / p.name).read_bytes()) == sha(p.read_bytes())
+    # the earlier export's shards past the new last one are left, and reported
+    earlier = sorted(p.name for p in out.iterdir() if not (fresh / p.name).exists())
+    assert earlier and [Path(f).name for f in summary.other_files] == earlier
+
+
+def test_resume_rewrites_shards_whose_metadata_changed(source, tmp_path):
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    out = tmp_path / "out"
+    meta = ds.metadata
+    meta["score"] = meta["key"].str.slice(0, 9).astype(int) * 1.0
+    first = ds.with_metadata(meta).to_webdataset(str(out), samples_per_shard=10)
+    same = ds.with_metadata(meta).to_webdataset(str(out), samples_per_shard=10)
+    assert same.shards_skipped == first.shards_written == 4 and not same.other_files
+    meta["score"] = meta["score"].where(meta["key"] != "000000021", -1.0)  # one value
+    changed = ds.with_metadata(meta).to_webdataset(str(out), samples_per_shard=10)
+    assert (changed.shards_written, changed.shards_skipped) == (1, 3)
+    scores = pq.read_table(out / "00002.parquet").column("score").to_pylist()
+    assert -1.0 in scores
+    meta["extra"] = True  # a new column changes every shard's Parquet
+    again = ds.with_metadata(meta).to_webdataset(str(out), samples_per_shard=10)
+    assert again.shards_written == 4
+    assert all("extra" in pq.read_schema(p).names for p in out.glob("*.parquet"))
 
 
 def test_record_without_json_keeps_int_columns_and_exports(tmp_path):

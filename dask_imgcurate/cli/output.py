@@ -153,6 +153,8 @@ def _summary_table(summary, cluster: str | None = None) -> None:
         "seconds": f"{summary.seconds:.1f}",
         "output": summary.path,
     }
+    if summary.other_files:
+        rows["other shard files there"] = f"{len(summary.other_files)} (not from this export)"
     if cluster is not None:
         rows["cluster"] = cluster
     _table(rows)

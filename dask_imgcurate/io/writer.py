@@ -361,14 +361,23 @@ def idx_text(plan: MemberPlan, payload_at: np.ndarray) -> str | None:
     return f"{DALI_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
 
 
-def job_fingerprint(rows: pa.Table, new_keys: Sequence[str], params: dict) -> str:
-    """A digest of what an output shard will contain, from metadata alone."""
+def job_fingerprint(
+    rows: pa.Table, new_keys: Sequence[str], params: dict, parquet: pa.Table
+) -> str:
+    """A digest of what an output shard will contain, from metadata alone: the source byte
+    ranges and new names of its members, and the schema and values of its Parquet."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
     lists, flat = _flat_members(rows)
     for strings in (rows.column("_shard").to_pylist(), new_keys, flat.field("name").to_pylist()):
         digest.update("\0".join(strings).encode("utf-8", "surrogateescape") + b"\1")
     for numbers in (flat.field("offset"), flat.field("size"), lists.value_lengths()):
         digest.update(numbers.to_numpy().astype("<i8").tobytes())
+    # Arrow IPC bytes: equal for equal values (bytes under nulls aside, which can only make
+    # an unchanged shard look changed, i.e. rewritten, never the reverse)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, parquet.schema) as stream:
+        stream.write_table(parquet.combine_chunks())
+    digest.update(sink.getvalue())
     return digest.hexdigest()
 
 
