@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dask_imgcurate.backend import to_arrow
+from dask_imgcurate.errors import DuplicateKeyError
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE
 from dask_imgcurate.io.writer import (
@@ -601,6 +602,14 @@ def write_images(
             raise ValueError(
                 f"record keys {unsafe[:10]} would be unsafe member names; use to_webdataset, "
                 f"which renames records"
+            )
+        if len(set(keys)) < len(keys):  # e.g. two datasets whose ids both start at 000000000
+            seen: set[str] = set()
+            repeated = sorted({k for k in keys if k in seen or seen.add(k)})
+            raise DuplicateKeyError(
+                f"{name_of(n)}.tar would hold records {repeated[:10]} twice "
+                f"({len(repeated)} ids repeat among its input records): write_images keeps "
+                f"record ids; make them unique, or use to_webdataset, which renames records"
             )
         return keys
 

@@ -21,6 +21,7 @@ import pytest
 
 from dask_imgcurate import ImageTextPairDataset, export
 from dask_imgcurate.demo import make_demo_dataset, make_shard_records, write_shard
+from dask_imgcurate.errors import DuplicateKeyError
 from dask_imgcurate.io import writer
 from dask_imgcurate.io.writer import MAX_GAP, MAX_READ, MemberPlan, merged_reads, plan_shards
 
@@ -237,6 +238,21 @@ def test_export_into_the_input_directory_is_refused(source, tmp_path):
     assert digests() == before
     summary = ds.to_webdataset(str(tmp_path / "in" / "curated"), samples_per_shard=5)
     assert summary.records_out == 35
+
+
+def test_write_images_refuses_repeated_ids_in_one_tar(source, tmp_path):
+    for name in ("a", "b"):  # two datasets whose ids are the same
+        shutil.copytree(source, tmp_path / name)
+    tars = [str(tmp_path / name / "00000.tar") for name in ("a", "b")]
+    ds = ImageTextPairDataset.from_webdataset(tars)
+    with pytest.raises(DuplicateKeyError, match=r"would hold records \['000000000', "):
+        ds.write_images(str(tmp_path / "images"), images_per_tar=100)
+    assert not list((tmp_path / "images").glob("*.parquet"))
+    per_copy = len(ds.metadata) // 2
+    summary = ds.write_images(str(tmp_path / "split"), images_per_tar=per_copy)  # a copy a tar
+    assert summary.records_out == 2 * per_copy and summary.shards_written == 2
+    renamed = ds.to_webdataset(str(tmp_path / "renamed"), samples_per_shard=100)
+    assert renamed.records_out == 2 * per_copy
 
 
 def test_error_rows_are_dropped_and_counted(source, tmp_path):
