@@ -249,7 +249,7 @@ def _export(
     summary.shards_skipped = sum(r.skipped for r in results)
     summary.bytes_written = sum(r.bytes for r in results if not r.skipped)
     summary.files = [r.tar for r in results]
-    summary.other_files = _other_shard_files(out_fs, out_root, results)
+    summary.other_files = _other_shard_files(out_fs, out_root, results, write_idx)
     if summary.other_files:
         warnings.warn(
             f"{summary.path} also holds {len(summary.other_files)} shard files this export did "
@@ -263,15 +263,18 @@ def _export(
     return summary
 
 
-def _other_shard_files(out_fs, out_root: str, results: list[ShardResult]) -> list[str]:
+def _other_shard_files(
+    out_fs, out_root: str, results: list[ShardResult], write_idx: bool
+) -> list[str]:
     """``.tar`` / ``.parquet`` / ``.idx`` files in the output directory that are not this
     export's (temporary files of running writers are hidden: never listed)."""
     if not results and not out_fs.exists(out_root):
         return []
     ours = set()
     for r in results:
-        stem = r.tar[: -len(".tar")]
-        ours.update((r.tar, r.parquet, stem + ".idx"))
+        ours.update((r.tar, r.parquet))
+        if write_idx:
+            ours.add(r.tar[: -len(".tar")] + ".idx")
     found = []
     for path in sorted(out_fs.ls(out_root, detail=False)):
         name = fsio.basename(path)
@@ -412,6 +415,13 @@ class _Job:
             idx_path=self.path(n, ".idx") if self.write_idx else None,
         )
 
+    def drop_stale_idx(self, n: int) -> None:
+        """Without ``.idx`` outputs, remove an earlier run's ``.idx`` of shard ``n`` before
+        its tar is replaced: it would describe another tar."""
+        idx = self.path(n, ".idx")
+        if not self.write_idx and self.out_fs.exists(idx):
+            self.out_fs.rm_file(idx)
+
     def shard(self, parts: list[_Selection], slices, n: int) -> tuple:
         """Output shard ``n``'s rows, new keys, Parquet table and fingerprint."""
         rows = stack_slices([s.table for s in parts], slices)
@@ -473,6 +483,7 @@ def _commit(
 ) -> ShardResult:
     del written  # a dependency only: every piece is in place
     rows, keys, table, fingerprint = job.shard(parts, slices, n)
+    job.drop_stale_idx(n)
     return commit_shard(
         rows,
         keys,
@@ -486,6 +497,7 @@ def _commit(
 
 def _write_whole(parts: list[_Selection], slices, n: int, job: _Job) -> ShardResult:
     rows, keys, table, fingerprint = job.shard(parts, slices, n)
+    job.drop_stale_idx(n)
     return write_shard(
         rows,
         keys,

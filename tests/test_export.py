@@ -529,6 +529,22 @@ def test_resume_rewrites_shards_of_a_different_job(source, tmp_path):
     assert earlier and [Path(f).name for f in summary.other_files] == earlier
 
 
+def test_rewrite_without_idx_removes_the_stale_idx(source, tmp_path):
+    ds = load_with_keep(source)
+    out = tmp_path / "out"
+    ds.to_webdataset(str(out), samples_per_shard=10)
+    assert sorted(p.name for p in out.glob("*.idx")) == [f"0000{i}.idx" for i in range(4)]
+    with pytest.warns(UserWarning, match="shard files this export did not write"):
+        summary = ds.to_webdataset(
+            str(out), filter_column="keep", samples_per_shard=10, write_idx=False
+        )
+    rewritten = {Path(t).stem for t in summary.files}
+    assert rewritten and not any((out / f"{stem}.idx").exists() for stem in rewritten)
+    # idx files of shards past the new last one are another export's, and reported as such
+    left = sorted(p.name for p in out.glob("*.idx"))
+    assert left and set(left) <= {Path(f).name for f in summary.other_files}
+
+
 def test_resume_rewrites_shards_whose_metadata_changed(source, tmp_path):
     ds = ImageTextPairDataset.from_webdataset(str(source))
     out = tmp_path / "out"
