@@ -80,6 +80,7 @@ class ExportSummary:
             f"{self.shards_written} shards written, {self.shards_skipped} already complete, "
             f"{self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f} s ({rate:.0f} MB/s); "
             f"dropped {self.dropped_by_filter} by filter, {self.dropped_for_errors} for errors"
+            + (f"; {len(self.other_files)} other shard files there" if self.other_files else "")
         )
 
 
