@@ -23,6 +23,7 @@ import posixpath
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -617,8 +618,7 @@ def write_images(
                 f"which renames records"
             )
         if len(set(keys)) < len(keys):  # e.g. two datasets whose ids both start at 000000000
-            seen: set[str] = set()
-            repeated = sorted({k for k in keys if k in seen or seen.add(k)})
+            repeated = sorted(k for k, count in Counter(keys).items() if count > 1)
             raise DuplicateKeyError(
                 f"{name_of(n)}.tar would hold records {repeated[:10]} twice "
                 f"({len(repeated)} ids repeat among its input records): write_images keeps "
