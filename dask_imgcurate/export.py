@@ -162,25 +162,66 @@ class _ShardPlan:
 
 
 def _plan(
-    stats: list[tuple], per_shard: int, first_shard: int = 0, complete_only: bool = False
+    stats: list[tuple],
+    per_shard: int,
+    first_shard: int = 0,
+    complete_only: bool = False,
+    first_partition: int = 0,
+    rows_before: int = 0,
 ) -> list[_ShardPlan]:
     """Output shards of ``per_shard`` records (see ``plan_shards``), each cut into pieces of
-    about ``PIECE_BYTES`` that never cross an input partition, with their byte offsets."""
+    about ``PIECE_BYTES`` that never cross an input partition, with their byte offsets.
+    ``stats`` may start at partition ``first_partition``, after ``rows_before`` rows."""
     shards = []
     counts = [len(s[0]) for s in stats]
-    planned = plan_shards(counts, per_shard, first_shard, complete_only)
-    for n, slices in enumerate(planned, start=first_shard):
+    planned = plan_shards(counts, per_shard, first_shard, complete_only, rows_before)
+    for n, local in enumerate(planned, start=first_shard):
+        slices = [(p + first_partition, start, stop) for p, start, stop in local]
         pieces, position, offset = [], 0, 0
-        for p, start, stop in slices:
+        for p, start, stop in local:
             ends = np.cumsum(stats[p][0][start:stop])
             cuts = _piece_cuts(ends)
             for a, b in zip(cuts, cuts[1:]):
                 size = int(ends[b - 1] - (ends[a - 1] if a else 0))
-                pieces.append((p, start + a, start + b, position + a, offset, size))
+                piece = (p + first_partition, start + a, start + b, position + a, offset, size)
+                pieces.append(piece)
                 offset += size
             position += stop - start
         shards.append(_ShardPlan(n, slices, pieces, offset + len(END_OF_ARCHIVE)))
     return shards
+
+
+class _Planner:
+    """Plans output shards while partitions' stats arrive in order (``_stream``), looking
+    only at partitions whose rows are not yet in a planned shard: planning stays linear in
+    the number of partitions however they arrive."""
+
+    def __init__(self, per_shard: int):
+        self.per_shard = per_shard
+        self.planned = 0  # output shards planned so far
+        self.base = 0  # the first partition with rows not in a planned shard ...
+        self.rows_before = 0  # ... and the rows before it
+
+    def complete(self, stats: list, known: int) -> list[_ShardPlan]:
+        """The full shards not planned yet among partitions ``0 .. known - 1``, whose
+        ``stats`` are in (more partitions may follow)."""
+        return self._take(stats, known, complete_only=True)
+
+    def rest(self, stats: list) -> list[_ShardPlan]:
+        """Every shard not planned yet, once all partitions' stats are in ``stats``."""
+        return self._take(stats, len(stats), complete_only=False)
+
+    def _take(self, stats: list, end: int, complete_only: bool) -> list[_ShardPlan]:
+        window = stats[self.base : end]
+        shards = _plan(
+            window, self.per_shard, self.planned, complete_only, self.base, self.rows_before
+        )
+        self.planned += len(shards)
+        next_row = self.planned * self.per_shard
+        while self.base < end and self.rows_before + len(stats[self.base][0]) <= next_row:
+            self.rows_before += len(stats[self.base][0])
+            self.base += 1
+        return shards
 
 
 def _piece_cuts(ends: np.ndarray) -> list[int]:
@@ -328,18 +369,18 @@ def _stream(client, stats_tasks: list, per_shard: int, submit, verbose: bool) ->
     futures = client.compute(stats_tasks, priority=1)  # each as soon as its partition is
     index = {future.key: i for i, future in enumerate(futures)}
     stats: list = [None] * len(futures)
-    known = planned = 0  # partitions selected without a gap from the first; shards planned
+    known = 0  # partitions selected without a gap from the first
+    planner = _Planner(per_shard)
     writing: list = []
     for batch in as_completed(futures).batches():  # all that finished since the last one
         for future, result in zip(batch, client.gather(batch)):
             stats[index[future.key]] = result
         while known < len(stats) and stats[known] is not None:
             known += 1
-        shards = _plan(stats[:known], per_shard, planned, complete_only=True)
+        shards = planner.complete(stats, known)
         if shards:  # before the remaining reads: a worker never waits for the last one
             writing += client.compute(submit(shards), priority=1)
-            planned += len(shards)
-    shards = _plan(stats, per_shard, planned)  # the last, shorter shard
+    shards = planner.rest(stats)  # the last, shorter shard
     if shards:
         writing += client.compute(submit(shards), priority=1)
     if verbose and writing:

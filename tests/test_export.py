@@ -340,6 +340,30 @@ def test_too_many_shards_for_max_shards(source, tmp_path):
         ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=1, max_shards=1)
 
 
+@pytest.mark.parametrize("per_shard", [1, 3, 7, 50])
+def test_streamed_planning_equals_planning_at_once(per_shard, monkeypatch):
+    """Shards planned as partitions arrive (in batches of any size) are the ones planned
+    from all of them, and each call looks only at partitions not yet fully planned."""
+    monkeypatch.setattr(export, "PIECE_BYTES", 40)
+    rng = np.random.default_rng(per_shard)
+    counts = rng.integers(0, 12, size=400)
+    counts[[3, 4, 17, 18, 19]] = 0  # partitions filtered out entirely
+    stats = [(rng.integers(1, 30, size=c), c, 0, "") for c in counts]
+    whole = export._plan(stats, per_shard)
+    planner, streamed, known, windows = export._Planner(per_shard), [], 0, []
+    real_plan = export._plan
+    monkeypatch.setattr(
+        export, "_plan", lambda s, *a, **k: windows.append(len(s)) or real_plan(s, *a, **k)
+    )
+    while known < len(stats):
+        known = min(len(stats), known + int(rng.integers(1, 5)))
+        streamed += planner.complete(stats, known)
+    streamed += planner.rest(stats)
+    assert streamed == whole and len(whole) == -(-int(counts.sum()) // per_shard)
+    # linear: re-planning from the first partition each time would look at ~30,000 here
+    assert sum(windows) - len(stats) <= 8 * len(stats)
+
+
 def _digest_dir(directory: Path) -> dict[str, str]:
     return {p.name: sha(p.read_bytes()) for p in sorted(directory.iterdir())}
 
@@ -371,9 +395,15 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
         ds.to_webdataset(str(tmp_path / "single"), filter_column="keep", samples_per_shard=6)
         ds.write_images(str(tmp_path / "single-img"), images_per_tar=6, filter_column="keep")
     monkeypatch.setattr(export, "PIECE_BYTES", 1)  # a shard's pieces spread over both workers
-    plans = []
-    real_plan = export._plan
-    monkeypatch.setattr(export, "_plan", lambda *a, **k: plans.append(k) or real_plan(*a, **k))
+    early = []  # shards planned while partitions were still being selected
+    real_complete = export._Planner.complete
+
+    def complete(*args):
+        shards = real_complete(*args)
+        early.extend(shards)
+        return shards
+
+    monkeypatch.setattr(export._Planner, "complete", complete)
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as c:
@@ -382,7 +412,7 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
                 str(tmp_path / "cluster"), filter_column="keep", samples_per_shard=6
             )
             # on a cluster, shards are planned (and written) as partitions are selected
-            assert any(k.get("complete_only") for k in plans)
+            assert early
             (tmp_path / "cluster" / "00001.parquet").unlink()  # as if killed before it
             again = ds.to_webdataset(
                 str(tmp_path / "cluster"), filter_column="keep", samples_per_shard=6

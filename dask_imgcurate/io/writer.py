@@ -402,20 +402,28 @@ def stack_slices(parts: Sequence[pa.Table], pieces: Sequence[tuple[int, int, int
 
 
 def plan_shards(
-    counts: Sequence[int], per_shard: int, first_shard: int = 0, complete_only: bool = False
+    counts: Sequence[int],
+    per_shard: int,
+    first_shard: int = 0,
+    complete_only: bool = False,
+    rows_before: int = 0,
 ) -> list[list[tuple[int, int, int]]]:
     """Split rows counted per partition into output shards of ``per_shard`` rows.
 
     Returns, per output shard from ``first_shard`` on, its ``(partition, start, stop)`` row
     slices, in input order: every shard but the last holds exactly ``per_shard`` rows. With
     ``complete_only`` a last shard of fewer rows is left out (more rows may follow).
+    ``counts`` may start later than the first partition: ``rows_before`` rows come before
+    ``counts[0]`` (at most ``first_shard * per_shard``), and partitions are numbered from it.
     """
     if per_shard < 1:
         raise ValueError("samples per shard must be >= 1")
+    if rows_before > first_shard * per_shard:
+        raise ValueError("the counts start after the first shard to plan")
     bounds = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
     total = int(bounds[-1])
     plan = []
-    for first in range(first_shard * per_shard, total, per_shard):
+    for first in range(first_shard * per_shard - rows_before, total, per_shard):
         last = min(first + per_shard, total)
         if complete_only and last - first < per_shard:
             break
