@@ -306,26 +306,29 @@ def _export(
     return summary
 
 
+def _names_in(fs, directory: str) -> set[str]:
+    """File names in ``directory`` (none when it does not exist: on object stores, a prefix
+    with no objects)."""
+    try:
+        return {fsio.basename(p) for p in fs.ls(directory, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
 def _other_shard_files(
     out_fs, out_root: str, results: list[ShardResult], write_idx: bool
 ) -> list[str]:
     """``.tar`` / ``.parquet`` / ``.idx`` files in the output directory that are not this
     export's (temporary files of running writers are hidden: never listed)."""
-    if not results and not out_fs.exists(out_root):
-        return []
     ours = set()
     for r in results:
-        ours.update((r.tar, r.parquet))
-        if write_idx:
-            ours.add(r.tar[: -len(".tar")] + ".idx")
-    found = []
-    for path in sorted(out_fs.ls(out_root, detail=False)):
-        name = fsio.basename(path)
-        qualified = fsio.qualify(out_fs, path)
-        if name.endswith((".tar", ".parquet", ".idx")) and not name.startswith("."):
-            if qualified not in ours:
-                found.append(qualified)
-    return found
+        stem = fsio.basename(r.tar)[: -len(".tar")]
+        ours.update((stem + ".tar", stem + ".parquet") + ((stem + ".idx",) if write_idx else ()))
+    return [
+        fsio.qualify(out_fs, fsio.join(out_root, name))
+        for name in sorted(_names_in(out_fs, out_root) - ours)
+        if name.endswith((".tar", ".parquet", ".idx")) and not name.startswith(".")
+    ]
 
 
 def _refuse_input_directory(dataset, out_fs, out_root: str) -> None:
@@ -398,6 +401,7 @@ class _Submitter:
         self.run = uuid.uuid4().hex[:8]
         self.shared = dask.delayed(job, name=f"export-job-{self.run}")  # shipped once
         self.prepared = False
+        self.existing: set[str] = set()  # file names in the output directory at the start
 
     def __call__(self, shards: list[_ShardPlan]) -> list:
         job = self.job
@@ -406,8 +410,11 @@ class _Submitter:
             fsio.makedirs(job.out_fs, job.out_root)  # object stores: the bucket must exist
             if fsio.remove_stale_temps(job.out_fs, job.out_root):
                 log.info("%s: removed temporary files of an interrupted earlier run", job.out_root)
+            # one listing, not a request per shard: what an earlier run may have finished
+            self.existing = _names_in(job.out_fs, job.out_root) if self.resume else set()
             self.prepared = True
-        done = _finished_shards(job, self.selections, shards) if self.resume else {}
+        earlier = [s for s in shards if job.name(s.n, ".parquet") in self.existing]
+        done = _finished_shards(job, self.selections, earlier) if earlier else {}
         return [done[s.n] if s.n in done else self._task(s) for s in shards]
 
     def _task(self, shard: _ShardPlan):
@@ -447,8 +454,11 @@ class _Job:
     layout: _Layout
     write_idx: bool
 
+    def name(self, n: int, ext: str) -> str:
+        return self.layout.name_of(n) + ext
+
     def path(self, n: int, ext: str) -> str:
-        return fsio.join(self.out_root, self.layout.name_of(n) + ext)
+        return fsio.join(self.out_root, self.name(n, ext))
 
     def outputs(self, n: int) -> dict:
         """Output shard ``n``'s file paths, as ``commit_shard`` and ``write_shard`` take them."""
@@ -484,12 +494,9 @@ class _Job:
         )
 
 
-def _finished_shards(job: _Job, selections, shards: list[_ShardPlan]) -> dict[int, ShardResult]:
-    """Shards a finished earlier run of the same job left complete (resume): checked by
-    fingerprint only where a final Parquet exists."""
-    existing = [s for s in shards if job.out_fs.exists(job.path(s.n, ".parquet"))]
-    if not existing:
-        return {}
+def _finished_shards(job: _Job, selections, existing: list[_ShardPlan]) -> dict[int, ShardResult]:
+    """Which of the shards whose final Parquet exists a finished earlier run of the same job
+    left complete (resume): checked by fingerprint."""
 
     def fingerprint(parts, slices, n):
         rows, _, _, digest = job.shard(parts, slices, n)

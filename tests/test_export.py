@@ -13,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import dask
+import fsspec
+import fsspec.implementations.local
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -575,7 +577,7 @@ def test_rewrite_without_idx_removes_the_stale_idx(source, tmp_path):
     assert left and set(left) <= {Path(f).name for f in summary.other_files}
 
 
-def test_resume_rewrites_shards_whose_metadata_changed(source, tmp_path):
+def test_resume_rewrites_shards_whose_metadata_changed(source, tmp_path, monkeypatch):
     ds = ImageTextPairDataset.from_webdataset(str(source))
     out = tmp_path / "out"
     meta = ds.metadata
@@ -583,9 +585,17 @@ def test_resume_rewrites_shards_whose_metadata_changed(source, tmp_path):
     first = ds.with_metadata(meta).to_webdataset(str(out), samples_per_shard=10)
     same = ds.with_metadata(meta).to_webdataset(str(out), samples_per_shard=10)
     assert same.shards_skipped == first.shards_written == 4 and not same.other_files
+    asked = []  # resume lists the output directory once, never asks shard by shard
+    real_exists = fsspec.implementations.local.LocalFileSystem.exists
+    monkeypatch.setattr(
+        fsspec.implementations.local.LocalFileSystem,
+        "exists",
+        lambda self, path, **kw: asked.append(path) or real_exists(self, path, **kw),
+    )
     meta["score"] = meta["score"].where(meta["key"] != "000000021", -1.0)  # one value
     changed = ds.with_metadata(meta).to_webdataset(str(out), samples_per_shard=10)
     assert (changed.shards_written, changed.shards_skipped) == (1, 3)
+    assert not [p for p in asked if str(p).endswith(".parquet")]
     scores = pq.read_table(out / "00002.parquet").column("score").to_pylist()
     assert -1.0 in scores
     meta["extra"] = True  # a new column changes every shard's Parquet
