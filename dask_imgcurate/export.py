@@ -496,21 +496,21 @@ class _Job:
 
 def _finished_shards(job: _Job, selections, existing: list[_ShardPlan]) -> dict[int, ShardResult]:
     """Which of the shards whose final Parquet exists a finished earlier run of the same job
-    left complete (resume): checked by fingerprint."""
+    left complete (resume): checked by fingerprint, in parallel tasks."""
+    checks = [
+        dask.delayed(_skipped_if_finished)(*shard.inputs(selections), shard.n, job)
+        for shard in existing
+    ]
+    results = dask.compute(*checks)
+    return {shard.n: r for shard, r in zip(existing, results) if r is not None}
 
-    def fingerprint(parts, slices, n):
-        rows, _, _, digest = job.shard(parts, slices, n)
-        return len(rows), digest
 
-    checks = []
-    for shard in existing:
-        checks.append(dask.delayed(fingerprint)(*shard.inputs(selections), shard.n))
-    done = {}
-    for shard, (records, digest) in zip(existing, dask.compute(*checks)):
-        tar, parquet = job.path(shard.n, ".tar"), job.path(shard.n, ".parquet")
-        if finished(job.out_fs, tar, parquet, digest):
-            done[shard.n] = job.skipped(shard.n, records)
-    return done
+def _skipped_if_finished(parts: list[_Selection], slices, n: int, job: _Job):
+    """Output shard ``n``'s ``ShardResult`` when this same job already completed it."""
+    rows, _, _, digest = job.shard(parts, slices, n)
+    if finished(job.out_fs, job.path(n, ".tar"), job.path(n, ".parquet"), digest):
+        return job.skipped(n, len(rows))
+    return None
 
 
 def _write_piece(
