@@ -109,6 +109,34 @@ def test_to_webdataset_round_trip(source, tmp_path, per_shard):
     assert position == len(kept)
 
 
+@pytest.mark.parametrize("reshape", ["repartition", "sort_values"])
+def test_reordered_metadata_exports_in_frame_order(source, tmp_path, reshape):
+    """Partitions mixing records of several tars (repartitioned, or globally sorted by a
+    score) export in the frame's order with every member's bytes intact."""
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    meta = ds.metadata
+    meta["score"] = meta["key"].map(lambda k: (int(k[:9]) * 7919) % 101, meta=("score", int))
+    if reshape == "repartition":
+        meta = meta.repartition(npartitions=2)
+    else:
+        meta = meta.sort_values("score", npartitions=3)
+    frame = meta.compute()
+    tars_per_partition = [part["_shard"].nunique() for part in dask.compute(*meta.to_delayed())]
+    assert max(tars_per_partition) > 1
+    summary = ds.with_metadata(meta).to_webdataset(
+        str(tmp_path / "out"), samples_per_shard=8, old_id_col="old_key"
+    )
+    assert summary.records_out == len(frame)
+    originals = input_members(source)
+    got_old, got_members = [], []
+    for tar in sorted((tmp_path / "out").glob("*.tar")):
+        table = pq.read_table(tar.with_suffix(".parquet"))
+        got_old += table.column("old_key").to_pylist()
+        got_members += [digest for _, digest in tar_members(tar)]
+    assert got_old == frame["key"].tolist()
+    assert got_members == [d for old in got_old for _, d in originals[old]]
+
+
 def test_gnu_tar_and_webdataset_read_output(source, tmp_path):
     ds = load_with_keep(source)
     out = tmp_path / "out"
