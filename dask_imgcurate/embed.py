@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dask_imgcurate.io.image_reader import DaliImageReader
+from dask_imgcurate.io.image_reader import MAX_IMAGE_PIXELS, DaliImageReader
 from dask_imgcurate.models.classifiers import EmbeddingClassifier
 from dask_imgcurate.models.clip import clip_embed_dim, load_clip
 
@@ -42,7 +42,8 @@ class ClipImageEmbedder:
     ``normalize`` L2-normalises the stored embeddings (classifiers always see normalised
     ones). ``autocast`` runs the model under fp16 autocast on CUDA. ``device`` is resolved on
     the worker (``"auto"``: CUDA when available). ``source`` is the image reader's
-    (``"range"`` or ``"webdataset"``).
+    (``"range"`` or ``"webdataset"``); images declaring more than ``max_image_pixels``
+    pixels get an ``error`` instead of being decoded (None: no limit).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class ClipImageEmbedder:
         source: str = "range",
         pil_fallback: bool = True,
         prefetch: int = 1,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -77,6 +79,7 @@ class ClipImageEmbedder:
         self.source = source
         self.pil_fallback = pil_fallback
         self.prefetch = int(prefetch)
+        self.max_image_pixels = max_image_pixels
         columns = [embedding_column, ERROR_COLUMN] + [c.output_column for c in self.classifiers]
         if len(set(columns)) != len(columns):
             raise ValueError(f"output columns clash: {columns}")
@@ -158,6 +161,7 @@ class ClipImageEmbedder:
                 pil_fallback=self.pil_fallback,
                 storage_options=storage_options,
                 prefetch=self.prefetch,
+                max_image_pixels=self.max_image_pixels,
             )
             index = pd.Index(df[id_col].astype(str).tolist())
             for batch in reader.iter_batches(df, id_col):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +216,39 @@ def test_bad_images_do_not_kill_the_shard(mixed_shard, batch_size: int) -> None:
         assert torch.isfinite(tensor).all()
         want = reference(SPEC, images[key])
         assert (tensor - want).abs().mean() < 0.03, key
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A well-formed PNG header declaring ``width`` x ``height`` pixels, with one tiny IDAT
+    (a decompression bomb's header without the work of making one)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_oversized_images_are_refused_before_decoding(tmp_path: Path) -> None:
+    small = encode(synthetic_image(1, (40, 30)), "JPEG")
+    medium = encode(synthetic_image(2, (120, 100)), "PNG")
+    members = [("a.jpg", small), ("b.png", medium), ("c.png", png_declaring(100_000, 100_000))]
+    part = partition_from_tar(write_tar(tmp_path / "bomb.tar", members))
+    batch = reader().read(part)  # the default limit: PIL's 89.5 MP
+    assert sorted(batch.keys) == ["a", "b"]
+    assert batch.errors == {
+        "c": "decode: 100000x100000 image (10000 MP) exceeds max_image_pixels=89478485"
+    }
+    batch = reader(max_image_pixels=120 * 100 - 1).read(part.iloc[:2])
+    assert batch.keys == ["a"] and batch.errors["b"].startswith("decode: 120x100 image")
+    assert sorted(reader(max_image_pixels=None).read(part.iloc[:2]).keys) == ["a", "b"]
 
 
 def test_pil_fallback_can_be_disabled(mixed_shard) -> None:

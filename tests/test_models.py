@@ -119,6 +119,21 @@ def test_embeddings_match_open_clip_reference(tiny: str, shards) -> None:
         assert cos > 0.99, (key, cos)
 
 
+def test_images_over_the_pixel_limit_get_an_error(tiny: str, shards) -> None:
+    path, images = next(iter(shards.items()))
+    part = partition_from_tar(path)
+    sizes = {k: Image.open(io.BytesIO(v)).size for k, v in images.items()}
+    limit = sorted(w * h for w, h in sizes.values())[len(sizes) // 2]  # about half pass
+    out = embedder(tiny, max_image_pixels=limit).embed_partition(part)
+    too_large = {k for k, (w, h) in sizes.items() if w * h > limit}
+    assert too_large and too_large != set(sizes)
+    refused = out[out["error"].notna()]
+    assert set(refused["key"]) == too_large
+    assert refused["error"].str.contains("exceeds max_image_pixels").all()
+    assert refused["image_embedding"].isna().all()
+    assert out.loc[out["error"].isna(), "image_embedding"].notna().all()
+
+
 def test_rows_match_keys_not_positions(tiny: str, shards) -> None:
     """Embedding a row alone or among others (any frame order) gives the same vector."""
     path, _ = next(iter(shards.items()))

@@ -58,11 +58,15 @@ import torch
 
 from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_device
 from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.image_header import ImageTooLarge, image_dimensions
 
 log = logging.getLogger(__name__)
 
 NO_IMAGE = "no image"
 SOURCES = ("range", "webdataset")
+# Images declaring more pixels are refused before decoding (decompression bombs): PIL's
+# default Image.MAX_IMAGE_PIXELS, 89.5 megapixels (a 9459 x 9459 image).
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -320,6 +324,8 @@ class DaliImageReader:
     ``device`` is ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (resolved when the
     reader is created, i.e. on the worker). Output tensors live on that device.
     ``prefetch`` batches are read and decoded ahead in a background thread (0: inline).
+    Images whose headers declare more than ``max_image_pixels`` pixels (default: PIL's
+    limit, 89.5 MP; None: no limit) are refused before decoding, as per-row errors.
     """
 
     def __init__(
@@ -333,6 +339,7 @@ class DaliImageReader:
         pil_fallback: bool = True,
         storage_options: dict | None = None,
         prefetch: int = 1,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -349,6 +356,7 @@ class DaliImageReader:
         self.pil_fallback = pil_fallback
         self.storage_options = dict(storage_options or {})
         self.prefetch = max(0, int(prefetch))
+        self.max_image_pixels = max_image_pixels
         self._device_id = dali_device_id(self.device)
 
     # ---- public API
@@ -384,6 +392,9 @@ class DaliImageReader:
     def _produce(self, partition: pd.DataFrame, keys: list[str]) -> Iterator[ImageBatch]:
         for ids, datas, errors in self._encoded_batches(partition):
             batch_errors = {keys[i]: reason for i, reason in errors.items()}
+            if ids and self.max_image_pixels is not None:
+                ids, datas, too_large = _refuse_oversized(ids, datas, self.max_image_pixels)
+                batch_errors.update({keys[i]: reason for i, reason in too_large.items()})
             if ids:
                 out_ids, images, decode_errors = self._decode(ids, datas)
                 batch_errors.update({keys[i]: reason for i, reason in decode_errors.items()})
@@ -582,6 +593,29 @@ class DaliImageReader:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _refuse_oversized(
+    ids: list[int], datas: list[np.ndarray], limit: int
+) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
+    """Keep the images whose headers declare at most ``limit`` pixels; the others (or
+    decompression bombs) become errors before a decoder allocates their pixels."""
+    kept_ids, kept, errors = [], [], {}
+    for i, data in zip(ids, datas):
+        try:
+            size = image_dimensions(data)
+        except ImageTooLarge as err:
+            errors[i] = f"decode: {_short(str(err))}"
+            continue
+        if size is not None and size[0] * size[1] > limit:
+            errors[i] = (
+                f"decode: {size[0]}x{size[1]} image ({size[0] * size[1] / 1e6:.0f} MP) exceeds "
+                f"max_image_pixels={limit}"
+            )
+            continue
+        kept_ids.append(i)
+        kept.append(data)
+    return kept_ids, kept, errors
 
 
 def _int_column(df: pd.DataFrame, name: str) -> np.ndarray:

@@ -1,0 +1,90 @@
+"""Image dimensions from the first bytes of encoded data, without decoding.
+
+Used to refuse decompression bombs (a few KB of PNG or JPEG that decode to gigabytes)
+before a decoder allocates their pixels. JPEG, PNG, GIF and WebP headers are parsed
+here in microseconds; other formats go through PIL's lazy ``Image.open`` (headers only).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic ...): not DHT
+# (C4), JPG (C8) or DAC (CC)
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE = frozenset(range(0xD0, 0xDA)) | {0x01}  # RSTn, SOI, EOI, TEM: no length
+
+
+def image_dimensions(data) -> tuple[int, int] | None:
+    """``(width, height)`` declared by an encoded image's header, or None when the data is
+    not an image this function or PIL recognises (or its header is cut short). Raises
+    ``ImageTooLarge`` where PIL refuses to read a size beyond twice its own pixel limit."""
+    data = memoryview(data).cast("B")  # bytes, or a uint8 array: indexing gives ints
+    head = bytes(data[:32])
+    try:
+        if head.startswith(b"\xff\xd8"):
+            return _jpeg(data)
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+        if head[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", head[6:10])
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return _webp(head)
+    except (struct.error, IndexError):
+        return None
+    return _pil(data)
+
+
+def _jpeg(data) -> tuple[int, int] | None:
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker in _SOF:
+            if pos + 9 > end:
+                return None
+            height, width = struct.unpack(">HH", bytes(data[pos + 5 : pos + 9]))
+            return width, height
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return None
+
+
+def _webp(head: bytes) -> tuple[int, int] | None:
+    chunk = head[12:16]
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # lossy: 14-bit sizes
+        width, height = struct.unpack("<HH", head[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and head[20] == 0x2F:  # lossless: 14-bit sizes minus one
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":  # extended: 24-bit sizes minus one
+        return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+    return None
+
+
+def _pil(data) -> tuple[int, int] | None:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(bytes(data))).size
+    except Image.DecompressionBombError as err:  # PIL's own limit: report it as a size
+        raise ImageTooLarge(str(err)) from None
+    except Exception:  # noqa: BLE001 - not an image PIL knows: the decoder will say
+        return None
+
+
+class ImageTooLarge(ValueError):
+    """PIL refused to even read the header's size (beyond twice its own pixel limit)."""
