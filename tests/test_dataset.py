@@ -311,6 +311,8 @@ def test_duplicate_keys(tmp_path):
     with pytest.raises(DuplicateKeyError, match="'a'") as err:
         load(tmp_path).metadata.compute()
     assert str(tmp_path / "00000.tar") in str(err.value)
+    assert "'a.jpg' and 'a.txt', not adjacent" in str(err.value)
+    assert "--sort=name" in str(err.value)  # how to write a proper one
 
 
 def test_duplicate_member_names(tmp_path):

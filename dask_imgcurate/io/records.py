@@ -127,6 +127,8 @@ def _raise_duplicate(index: TarIndex, keys: list[str], starts: list[int]) -> Non
         if key in first_start:
             raise DuplicateKeyError(
                 f"{index.source}: record key {key!r} occurs twice (members "
-                f"{names[first_start[key]]!r} and {names[start]!r}, not adjacent)"
+                f"{names[first_start[key]]!r} and {names[start]!r}, not adjacent); a "
+                f"record's members must be consecutive, as WebDataset readers expect: "
+                f"write tars in name order (GNU tar: --sort=name)"
             )
         first_start[key] = start
