@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import posixpath
+import uuid
 import warnings
 from collections.abc import Sequence
 
@@ -147,17 +150,22 @@ class ImageTextPairDataset:
                 for i in range(0, len(self.shards), self.files_per_partition)
             ]
         target = None if path is None else fsio.url_to_fs(path, self.storage_options)[1]
-        writer = _MetadataWriter(fs, target, list(columns), groups)
+        writer = _MetadataWriter(fs, target, list(columns), groups, uuid.uuid4().hex[:8])
         result_meta = pd.DataFrame(
             {
                 "shard": pd.Series([], dtype=object),
                 "path": pd.Series([], dtype=object),
+                "fragment": pd.Series([], dtype=object),
                 "rows": pd.Series([], dtype="int64"),
             }
         )
-        with dask.config.set({"dataframe.convert-string": False}):
-            written = frame.map_partitions(writer, meta=result_meta).compute()
-        return written.reset_index(drop=True)
+        try:
+            with dask.config.set({"dataframe.convert-string": False}):
+                fragments = frame.map_partitions(writer, meta=result_meta).compute()
+            return _publish_fragments(fs, fragments)
+        except BaseException:
+            writer.remove_fragments()  # best effort: tasks elsewhere may still be writing
+            raise
 
     def to_webdataset(
         self,
@@ -288,15 +296,19 @@ def _conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
 
 
 class _MetadataWriter:
-    """Writes a partition's rows to one Parquet file per shard (picklable)."""
+    """Writes a partition's rows of each shard to a hidden fragment file (picklable):
+    ``_publish_fragments`` then gives each shard one Parquet, whichever partitions held its
+    rows (after ``repartition`` or ``sort_values``, several do)."""
 
-    def __init__(self, fs, target, columns, groups):
+    def __init__(self, fs, target, columns, groups, run: str):
         self.fs, self.target, self.columns, self.groups = fs, target, columns, groups
+        self.run = run
 
     def __call__(self, frame, partition_info=None):
         table = to_arrow(frame)
+        number = partition_info["number"] if partition_info is not None else 0
         shards = (
-            [fsio.qualify(self.fs, s.tar) for s in self.groups[partition_info["number"]]]
+            [fsio.qualify(self.fs, s.tar) for s in self.groups[number]]
             if self.groups is not None and partition_info is not None
             else []
         )
@@ -310,12 +322,19 @@ class _MetadataWriter:
         for source in shards:
             part = table.filter(pc.equal(table.column("_shard"), source))
             out = self._path_for(source)
-            with fsio.atomic_write(self.fs, out) as tmp:
+            fragment = self._fragment_for(out, number)
+            with fsio.atomic_write(self.fs, fragment) as tmp:
                 pq.write_table(part.select(self.columns), tmp)
             rows.append(
-                {"shard": source, "path": fsio.qualify(self.fs, out), "rows": part.num_rows}
+                {
+                    "shard": source,
+                    "path": fsio.qualify(self.fs, out),
+                    "fragment": fragment,
+                    "rows": part.num_rows,
+                }
             )
-        return pd.DataFrame(rows, columns=["shard", "path", "rows"]).astype({"rows": "int64"})
+        columns = ["shard", "path", "fragment", "rows"]
+        return pd.DataFrame(rows, columns=columns).astype({"rows": "int64"})
 
     def _path_for(self, source: str) -> str:
         tar = self.fs._strip_protocol(source)
@@ -323,6 +342,54 @@ class _MetadataWriter:
         if self.target is None:
             return tar[: -len(".tar")] + ".parquet"
         return fsio.join(self.target, stem + ".parquet")
+
+    def _fragment_for(self, out: str, partition: int) -> str:
+        directory, name = posixpath.split(out)
+        return fsio.join(directory, f".{name}{fsio.TEMP_MARK}{self.run}-part{partition:06d}")
+
+    def remove_fragments(self) -> None:
+        """Remove this run's fragments (after a failure)."""
+        directories = (
+            {self.target}
+            if self.target is not None
+            else {
+                posixpath.dirname(self.fs._strip_protocol(s.tar))
+                for g in self.groups or []
+                for s in g
+            }
+        )
+        for directory in directories:
+            with contextlib.suppress(OSError):
+                for path in self.fs.ls(directory, detail=False):
+                    if f"{fsio.TEMP_MARK}{self.run}-part" in fsio.basename(path):
+                        self.fs.rm_file(path)
+
+
+def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
+    """One Parquet per shard from its fragments: a rename for one fragment, a merge (rows
+    in partition order) for several."""
+    merges, rows = [], []
+    for (shard, path), group in fragments.groupby(["shard", "path"], sort=False):
+        parts = group["fragment"].tolist()
+        target = fs._strip_protocol(path)
+        if len(parts) == 1:
+            fs.mv(parts[0], target)
+        else:
+            merges.append(dask.delayed(_merge_fragments)(fs, parts, target))
+        rows.append({"shard": shard, "path": path, "rows": int(group["rows"].sum())})
+    dask.compute(*merges)
+    return pd.DataFrame(rows, columns=["shard", "path", "rows"]).astype({"rows": "int64"})
+
+
+def _merge_fragments(fs, fragments: list[str], path: str) -> None:
+    tables = []
+    for fragment in fragments:
+        with fs.open(fragment, "rb") as f:
+            tables.append(pq.read_table(f))
+    with fsio.atomic_write(fs, path) as tmp:
+        pq.write_table(pa.concat_tables(tables), tmp)
+    for fragment in fragments:
+        fs.rm_file(fragment)
 
 
 __all__ = ["ImageTextPairDataset", "BOOKKEEPING"]

@@ -513,6 +513,40 @@ def test_save_metadata_file_names_follow_shards(tmp_path):
     assert "_members" not in saved.columns and "_shard" not in saved.columns
 
 
+@pytest.mark.parametrize("reshape", ["repartition", "sort_values"])
+def test_save_metadata_of_a_reshaped_frame_keeps_every_row(demo_dir, tmp_path, reshape):
+    """A shard's rows spread over several partitions all reach its one Parquet file."""
+    ds = _with_score(load(demo_dir))
+    meta = ds.metadata
+    if reshape == "repartition":
+        meta = meta.repartition(npartitions=7)  # splits every shard
+    else:  # a unique sort key: the same order in every computation
+        meta = meta.assign(rank=meta["score"] * 1000 + meta["key"].str.slice(6).astype(int))
+        meta = meta.sort_values("rank", npartitions=3)
+    frame = meta.compute()
+    partitions_per_shard = (
+        pd.concat(
+            [
+                p[["_shard"]].assign(partition=i)
+                for i, p in enumerate(dask.compute(*meta.to_delayed()))
+            ]
+        )
+        .groupby("_shard")["partition"]
+        .nunique()
+    )
+    assert partitions_per_shard.max() > 1
+    result = ds.with_metadata(meta).save_metadata(str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"0000{i}.parquet" for i in range(3)
+    ]  # one file per shard, no fragments left
+    for tar, path, rows in result.itertuples(index=False):
+        saved = pq.read_table(path).to_pandas()
+        expected = frame[frame["_shard"] == tar]
+        assert rows == len(saved) == len(expected) == 12
+        assert saved["key"].tolist() == expected["key"].tolist()  # in the frame's order
+        assert saved["score"].tolist() == expected["score"].tolist()
+
+
 def test_save_then_reload_no_parquet_dataset(demo_dir_nopq, copy_dataset):
     path = copy_dataset(demo_dir_nopq)
     ds = _with_score(load(path))
