@@ -581,6 +581,17 @@ def to_webdataset(
     if samples_per_shard < 1 or max_shards < 1:
         raise ValueError("samples_per_shard and max_shards must be >= 1")
     id_col = dataset.id_col
+    if old_id_col == id_col:
+        raise ValueError(
+            f"old_id_col={old_id_col!r} is the id column, which holds the new ids; name "
+            f"another column for the old ones"
+        )
+    if old_id_col and old_id_col in dataset.metadata.columns:
+        warnings.warn(
+            f"old_id_col={old_id_col!r} replaces the metadata column of that name in the "
+            f"exported Parquet",
+            stacklevel=3,
+        )
     position_digits = 0 if samples_per_shard == 1 else len(str(samples_per_shard - 1))
     width = max_shards + position_digits
 

@@ -285,6 +285,18 @@ def test_write_images_refuses_repeated_ids_in_one_tar(source, tmp_path):
     assert renamed.records_out == 2 * per_copy
 
 
+def test_old_id_col_must_not_be_the_id_column(source, tmp_path):
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    with pytest.raises(ValueError, match="old_id_col='key' is the id column"):
+        ds.to_webdataset(str(tmp_path / "a"), old_id_col="key")
+    assert not (tmp_path / "a").exists()
+    with pytest.warns(UserWarning, match="replaces the metadata column"):
+        ds.to_webdataset(str(tmp_path / "b"), samples_per_shard=100, old_id_col="caption")
+    table = pq.read_table(tmp_path / "b" / "00000.parquet")
+    assert table.column_names[:2] == ["key", "caption"]
+    assert table.column("caption").to_pylist() == ds.metadata["key"].compute().tolist()
+
+
 def test_error_rows_are_dropped_and_counted(source, tmp_path):
     ds = ImageTextPairDataset.from_webdataset(str(source))
     meta = ds.metadata
