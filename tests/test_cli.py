@@ -166,6 +166,21 @@ def test_index_writes_the_same_idx_as_write_dali_index(source, tmp_path):
         assert tar.with_suffix(".idx").read_bytes() == Path(expected).read_bytes()
 
 
+def test_index_indexes_every_good_shard_and_names_the_bad_ones(source, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    for name in ("00000.tar", "00002.tar"):  # two damaged shards of three
+        tar = data / name
+        tar.write_bytes(tar.read_bytes()[:5000])
+    result = run("index", data, ok=False)
+    assert result.exit_code == 1
+    assert table(result.stdout)["shards indexed"] == "1"
+    assert sorted(p.name for p in data.glob("*.idx")) == ["00001.idx"]
+    for name in ("00000.tar", "00002.tar"):
+        assert f"not indexed: {data / name}: truncated" in result.stderr
+    assert "error: 2 of 3 shards could not be indexed" in result.stderr
+
+
 def test_embed_saves_embeddings_and_scores_as_parquet(scored):
     root, result = scored
     rows = table(result.stdout)

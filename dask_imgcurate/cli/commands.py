@@ -18,7 +18,14 @@ from dask_imgcurate.cli.options import (
     with_layout_options,
     with_model_options,
 )
-from dask_imgcurate.cli.output import _Group, _setup_logging, _show_progress, _summary_table, _table
+from dask_imgcurate.cli.output import (
+    _Group,
+    _one_line,
+    _setup_logging,
+    _show_progress,
+    _summary_table,
+    _table,
+)
 from dask_imgcurate.cli.work import (
     _check_output,
     _client,
@@ -31,6 +38,7 @@ from dask_imgcurate.cli.work import (
     run_curate,
 )
 from dask_imgcurate.cluster import cluster_kind, describe
+from dask_imgcurate.errors import CurateError
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,12 +50,16 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.call_on_close(_setup_logging(verbose))
 
 
-def _write_index(job: tuple[str, dict | None]) -> str:
-    """Write one shard's .idx (module level, so a worker process can run it)."""
+def _write_index(job: tuple[str, dict | None]) -> tuple[str, str | None]:
+    """Write one shard's .idx (module level, so a worker process can run it): its path, or
+    None and why not."""
     from dask_imgcurate.io import write_dali_index
 
     tar, options = job
-    return write_dali_index(tar, storage_options=options)
+    try:
+        return write_dali_index(tar, storage_options=options), None
+    except (CurateError, OSError) as err:  # a damaged or unreadable shard: the others go on
+        return None, _one_line(err)
 
 
 @main.command()
@@ -84,7 +96,18 @@ def index(path: str, storage_options: str | None) -> None:
                 disable=not _show_progress(),
             )
         )
-    _table({"shards indexed": len(written), "first": written[0], "last": written[-1]})
+    done = [idx for idx, _ in written if idx is not None]
+    failed = [(job[0], why) for job, (idx, why) in zip(jobs, written) if idx is None]
+    rows = {"shards indexed": len(done)}
+    if done:
+        rows.update(first=done[0], last=done[-1])
+    _table(rows)
+    if failed:
+        for tar, why in failed:
+            click.echo(
+                f"not indexed: {why}" if tar in why else f"not indexed: {tar}: {why}", err=True
+            )
+        raise CurateError(f"{len(failed)} of {len(jobs)} shards could not be indexed")
 
 
 @main.command()
