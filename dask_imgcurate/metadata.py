@@ -14,6 +14,7 @@ import warnings
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dask_imgcurate.errors import MetadataMismatchError
@@ -51,18 +52,26 @@ def shard_table(
     """Metadata of one shard (see module docstring)."""
     records = index_shard(fs, shard, strict=strict)
     source = fsio.qualify(fs, shard.tar)
-    if records.members.damage is not None:
-        warnings.warn(
-            f"{records.members.damage}; kept the {len(records)} complete records before it "
-            f"(dropped {records.dropped_incomplete} possibly incomplete record)",
-            stacklevel=2,
-        )
+    damaged = records.members.damage is not None
     book = bookkeeping_table(records, source)
+    lost_rows = 0
     if shard.parquet is not None:
         user = _read_sidecar(fs, shard, id_col)
+        if damaged:  # the sidecar describes records lost with the damage: not a mismatch
+            present = pa.array(records.keys, pa.string())
+            kept = pc.is_in(user.column(id_col), value_set=present)
+            lost_rows = user.num_rows - pc.sum(kept).as_py() if user.num_rows else 0
+            user = user.filter(kept)
         user, book = _align(user, book, id_col, records.keys, source, on_mismatch)
     else:
         user = _table_from_members(fs, shard, records, id_col)
+    if damaged:
+        lost = f"; dropped their {lost_rows} sidecar Parquet rows" if lost_rows else ""
+        warnings.warn(
+            f"{records.members.damage}; kept the {len(records)} complete records before it "
+            f"(dropped {records.dropped_incomplete} possibly incomplete record{lost})",
+            stacklevel=2,
+        )
     table = user
     for name in book.column_names:
         if name in table.column_names:

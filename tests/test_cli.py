@@ -181,6 +181,23 @@ def test_index_indexes_every_good_shard_and_names_the_bad_ones(source, tmp_path)
     assert "error: 2 of 3 shards could not be indexed" in result.stderr
 
 
+def test_export_of_a_damaged_shard_fails_or_keeps_complete_records(source, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    tar = data / "00001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])  # inside a member
+    failed = run("export", data, tmp_path / "strict", "--n-workers", "0", ok=False)
+    assert failed.exit_code == 1
+    assert f"error: {tar}: truncated" in failed.stderr
+    kept = ImageTextPairDataset.from_webdataset(str(data), strict=False).metadata
+    with pytest.warns(UserWarning):
+        expected = len(kept)
+    assert SHARDS * PER_SHARD - PER_SHARD < expected < SHARDS * PER_SHARD
+    with pytest.warns(UserWarning, match=f"{tar}: truncated.*kept the {expected - 16} complete"):
+        result = run("export", data, tmp_path / "lenient", "--n-workers", "0", "--lenient")
+    assert table(result.stdout)["records out"] == str(expected)
+
+
 def test_embed_saves_embeddings_and_scores_as_parquet(scored):
     root, result = scored
     rows = table(result.stdout)

@@ -381,6 +381,24 @@ def test_truncated_shard_lenient(cut_dataset):
     assert len(other) == 10
 
 
+def test_truncated_shard_lenient_with_sidecar(demo_dir, copy_dataset):
+    """The sidecar's rows of records lost with the damage are dropped, not a mismatch."""
+    path = copy_dataset(demo_dir)
+    tar = path / "00001.tar"
+    full = load(path).metadata.compute()
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])
+    with pytest.raises(TarFormatError):
+        load(path).metadata.compute()
+    with pytest.warns(UserWarning, match=r"00001.tar: .*kept the \d+ complete records.*sidecar"):
+        frame = load(path, strict=False).metadata.compute()
+    part = frame[frame["_shard"] == str(tar)]
+    assert 0 < len(part) < 12
+    before = full[full["_shard"] == str(tar)].head(len(part))
+    assert part["key"].tolist() == before["key"].tolist()
+    assert part["caption"].tolist() == before["caption"].tolist()  # sidecar values kept
+    assert len(frame) == 24 + len(part)
+
+
 def test_compressed_shard(tmp_path, demo_dir_nopq):
     data = (demo_dir_nopq / "00000.tar").read_bytes()
     (tmp_path / "00000.tar").write_bytes(gzip.compress(data))

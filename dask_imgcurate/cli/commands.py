@@ -12,6 +12,7 @@ import click
 
 from dask_imgcurate.cli.config import CurateConfig, _settings, _storage_options
 from dask_imgcurate.cli.options import (
+    lenient_option,
     storage_option,
     with_cluster_options,
     with_filter_options,
@@ -190,6 +191,7 @@ def _basename(path: str) -> str:
 )
 @with_model_options
 @with_cluster_options
+@lenient_option
 @storage_option
 @click.pass_context
 def embed(ctx: click.Context, path: str, output: str | None, **_) -> None:
@@ -229,6 +231,7 @@ def embed(ctx: click.Context, path: str, output: str | None, **_) -> None:
 @with_layout_options
 @with_filter_options
 @with_cluster_options
+@lenient_option
 @storage_option
 @click.pass_context
 def export(ctx: click.Context, path: str, output: str, **_) -> None:
@@ -254,6 +257,7 @@ def export(ctx: click.Context, path: str, output: str, **_) -> None:
 @with_filter_options
 @with_layout_options
 @with_cluster_options
+@lenient_option
 @storage_option
 @click.pass_context
 def curate(ctx: click.Context, input_path: str, output: str, config_path: str | None, **_) -> None:

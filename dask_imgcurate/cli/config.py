@@ -33,6 +33,7 @@ class CurateConfig:
     scheduler_address: str | None = None
     n_workers: int | None = None
     storage_options: dict | None = None
+    lenient: bool = False
 
     @classmethod
     def from_yaml(cls, path: str) -> CurateConfig:

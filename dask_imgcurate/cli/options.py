@@ -23,6 +23,13 @@ storage_option = click.option(
     help='fsspec storage options as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'.',
 )
 
+lenient_option = click.option(
+    "--lenient",
+    is_flag=True,
+    help="Keep the complete records of damaged (truncated or corrupt) shards, with a warning "
+    "naming each, instead of failing.",
+)
+
 with_cluster_options = _options(
     click.option(
         "--scheduler-address",

@@ -26,9 +26,10 @@ def _check_output(path: str, output: str) -> None:
         raise ValueError(f"OUTPUT must be another directory than the input: {output}")
 
 
-def _load(path: str, config: CurateConfig, *, strict: bool = True):
+def _load(path: str, config: CurateConfig, *, strict: bool | None = None):
     from dask_imgcurate import ImageTextPairDataset
 
+    strict = not config.lenient if strict is None else strict
     return ImageTextPairDataset.from_webdataset(
         path, storage_options=config.storage_options or None, strict=strict
     )
