@@ -53,6 +53,13 @@ def shard_table(
     records = index_shard(fs, shard, strict=strict)
     source = fsio.qualify(fs, shard.tar)
     damaged = records.members.damage is not None
+    if not records.members.ends_marked:
+        warnings.warn(
+            f"{source}: ends after {len(records.members)} members without the end-of-archive "
+            f"blocks tar writers add when they finish: it may have been cut short between "
+            f"records (an interrupted write or download); its {len(records)} records are kept",
+            stacklevel=2,
+        )
     book = bookkeeping_table(records, source)
     lost_rows = 0
     if shard.parquet is not None:

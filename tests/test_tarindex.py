@@ -528,3 +528,31 @@ def test_unsafe_names_are_plain_keys(tmp_path, tarfile_members):
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert not Path("/abs/x.jpg").exists()
     assert not os.path.exists(work / "../../evil.jpg")
+
+
+def test_tar_cut_between_members_is_kept_and_flagged(tmp_path):
+    """Data that stops right after a member, without the end-of-archive blocks, is indexed
+    like GNU tar reads it, but flagged: a cut between records looks exactly like that."""
+    members = [(f"{i:03d}.{ext}", payload(i)) for i in range(4) for ext in ("jpg", "txt")]
+    tar = write_tar(tmp_path / "whole.tar", members)
+    with tarfile.open(tar) as ref:
+        infos = ref.getmembers()
+    cut = tmp_path / "cut.tar"
+    end_of_member_5 = infos[5].offset_data + -(-infos[5].size // 512) * 512
+    cut.write_bytes(tar.read_bytes()[:end_of_member_5])
+    with fsio.open_buffer(LocalFileSystem(), str(tar)) as buffer:
+        assert scan_tar(buffer, str(tar)).ends_marked
+    with fsio.open_buffer(LocalFileSystem(), str(cut)) as buffer:
+        index = scan_tar(buffer, str(cut))
+    assert not index.ends_marked and index.damage is None
+    assert ours(cut) == ours(tar)[:6]
+    tar_listing = subprocess.run(["tar", "tf", str(cut)], capture_output=True, text=True)
+    assert tar_listing.stdout.split() == index.names  # GNU tar reads the same members
+
+    from dask_imgcurate import ImageTextPairDataset
+
+    (tmp_path / "ds").mkdir()
+    shutil.move(cut, tmp_path / "ds" / "00000.tar")
+    with pytest.warns(UserWarning, match=r"00000.tar: ends after 6 members without the end-of"):
+        frame = ImageTextPairDataset.from_webdataset(str(tmp_path / "ds")).metadata.compute()
+    assert frame["key"].tolist() == ["000", "001", "002"]

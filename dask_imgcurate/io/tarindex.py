@@ -43,6 +43,9 @@ class TarIndex:
     sizes: np.ndarray
     damage: TarFormatError | None = None
     skipped: list[str] = field(default_factory=list)
+    # False when the data stops after a member without the end-of-archive blocks every tar
+    # writer adds when it finishes: a write or download may have been cut between members
+    ends_marked: bool = True
 
     def __len__(self) -> int:
         return len(self.names)
@@ -98,6 +101,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
     pax: dict[str, str] = {}
     pending = False  # a long name or pax header applies to the next member
     damage: TarFormatError | None = None
+    ends_marked = True
     plain: list[int] = []  # indices into names of members named later, from their headers
     plain_rows: list[int] = []  # ... and their headers' indices into header_starts
     walk = _walk_plain if isinstance(buffer, (bytes, bytearray, mmap.mmap)) else None
@@ -114,7 +118,8 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
                     offsets.extend([start + BLOCK for start in header_starts[first:]])
             if pos + BLOCK > size_total:
                 if pos == size_total and not pending:
-                    break  # archive without end-of-archive blocks: accepted, like GNU tar
+                    ends_marked = False  # accepted, like GNU tar; reported by the caller
+                    break
                 raise TarFormatError(source, pos, "truncated tar header")
             name_b, size_b, typeflag, magic, has_prefix = unpack(buffer, pos)
             if name_b[0] == 0 and buffer[pos : pos + BLOCK] == _ZERO_BLOCK:
@@ -192,6 +197,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
         sizes=np.asarray(sizes, dtype=np.int64),
         damage=damage,
         skipped=skipped,
+        ends_marked=ends_marked or damage is not None,
     )
 
 
