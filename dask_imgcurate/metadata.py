@@ -53,6 +53,13 @@ def shard_table(
     records = index_shard(fs, shard, strict=strict)
     source = fsio.qualify(fs, shard.tar)
     damaged = records.members.damage is not None
+    if records.members.data_after_end is not None:
+        warnings.warn(
+            f"{source}: data follows its end-of-archive blocks (from byte offset "
+            f"{records.members.data_after_end}; concatenated tars?) and is ignored, as tar "
+            f"readers ignore it: only the {len(records)} records before them are read",
+            stacklevel=2,
+        )
     if not records.members.ends_marked:
         warnings.warn(
             f"{source}: ends after {len(records.members)} members without the end-of-archive "

@@ -556,3 +556,27 @@ def test_tar_cut_between_members_is_kept_and_flagged(tmp_path):
     with pytest.warns(UserWarning, match=r"00000.tar: ends after 6 members without the end-of"):
         frame = ImageTextPairDataset.from_webdataset(str(tmp_path / "ds")).metadata.compute()
     assert frame["key"].tolist() == ["000", "001", "002"]
+
+
+def test_data_after_the_end_of_archive_is_flagged(tmp_path):
+    first = write_tar(tmp_path / "a.tar", [("000.jpg", payload(1)), ("000.txt", b"a")])
+    second = write_tar(tmp_path / "b.tar", [("001.jpg", payload(2)), ("001.txt", b"b")])
+    (tmp_path / "ds").mkdir()
+    joined = tmp_path / "ds" / "00000.tar"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())  # cat a.tar b.tar
+    with fsio.open_buffer(LocalFileSystem(), str(first)) as buffer:
+        assert scan_tar(buffer, str(first)).data_after_end is None
+    with fsio.open_buffer(LocalFileSystem(), str(joined)) as buffer:
+        index = scan_tar(buffer, str(joined))
+    assert index.names == ["000.jpg", "000.txt"]  # what tar readers see, too
+    assert index.data_after_end == first.stat().st_size
+    listing = subprocess.run(["tar", "tf", str(joined)], capture_output=True, text=True)
+    assert listing.stdout.split() == index.names
+
+    from dask_imgcurate import ImageTextPairDataset
+
+    with pytest.warns(
+        UserWarning, match=f"data follows its end-of-archive blocks .*offset {first.stat().st_size}"
+    ):
+        frame = ImageTextPairDataset.from_webdataset(str(tmp_path / "ds")).metadata.compute()
+    assert frame["key"].tolist() == ["000"]

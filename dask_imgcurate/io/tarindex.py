@@ -46,6 +46,9 @@ class TarIndex:
     # False when the data stops after a member without the end-of-archive blocks every tar
     # writer adds when it finishes: a write or download may have been cut between members
     ends_marked: bool = True
+    # where non-zero data follows the end-of-archive blocks (``cat a.tar b.tar``: readers,
+    # GNU tar without --ignore-zeros included, stop at the first end), else None
+    data_after_end: int | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -102,6 +105,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
     pending = False  # a long name or pax header applies to the next member
     damage: TarFormatError | None = None
     ends_marked = True
+    data_after_end: int | None = None
     plain: list[int] = []  # indices into names of members named later, from their headers
     plain_rows: list[int] = []  # ... and their headers' indices into header_starts
     walk = _walk_plain if isinstance(buffer, (bytes, bytearray, mmap.mmap)) else None
@@ -123,6 +127,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
                 raise TarFormatError(source, pos, "truncated tar header")
             name_b, size_b, typeflag, magic, has_prefix = unpack(buffer, pos)
             if name_b[0] == 0 and buffer[pos : pos + BLOCK] == _ZERO_BLOCK:
+                data_after_end = _data_after(buffer, pos)
                 break
             add_header(pos)
             try:
@@ -198,6 +203,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
         damage=damage,
         skipped=skipped,
         ends_marked=ends_marked or damage is not None,
+        data_after_end=data_after_end,
     )
 
 
@@ -207,6 +213,16 @@ _COMPRESSED_MAGIC = {
     b"\xfd7zXZ\x00": "xz",
     b"\x28\xb5\x2f\xfd": "zstd",
 }
+
+
+def _data_after(buffer, end: int) -> int | None:
+    """The offset of the first non-zero byte after ``end`` (the end-of-archive blocks and
+    the zero padding to the tar's record size), or None."""
+    rest = np.frombuffer(buffer, dtype=np.uint8, offset=end)
+    nonzero = np.flatnonzero(rest)
+    found = end + int(nonzero[0]) if len(nonzero) else None
+    del rest  # release the buffer export so an mmap can be closed
+    return found
 
 
 def _refuse_compressed(buffer, source: str) -> None:
