@@ -29,3 +29,8 @@ class MetadataMismatchError(CurateError, ValueError):
 
 class IndexFileError(CurateError, ValueError):
     """A DALI ``.idx`` file is malformed or does not describe its tar."""
+
+
+class ShardWarning(UserWarning):
+    """A shard is damaged or suspect (truncated, cut between records, data after its end);
+    the records that could be read are kept."""

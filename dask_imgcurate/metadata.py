@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dask_imgcurate.errors import MetadataMismatchError
+from dask_imgcurate.errors import MetadataMismatchError, ShardWarning
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.records import RecordIndex, split_key
 from dask_imgcurate.io.shards import Shard, index_shard
@@ -58,6 +58,7 @@ def shard_table(
             f"{source}: data follows its end-of-archive blocks (from byte offset "
             f"{records.members.data_after_end}; concatenated tars?) and is ignored, as tar "
             f"readers ignore it: only the {len(records)} records before them are read",
+            ShardWarning,
             stacklevel=2,
         )
     if not records.members.ends_marked:
@@ -65,6 +66,7 @@ def shard_table(
             f"{source}: ends after {len(records.members)} members without the end-of-archive "
             f"blocks tar writers add when they finish: it may have been cut short between "
             f"records (an interrupted write or download); its {len(records)} records are kept",
+            ShardWarning,
             stacklevel=2,
         )
     book = bookkeeping_table(records, source)
@@ -84,6 +86,7 @@ def shard_table(
         warnings.warn(
             f"{records.members.damage}; kept the {len(records)} complete records before it "
             f"(dropped {records.dropped_incomplete} possibly incomplete record{lost})",
+            ShardWarning,
             stacklevel=2,
         )
     table = user

@@ -474,6 +474,23 @@ def test_corrupt_shard_with_lenient_is_reported(corrupt):
     assert result.stderr == ""
 
 
+def test_shard_cut_between_records_is_reported_by_inspect(source, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    tar = data / "00002.tar"
+    with tarfile.open(tar) as t:
+        last = t.getmembers()[-4]  # the last member of the next-to-last record
+    tar.write_bytes(tar.read_bytes()[: last.offset_data + -(-last.size // 512) * 512])
+    for sidecar in data.glob("*.parquet"):  # no sidecar to disagree: only the tar's end tells
+        sidecar.unlink()
+    result = run("inspect", data, "--rows", "0")
+    rows = table(result.stdout)
+    assert rows["damaged shards"] == "1" and rows["records"] == str(3 * PER_SHARD - 1)
+    damage = [line for line in result.stdout.splitlines() if line.startswith("damage:")]
+    assert len(damage) == 1 and "00002.tar: ends after" in damage[0]
+    assert result.stderr == ""
+
+
 # ------------------------------------------------------------------ interrupts and clusters
 
 

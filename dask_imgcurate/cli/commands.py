@@ -39,7 +39,7 @@ from dask_imgcurate.cli.work import (
     run_curate,
 )
 from dask_imgcurate.cluster import cluster_kind, describe
-from dask_imgcurate.errors import CurateError
+from dask_imgcurate.errors import CurateError, ShardWarning
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,8 +141,9 @@ def inspect(path: str, storage_options: str | None, rows: int, lenient: bool) ->
         with bar:
             (result,) = dask.compute(tasks, scheduler="threads")
     # a shard's damage is reported each time it is read: once per message is enough
-    damaged = list(dict.fromkeys(str(w.message) for w in caught if "byte offset" in str(w.message)))
-    other = [w for w in caught if "byte offset" not in str(w.message)]
+    is_damage = [issubclass(w.category, ShardWarning) for w in caught]
+    damaged = list(dict.fromkeys(str(w.message) for w, d in zip(caught, is_damage) if d))
+    other = [w for w, d in zip(caught, is_damage) if not d]
     for w in other:  # not the damage reports: show them as usual
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     fs = ds.fs
