@@ -344,8 +344,10 @@ class _MetadataWriter:
         return fsio.join(self.target, stem + ".parquet")
 
     def _fragment_for(self, out: str, partition: int) -> str:
+        """A hidden name unique to this task (a retried task writes a new one)."""
         directory, name = posixpath.split(out)
-        return fsio.join(directory, f".{name}{fsio.TEMP_MARK}{self.run}-part{partition:06d}")
+        unique = f"{self.run}-part{partition:06d}-{uuid.uuid4().hex[:8]}"
+        return fsio.join(directory, f".{name}{fsio.TEMP_MARK}{unique}")
 
     def remove_fragments(self) -> None:
         """Remove this run's fragments (after a failure)."""
