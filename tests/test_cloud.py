@@ -207,7 +207,7 @@ def test_embed_reads_images_by_range_from_s3(local_data, remote_data, so, heads,
     assert image_reads and sorted(s for r in image_reads for s in r) == sorted(b["_image_size"])
 
 
-def test_save_metadata_to_s3(local_data, so, s3, heads):
+def test_save_metadata_to_s3(local_data, remote_data, so, s3, heads):  # remote_data: the bucket
     for f in sorted(local_data["nopq"].iterdir()):  # a fresh copy (no s3-side listing cache)
         s3.put_file(str(f), f"{BUCKET}/meta-src/{f.name}")
     src = f"s3://{BUCKET}/meta-src"
