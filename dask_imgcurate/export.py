@@ -468,12 +468,13 @@ class _Job:
             idx_path=self.path(n, ".idx") if self.write_idx else None,
         )
 
-    def drop_stale_idx(self, n: int) -> None:
-        """Without ``.idx`` outputs, remove an earlier run's ``.idx`` of shard ``n`` before
-        its tar is replaced: it would describe another tar."""
+    def to_write(self, parts: list[_Selection], slices, n: int) -> tuple:
+        """``shard``, for the task that writes shard ``n``. Without ``.idx`` outputs, an
+        earlier run's ``.idx`` of the shard is removed first: it would describe another tar."""
         idx = self.path(n, ".idx")
         if not self.write_idx and self.out_fs.exists(idx):
             self.out_fs.rm_file(idx)
+        return self.shard(parts, slices, n)
 
     def shard(self, parts: list[_Selection], slices, n: int) -> tuple:
         """Output shard ``n``'s rows, new keys, Parquet table and fingerprint."""
@@ -532,8 +533,7 @@ def _commit(
     parts: list[_Selection], slices, n: int, tar_tmp: str, job: _Job, written
 ) -> ShardResult:
     del written  # a dependency only: every piece is in place
-    rows, keys, table, fingerprint = job.shard(parts, slices, n)
-    job.drop_stale_idx(n)
+    rows, keys, table, fingerprint = job.to_write(parts, slices, n)
     return commit_shard(
         rows,
         keys,
@@ -546,8 +546,7 @@ def _commit(
 
 
 def _write_whole(parts: list[_Selection], slices, n: int, job: _Job) -> ShardResult:
-    rows, keys, table, fingerprint = job.shard(parts, slices, n)
-    job.drop_stale_idx(n)
+    rows, keys, table, fingerprint = job.to_write(parts, slices, n)
     return write_shard(
         rows,
         keys,
