@@ -23,6 +23,7 @@ from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.shards import Shard, find_shards
 from dask_imgcurate.metadata import BOOKKEEPING, is_bookkeeping, shard_table, sidecar_schema
+from dask_imgcurate.progress import nested_column_shuffles
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class ImageTextPairDataset:
             )
         return cls(path, ddf, shards, id_col, storage_options, files_per_partition)
 
+    @nested_column_shuffles()
     def save_metadata(
         self, path: str | None = None, columns: Sequence[str] | None = None
     ) -> pd.DataFrame:
@@ -149,8 +151,8 @@ class ImageTextPairDataset:
                 self.shards[i : i + self.files_per_partition]
                 for i in range(0, len(self.shards), self.files_per_partition)
             ]
-        target = None if path is None else fsio.url_to_fs(path, self.storage_options)[1]
-        writer = _MetadataWriter(fs, target, list(columns), groups, uuid.uuid4().hex[:8])
+        out_fs, target = (fs, None) if path is None else fsio.url_to_fs(path, self.storage_options)
+        writer = _MetadataWriter(fs, out_fs, target, list(columns), groups, uuid.uuid4().hex[:8])
         result_meta = pd.DataFrame(
             {
                 "shard": pd.Series([], dtype=object),
@@ -162,7 +164,7 @@ class ImageTextPairDataset:
         try:
             with dask.config.set({"dataframe.convert-string": False}):
                 fragments = frame.map_partitions(writer, meta=result_meta).compute()
-            return _publish_fragments(fs, fragments)
+            return _publish_fragments(out_fs, fragments)
         except BaseException:
             writer.remove_fragments()  # best effort: tasks elsewhere may still be writing
             raise
@@ -222,6 +224,9 @@ class ImageTextPairDataset:
         )
 
 
+NULL_TYPE_LOOKAHEAD = 16  # sidecar footers read to type a column all null in the first
+
+
 class _ShardLoader:
     """Builds one partition from a group of shards (picklable, runs on workers)."""
 
@@ -254,9 +259,12 @@ class _ShardLoader:
 
 
 def _infer_schema(loader: _ShardLoader, shards: list[Shard]) -> pa.Schema:
-    """Schema of the first shard with records (null columns typed as strings): from its
-    sidecar Parquet's footer when it has one, so loading reads no tar on the client."""
-    for shard in shards:
+    """Schema of the first shard with records: from its sidecar Parquet's footer when it has
+    one, so loading reads no tar on the client. A column typed null there (all null: a
+    pandas object column without values) takes its type from the next sidecar footers that
+    have one (up to ``NULL_TYPE_LOOKAHEAD`` of them), else string."""
+    for first in range(len(shards)):
+        shard = shards[first]
         schema = sidecar_schema(loader.fs, shard, loader.id_col)
         if schema is not None:
             break
@@ -264,9 +272,20 @@ def _infer_schema(loader: _ShardLoader, shards: list[Shard]) -> pa.Schema:
         schema = table.schema
         if table.num_rows:
             break
+    untyped = {f.name for f in schema if f.type == pa.null()}
+    found: dict[str, pa.DataType] = {}
+    for shard in shards[first + 1 : first + 1 + NULL_TYPE_LOOKAHEAD] if untyped else ():
+        later = sidecar_schema(loader.fs, shard, loader.id_col)
+        for field in later or ():
+            if field.name in untyped and field.type != pa.null():
+                found.setdefault(field.name, field.type)
+        if len(found) == len(untyped):
+            break
     fields = []
     for field in schema:
-        fields.append(field.with_type(pa.string()) if field.type == pa.null() else field)
+        if field.type == pa.null():
+            field = field.with_type(found.get(field.name, pa.string()))
+        fields.append(field)
     return pa.schema(fields)
 
 
@@ -300,9 +319,9 @@ class _MetadataWriter:
     ``_publish_fragments`` then gives each shard one Parquet, whichever partitions held its
     rows (after ``repartition`` or ``sort_values``, several do)."""
 
-    def __init__(self, fs, target, columns, groups, run: str):
-        self.fs, self.target, self.columns, self.groups = fs, target, columns, groups
-        self.run = run
+    def __init__(self, fs, out_fs, target, columns, groups, run: str):
+        self.fs, self.out_fs, self.target = fs, out_fs, target  # of the tars, of the output
+        self.columns, self.groups, self.run = columns, groups, run
 
     def __call__(self, frame, partition_info=None):
         table = to_arrow(frame)
@@ -323,12 +342,12 @@ class _MetadataWriter:
             part = table.filter(pc.equal(table.column("_shard"), source))
             out = self._path_for(source)
             fragment = self._fragment_for(out, number)
-            with fsio.atomic_write(self.fs, fragment) as tmp:
+            with fsio.atomic_write(self.out_fs, fragment) as tmp:
                 pq.write_table(part.select(self.columns), tmp)
             rows.append(
                 {
                     "shard": source,
-                    "path": fsio.qualify(self.fs, out),
+                    "path": fsio.qualify(self.out_fs, out),
                     "fragment": fragment,
                     "rows": part.num_rows,
                 }
@@ -362,14 +381,21 @@ class _MetadataWriter:
         )
         for directory in directories:
             with contextlib.suppress(OSError):
-                for path in self.fs.ls(directory, detail=False):
+                for path in self.out_fs.ls(directory, detail=False):
                     if f"{fsio.TEMP_MARK}{self.run}-part" in fsio.basename(path):
-                        self.fs.rm_file(path)
+                        self.out_fs.rm_file(path)
 
 
 def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
     """One Parquet per shard from its fragments: a rename for one fragment, a merge (rows
     in partition order) for several."""
+    shards_of = fragments.groupby("path", sort=False)["shard"].unique()
+    for path, shards in shards_of.items():
+        if len(shards) > 1:  # e.g. a/00000.tar and b/00000.tar, saved to one directory
+            raise ValueError(
+                f"save_metadata: shards {sorted(shards)[:2]} would both be saved as {path}; "
+                f"save each directory's shards separately, or beside their tars (path=None)"
+            )
     merges, rows = [], []
     for (shard, path), group in fragments.groupby(["shard", "path"], sort=False):
         parts = group["fragment"].tolist()
@@ -389,7 +415,8 @@ def _merge_fragments(fs, fragments: list[str], path: str) -> None:
         with fs.open(fragment, "rb") as f:
             tables.append(pq.read_table(f))
     with fsio.atomic_write(fs, path) as tmp:
-        pq.write_table(pa.concat_tables(tables), tmp)
+        # a column all null in one fragment is typed null there (pandas object columns)
+        pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
     for fragment in fragments:
         fs.rm_file(fragment)
 

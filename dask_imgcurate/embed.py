@@ -143,7 +143,8 @@ class ClipImageEmbedder:
     def embed_partition(
         self, df: pd.DataFrame, id_col: str = "key", storage_options: dict | None = None
     ) -> pd.DataFrame:
-        """Embed and score one pandas partition (the function mapped over the dataset)."""
+        """Embed and score one pandas partition (the function mapped over the dataset). Rows
+        are matched to images by position (``id_col`` is not used: ids may repeat)."""
         clip = load_clip(self.model_name, self.pretrained, self.device, self.precision)
         self._check_classifiers(clip.embed_dim)
         n = len(df)
@@ -163,15 +164,17 @@ class ClipImageEmbedder:
                 prefetch=self.prefetch,
                 max_image_pixels=self.max_image_pixels,
             )
-            index = pd.Index(df[id_col].astype(str).tolist())
-            for batch in reader.iter_batches(df, id_col):
+            # rows are told apart by position: ids may repeat within a partition (two
+            # datasets numbered alike, loaded together or repartitioned)
+            rows = df.assign(**{_ROW: np.arange(n).astype(str)})
+            for batch in reader.iter_batches(rows, _ROW):
                 if batch.keys:
                     vectors = clip.encode_images(batch.images, self.normalize, self.autocast)
-                    pos = _positions(index, batch.keys)
+                    pos = np.asarray(batch.keys, dtype=np.int64)
                     embeddings[pos] = vectors.cpu().numpy()
                     valid[pos] = True
                 if batch.errors:
-                    pos = _positions(index, list(batch.errors))
+                    pos = np.asarray(list(batch.errors), dtype=np.int64)
                     errors[pos] = list(batch.errors.values())
             unseen = ~valid & pd.isna(errors)
             if unseen.any():  # the reader covers every row; this guards the contract
@@ -201,19 +204,13 @@ class ClipImageEmbedder:
         )
 
 
+_ROW = "__dask_imgcurate_row__"  # the reader's key column while embedding: row positions
+
+
 def _embed_partition(
     df: pd.DataFrame, embedder: ClipImageEmbedder, id_col: str, storage_options: dict
 ) -> pd.DataFrame:
     return embedder.embed_partition(df, id_col, storage_options)
-
-
-def _positions(index: pd.Index, keys: list[str]) -> np.ndarray:
-    pos = index.get_indexer(keys)
-    if (pos < 0).any():
-        raise RuntimeError(
-            f"image reader returned unknown keys: {[k for k, p in zip(keys, pos) if p < 0][:5]}"
-        )
-    return pos
 
 
 def _list_array(matrix: np.ndarray, valid: np.ndarray) -> pa.ListArray:

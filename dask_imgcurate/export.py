@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import numbers
 import os
 import posixpath
 import time
@@ -51,7 +53,7 @@ from dask_imgcurate.io.writer import (
     write_shard,
 )
 from dask_imgcurate.metadata import is_bookkeeping
-from dask_imgcurate.progress import compute_with_progress, current_client
+from dask_imgcurate.progress import compute_with_progress, current_client, nested_column_shuffles
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,10 @@ class ExportSummary:
         )
 
 
+class _TooManyShards(ValueError):
+    """More output shards than ``max_shards`` digits can number."""
+
+
 @dataclass(frozen=True)
 class _Selection:
     """One partition's kept rows (Arrow), what each takes in an output tar, its counts and,
@@ -95,10 +101,11 @@ class _Selection:
     records_in: int
     dropped_for_errors: int
     digest: str
+    sources: tuple[str, ...]  # the tars its rows come from (``_shard``)
 
     def stats(self) -> tuple:
         """What the planner needs: everything but the rows."""
-        return self.spans, self.records_in, self.dropped_for_errors, self.digest
+        return self.spans, self.records_in, self.dropped_for_errors, self.digest, self.sources
 
 
 def _select(frame, filter_column: str | None, digest: bool, key_bytes_of) -> _Selection:
@@ -109,13 +116,14 @@ def _select(frame, filter_column: str | None, digest: bool, key_bytes_of) -> _Se
         column = table.column(filter_column).fill_null(False).cast(pa.bool_())
         keep &= column.to_numpy(zero_copy_only=False)
     errors = 0
-    if "error" in table.column_names:
-        ok = table.column("error").is_null().to_numpy(zero_copy_only=False)
-        errors = int((keep & ~ok).sum())
+    if "error" in table.column_names:  # a record with an error counts as one, whatever
+        ok = table.column("error").is_null().to_numpy(zero_copy_only=False)  # the filter
+        errors = int((~ok).sum())  # says (its scores are NaN: a score filter drops it)
         keep &= ok
     kept = table.filter(pa.array(keep))
     spans = record_spans(kept, key_bytes_of(kept))
-    return _Selection(kept, spans, n_in, errors, _digest(kept) if digest else "")
+    sources = tuple(pc.unique(table.column("_shard")).drop_null().to_pylist())
+    return _Selection(kept, spans, n_in, errors, _digest(kept) if digest else "", sources)
 
 
 def _digest(kept: pa.Table) -> str:
@@ -231,6 +239,7 @@ def _piece_cuts(ends: np.ndarray) -> list[int]:
     return sorted({0, *cuts.tolist(), len(ends)})
 
 
+@nested_column_shuffles()
 def _export(
     dataset,
     path: str,
@@ -247,7 +256,8 @@ def _export(
 ) -> ExportSummary:
     started = time.perf_counter()
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
-    _refuse_input_directory(dataset, out_fs, out_root)
+    input_tars, inputs_known = _input_tars(dataset)
+    _refuse_input_directory(out_fs, out_root, input_tars)
     summary = ExportSummary(path=fsio.qualify(out_fs, out_root))
     frame = dataset.metadata
     if filter_column is not None:
@@ -268,10 +278,17 @@ def _export(
     job = _Job(out_fs, out_root, dataset.fs, layout, write_idx)
     submit = _Submitter(job, selections, resume, shard_count_check)
     client = current_client()
-    if client is not None and name_prefix is None:
-        stats, results = _stream(client, stats_tasks, per_shard, submit, verbose)
+
+    def check_sources(stats: tuple) -> None:  # the tars a partition's rows come from
+        _refuse_input_directory(out_fs, out_root, stats[4])
+
+    # Stream only when every tar the frame reads is known up front (checked above)
+    if client is not None and name_prefix is None and inputs_known:
+        stats, results = _stream(client, stats_tasks, per_shard, submit, verbose, check_sources)
     else:  # all counts first (and, for deterministic names, every partition's digest)
         stats = list(dask.compute(*stats_tasks))
+        for s in stats:
+            check_sources(s)
         if name_prefix is not None:
             name_prefix([s[3] for s in stats])
         shards = _plan(stats, per_shard)
@@ -292,7 +309,15 @@ def _export(
     summary.shards_skipped = sum(r.skipped for r in results)
     summary.bytes_written = sum(r.bytes for r in results if not r.skipped)
     summary.files = [r.tar for r in results]
-    summary.other_files = _other_shard_files(out_fs, out_root, results, write_idx)
+    unindexed = [r.tar for r in results if r.idx is None]
+    if write_idx and unindexed:
+        warnings.warn(
+            f"{len(unindexed)} output shards have no .idx, e.g. {fsio.basename(unindexed[0])}: "
+            f"a member name there holds white space, which DALI's index format cannot hold "
+            f"(readers index such tars themselves)",
+            stacklevel=4,
+        )
+    summary.other_files = _other_shard_files(out_fs, out_root, results)
     if summary.other_files:
         warnings.warn(
             f"{summary.path} also holds {len(summary.other_files)} shard files this export did "
@@ -315,15 +340,14 @@ def _names_in(fs, directory: str) -> set[str]:
         return set()
 
 
-def _other_shard_files(
-    out_fs, out_root: str, results: list[ShardResult], write_idx: bool
-) -> list[str]:
+def _other_shard_files(out_fs, out_root: str, results: list[ShardResult]) -> list[str]:
     """``.tar`` / ``.parquet`` / ``.idx`` files in the output directory that are not this
-    export's (temporary files of running writers are hidden: never listed)."""
+    export's (temporary files of running writers are hidden: never listed; an ``.idx``
+    beside one of its tars describes that tar: written shards remove any other)."""
     ours = set()
     for r in results:
         stem = fsio.basename(r.tar)[: -len(".tar")]
-        ours.update((stem + ".tar", stem + ".parquet") + ((stem + ".idx",) if write_idx else ()))
+        ours.update((stem + ".tar", stem + ".parquet", stem + ".idx"))
     return [
         fsio.qualify(out_fs, fsio.join(out_root, name))
         for name in sorted(_names_in(out_fs, out_root) - ours)
@@ -331,16 +355,39 @@ def _other_shard_files(
     ]
 
 
-def _refuse_input_directory(dataset, out_fs, out_root: str) -> None:
+def _input_tars(dataset) -> tuple[set[str], bool]:
+    """The tars the metadata frame reads (``fsio.qualify``-ed): the dataset's own and those
+    of every shard loader in the frame's expression (``dd.concat`` of datasets), and whether
+    that is all of them (False when a leaf is something else: a persisted or pandas frame,
+    whose ``_shard`` values are only known once computed)."""
+    from dask_imgcurate.dataset import _ShardLoader
+
+    tars = {fsio.qualify(dataset.fs, s.tar) for s in dataset.shards}
+    complete = True
+    for node in dataset.metadata.expr.walk():
+        if node.dependencies():
+            continue
+        loader = node.operand("func") if "func" in node._parameters else None
+        if isinstance(loader, _ShardLoader):
+            for group in node.operand("iterables")[0]:
+                tars.update(fsio.qualify(loader.fs, s.tar) for s in group)
+        else:
+            complete = False
+    return tars, complete
+
+
+def _directory_of(qualified_tar: str) -> str:
+    """The real directory of a ``fsio.qualify``-ed tar path (symlinks resolved locally)."""
+    directory = posixpath.dirname(qualified_tar)
+    return directory if "://" in directory else os.path.realpath(directory)
+
+
+def _refuse_input_directory(out_fs, out_root: str, input_tars) -> None:
     """Outputs are named like shards (``00000.tar``): never write among the input's own."""
-
-    def where(fs, directory: str) -> str:
-        return os.path.realpath(directory) if fsio.is_local(fs) else fsio.qualify(fs, directory)
-
-    target = where(out_fs, out_root).rstrip("/")
-    source_fs = dataset.fs
-    for directory in sorted({posixpath.dirname(s.tar) for s in dataset.shards}):
-        if where(source_fs, directory).rstrip("/") == target:
+    target = os.path.realpath(out_root) if fsio.is_local(out_fs) else fsio.qualify(out_fs, out_root)
+    target = target.rstrip("/")
+    for directory in sorted({_directory_of(t) for t in input_tars}):
+        if directory.rstrip("/") == target:
             raise ValueError(
                 f"{target} holds this dataset's input shards: exporting there could replace "
                 f"them while they are read; write to another directory"
@@ -364,10 +411,13 @@ def _in_partition_order(key) -> int:
     return -key[-1] if isinstance(key, tuple) and isinstance(key[-1], int) else 0
 
 
-def _stream(client, stats_tasks: list, per_shard: int, submit, verbose: bool) -> tuple:
+def _stream(
+    client, stats_tasks: list, per_shard: int, submit, verbose: bool, check: Callable
+) -> tuple:
     """On a distributed client: start writing each output shard as soon as the partitions
-    before its last row are selected, while later partitions are still being read."""
-    from distributed import as_completed, progress
+    before its last row are selected, while later partitions are still being read. Each
+    partition's stats pass ``check`` first."""
+    from distributed import as_completed, progress, wait
 
     futures = client.compute(stats_tasks, priority=1)  # each as soon as its partition is
     index = {future.key: i for i, future in enumerate(futures)}
@@ -375,17 +425,25 @@ def _stream(client, stats_tasks: list, per_shard: int, submit, verbose: bool) ->
     known = 0  # partitions selected without a gap from the first
     planner = _Planner(per_shard)
     writing: list = []
-    for batch in as_completed(futures).batches():  # all that finished since the last one
-        for future, result in zip(batch, client.gather(batch)):
-            stats[index[future.key]] = result
-        while known < len(stats) and stats[known] is not None:
-            known += 1
-        shards = planner.complete(stats, known)
-        if shards:  # before the remaining reads: a worker never waits for the last one
+    try:
+        for batch in as_completed(futures).batches():  # all finished since the last batch
+            for future, result in zip(batch, client.gather(batch)):
+                check(result)
+                stats[index[future.key]] = result
+            while known < len(stats) and stats[known] is not None:
+                known += 1
+            shards = planner.complete(stats, known)
+            if shards:  # before the remaining reads: a worker never waits for the last one
+                writing += client.compute(submit(shards), priority=1)
+        shards = planner.rest(stats)  # the last, shorter shard
+        if shards:
             writing += client.compute(submit(shards), priority=1)
-    shards = planner.rest(stats)  # the last, shorter shard
-    if shards:
-        writing += client.compute(submit(shards), priority=1)
+    except _TooManyShards:  # found when the last partitions came in: undo what was written
+        wait(writing)  # what runs would still publish files
+        for result in client.gather(writing, errors="skip"):
+            if not result.skipped:
+                submit.job.remove(result)
+        raise
     if verbose and writing:
         progress(writing)
     return stats, client.gather(writing)
@@ -461,38 +519,27 @@ class _Job:
         return fsio.join(self.out_root, self.name(n, ext))
 
     def outputs(self, n: int) -> dict:
-        """Output shard ``n``'s file paths, as ``commit_shard`` and ``write_shard`` take them."""
+        """Output shard ``n``'s files, as ``commit_shard`` and ``write_shard`` take them."""
         return dict(
             tar_path=self.path(n, ".tar"),
             parquet_path=self.path(n, ".parquet"),
-            idx_path=self.path(n, ".idx") if self.write_idx else None,
+            idx_path=self.path(n, ".idx"),
+            write_idx=self.write_idx,
         )
 
-    def to_write(self, parts: list[_Selection], slices, n: int) -> tuple:
-        """``shard``, for the task that writes shard ``n``. Without ``.idx`` outputs, an
-        earlier run's ``.idx`` of the shard is removed first: it would describe another tar."""
-        idx = self.path(n, ".idx")
-        if not self.write_idx and self.out_fs.exists(idx):
-            self.out_fs.rm_file(idx)
-        return self.shard(parts, slices, n)
+    def remove(self, result: ShardResult) -> None:
+        """Remove a shard this job wrote."""
+        for path in (result.parquet, result.idx, result.tar):  # Parquet (complete) first
+            if path is not None:
+                self.out_fs.rm_file(path)
 
     def shard(self, parts: list[_Selection], slices, n: int) -> tuple:
         """Output shard ``n``'s rows, new keys, Parquet table and fingerprint."""
         rows = stack_slices([s.table for s in parts], slices)
         keys = self.layout.new_keys_of(n, 0, rows)
         table = self.layout.parquet_of(n, rows, keys)
-        params = dict(self.layout.params, shard=n)
+        params = dict(self.layout.params, shard=n, write_idx=self.write_idx)
         return rows, keys, table, job_fingerprint(rows, keys, params, table)
-
-    def skipped(self, n: int, records: int) -> ShardResult:
-        tar = self.path(n, ".tar")
-        return ShardResult(
-            fsio.qualify(self.out_fs, tar),
-            fsio.qualify(self.out_fs, self.path(n, ".parquet")),
-            records,
-            self.out_fs.size(tar),
-            skipped=True,
-        )
 
 
 def _finished_shards(job: _Job, selections, existing: list[_ShardPlan]) -> dict[int, ShardResult]:
@@ -509,9 +556,9 @@ def _finished_shards(job: _Job, selections, existing: list[_ShardPlan]) -> dict[
 def _skipped_if_finished(parts: list[_Selection], slices, n: int, job: _Job):
     """Output shard ``n``'s ``ShardResult`` when this same job already completed it."""
     rows, _, _, digest = job.shard(parts, slices, n)
-    if finished(job.out_fs, job.path(n, ".tar"), job.path(n, ".parquet"), digest):
-        return job.skipped(n, len(rows))
-    return None
+    files = job.outputs(n)
+    done = finished(job.out_fs, files["tar_path"], files["parquet_path"], digest, files["idx_path"])
+    return None if done is None else dataclasses.replace(done, records=len(rows))
 
 
 def _write_piece(
@@ -533,7 +580,7 @@ def _commit(
     parts: list[_Selection], slices, n: int, tar_tmp: str, job: _Job, written
 ) -> ShardResult:
     del written  # a dependency only: every piece is in place
-    rows, keys, table, fingerprint = job.to_write(parts, slices, n)
+    rows, keys, table, fingerprint = job.shard(parts, slices, n)
     return commit_shard(
         rows,
         keys,
@@ -546,7 +593,7 @@ def _commit(
 
 
 def _write_whole(parts: list[_Selection], slices, n: int, job: _Job) -> ShardResult:
-    rows, keys, table, fingerprint = job.to_write(parts, slices, n)
+    rows, keys, table, fingerprint = job.shard(parts, slices, n)
     return write_shard(
         rows,
         keys,
@@ -557,6 +604,15 @@ def _write_whole(parts: list[_Selection], slices, n: int, job: _Job) -> ShardRes
         **job.outputs(n),
         resume=False,  # checked before
     )
+
+
+def _count(name: str, value) -> int:
+    """``value`` as a positive int, checked before any work (numpy ints are fine)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, not {value}")
+    return int(value)
 
 
 def _user_columns(rows: pa.Table) -> pa.Table:
@@ -577,8 +633,8 @@ def to_webdataset(
     write_idx: bool = True,
 ) -> ExportSummary:
     """See ``ImageTextPairDataset.to_webdataset``."""
-    if samples_per_shard < 1 or max_shards < 1:
-        raise ValueError("samples_per_shard and max_shards must be >= 1")
+    samples_per_shard = _count("samples_per_shard", samples_per_shard)
+    max_shards = _count("max_shards", max_shards)
     id_col = dataset.id_col
     if old_id_col == id_col:
         raise ValueError(
@@ -610,7 +666,7 @@ def to_webdataset(
 
     def check(count: int) -> None:
         if count > 10**max_shards:
-            raise ValueError(
+            raise _TooManyShards(
                 f"{count} output shards do not fit in max_shards={max_shards} digits; "
                 f"raise max_shards or samples_per_shard"
             )
@@ -656,10 +712,16 @@ def write_images(
 ) -> ExportSummary:
     """See ``ImageTextPairDataset.write_images``."""
     del remove_image_data  # image bytes are never held in memory: nothing to remove
-    if images_per_tar < 1:
-        raise ValueError("images_per_tar must be >= 1")
+    images_per_tar = _count("images_per_tar", images_per_tar)
     id_col = dataset.id_col
     prefix = [] if deterministic_name else [uuid.uuid4().hex[:16]]
+    replaced = [c for c in ("tar_file", "member_name") if c in dataset.metadata.columns]
+    if replaced:  # e.g. metadata loaded from an earlier write_images output
+        warnings.warn(
+            f"write_images replaces the metadata columns {replaced} in the Parquet it writes "
+            f"with the new tar file and image member names",
+            stacklevel=3,
+        )
 
     def name_prefix(digests: list[str]) -> None:
         h = hashlib.sha256(f"{images_per_tar}\0{filter_column}\0".encode())
@@ -692,7 +754,7 @@ def write_images(
         return f"images-{prefix[0]}-{n:06d}"
 
     def parquet_of(n: int, rows: pa.Table, new_keys: list[str]) -> pa.Table:
-        table = _user_columns(rows)
+        table = _user_columns(rows).drop_columns(replaced)
         tar_name = f"{name_of(n)}.tar"
         table = table.add_column(1, "tar_file", pa.array([tar_name] * rows.num_rows, pa.string()))
         return table.add_column(2, "member_name", rows.column("_image_member"))

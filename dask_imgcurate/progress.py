@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import dask
 
@@ -35,3 +36,15 @@ def compute_with_progress(tasks: Sequence, verbose: bool, label: str) -> list:
     print(f"{label}:", flush=True)
     with ProgressBar():
         return list(dask.compute(*tasks))
+
+
+@contextlib.contextmanager
+def nested_column_shuffles() -> Iterator[None]:
+    """Compute a sorted or shuffled metadata frame on a cluster: dask's default there, the
+    P2P shuffle, fails on nested Arrow columns (``_members``, embeddings: pyarrow cannot
+    read back their pandas dtype names), so unless the user chose a method, use "tasks"."""
+    if dask.config.get("dataframe.shuffle.method", None) is not None:
+        yield
+        return
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        yield

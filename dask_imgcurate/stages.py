@@ -164,13 +164,13 @@ class ImageEmbeddingStage(Stage):
 
         dataset = _require_dataset(state, self)
         reader = state.reader
+        options = {"num_threads": reader.get("num_threads", 4), **self.embedder_options}
         embedder = ClipImageEmbedder(
             model_name=self.model_name,
             pretrained=self.pretrained,
             batch_size=self.batch_size or reader.get("batch_size", 256),
-            num_threads=reader.get("num_threads", 4),
             device=self.device,
-            **self.embedder_options,
+            **options,
         )
         state.dataset = embedder(dataset)
         state.embedding = dict(
@@ -178,6 +178,7 @@ class ImageEmbeddingStage(Stage):
             embedding_dim=clip_embed_dim(self.model_name),
             column=embedder.embedding_column,
             device=self.device,
+            scores=[c.output_column for c in embedder.classifiers],  # computed with it
         )
         on_cpu = str(self.device).strip().lower() == "cpu"
         state.gpu_share = (
@@ -202,8 +203,14 @@ class _ScoreFilterStage(Stage):
 
     def apply(self, state: PipelineState) -> PipelineState:
         dataset = _require_dataset(state, self)
-        if self.column not in dataset.metadata.columns:
-            embedding = state.embedding
+        embedding = state.embedding
+        if self.column in embedding.get("scores", ()):
+            score = False  # the embedding stage's classifiers scored its embeddings
+        elif embedding:
+            score = True  # scores saved earlier belong to other embeddings (or heads)
+        else:
+            score = self.column not in dataset.metadata.columns  # else: saved scores
+        if score:
             column = embedding.get("column", "image_embedding")
             if column not in dataset.metadata.columns:
                 raise RuntimeError(
@@ -217,10 +224,8 @@ class _ScoreFilterStage(Stage):
                 defaults["device"] = embedding["device"]
             dataset = self.classifier(**defaults)(dataset)
         meta = dataset.metadata
+        # no score (NaN) when the image failed: the writer drops the record as an error
         verdict = self.passes(meta[self.column]).fillna(False).astype(bool)
-        if ERROR_COLUMN in meta.columns:
-            # no score because the image failed: the writer drops it and counts it as an error
-            verdict = verdict | ~meta[ERROR_COLUMN].isna()
         if KEEP_COLUMN in meta.columns:
             verdict = verdict & meta[KEEP_COLUMN]
         meta = meta.assign(**{KEEP_COLUMN: verdict})

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.query:
         meta = dataset.metadata
         query = args.query
-        keep = meta.map_partitions(lambda df: df.eval(query).astype(bool), meta=("keep", bool))
+        keep = meta.map_partitions(  # a null (a record without .json) is not True
+            lambda df: df.eval(query).fillna(False).astype(bool), meta=("keep", bool)
+        )
         dataset.metadata = meta.assign(keep=keep)
         filter_column = "keep"
     with dask_client(args.scheduler_address, args.n_workers, quiet=True):

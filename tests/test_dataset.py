@@ -565,6 +565,66 @@ def test_save_metadata_of_a_reshaped_frame_keeps_every_row(demo_dir, tmp_path, r
         assert saved["score"].tolist() == expected["score"].tolist()
 
 
+def test_save_metadata_to_another_filesystem(demo_dir_nopq, tmp_path):
+    """``path`` names its own filesystem (here memory://, for a local dataset)."""
+    ds = load(demo_dir_nopq)
+    target = f"memory:///{tmp_path.name}/meta"
+    result = ds.save_metadata(target)
+    memory = fsspec.filesystem("memory")
+    assert sorted(memory.ls(f"/{tmp_path.name}/meta", detail=False)) == [
+        f"/{tmp_path.name}/meta/0000{i}.parquet" for i in range(2)
+    ]
+    assert result["path"].tolist() == [f"{target}/0000{i}.parquet" for i in range(2)]
+    with memory.open(f"/{tmp_path.name}/meta/00001.parquet", "rb") as f:
+        keys = pq.read_table(f).column("key").to_pylist()
+    frame = ds.metadata.compute()
+    assert keys == frame[frame["_shard"] == ds.tar_files[1]]["key"].tolist()
+    assert not (Path.cwd() / tmp_path.name).exists() and not list(tmp_path.iterdir())
+
+
+def test_save_metadata_refuses_two_shards_of_one_name(tmp_path):
+    """a/00000.tar and b/00000.tar saved to one directory would be one file: refused,
+    nothing written (it lost one shard's rows silently)."""
+    for name, start in (("a", 0), ("b", 5)):
+        (tmp_path / name).mkdir()
+        demo.write_shard(tmp_path / name / "00000.tar", demo.make_shard_records(start, 3))
+    ds = ImageTextPairDataset.from_webdataset([str(tmp_path / n / "00000.tar") for n in "ab"])
+    with pytest.raises(ValueError, match=r"would both be saved as .*00000\.parquet"):
+        ds.save_metadata(str(tmp_path / "out"))
+    assert not list((tmp_path / "out").iterdir())
+    ds.save_metadata()  # beside their tars: no clash
+    assert pq.read_table(tmp_path / "b" / "00000.parquet").column("key").to_pylist() == [
+        f"{i:09d}" for i in range(5, 8)
+    ]
+
+
+def test_object_column_null_in_some_partitions_saves_and_reloads(demo_dir_nopq, tmp_path):
+    """A pandas object column is typed per partition: all None there is Arrow null. Saved
+    fragments of a sorted frame merge (null promotes to the type), and loading types such a
+    column from the first sidecar that has a type, not ``string`` from the first one."""
+    ds = load(demo_dir_nopq)
+    meta = ds.metadata
+
+    def tags(frame: pd.DataFrame) -> pd.Series:
+        first = frame["_shard"].str.endswith("00000.tar")
+        values = [None if f else [k[-1], "x"] for k, f in zip(frame["key"], first)]
+        return pd.Series(values, index=frame.index, dtype=object)
+
+    meta = meta.assign(tags=meta.map_partitions(tags, meta=("tags", object)))
+    expected = meta.compute().set_index("key")["tags"]
+    for name, frame in (("plain", meta), ("sorted", meta.sort_values("width"))):
+        out = tmp_path / name
+        shutil.copytree(demo_dir_nopq, out)
+        ds.with_metadata(frame).save_metadata(str(out))
+        if name == "plain":
+            assert pq.read_schema(out / "00000.parquet").field("tags").type == pa.null()
+        reloaded = load(out).metadata.compute()
+        assert reloaded["tags"].dtype == pd.ArrowDtype(pa.list_(pa.string()))
+        assert reloaded["key"].tolist() == expected.index.tolist()
+        for key, value in zip(reloaded["key"], reloaded["tags"]):
+            assert (None if value is pd.NA else list(value)) == expected[key]
+
+
 def test_save_then_reload_no_parquet_dataset(demo_dir_nopq, copy_dataset):
     path = copy_dataset(demo_dir_nopq)
     ds = _with_score(load(path))

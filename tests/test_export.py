@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import dask
+import dask.dataframe as dd
 import fsspec
 import fsspec.implementations.local
 import numpy as np
@@ -270,6 +271,26 @@ def test_export_into_the_input_directory_is_refused(source, tmp_path):
     assert summary.records_out == 35
 
 
+@pytest.mark.parametrize("persisted", [False, True])
+def test_export_into_the_directory_of_a_concatenated_dataset_is_refused(
+    source, tmp_path, persisted
+):
+    """The second dataset's shards are inputs too, though only the first one's are the
+    dataset's own: found in the frame's graph, or (persisted: no graph to read) in the rows'
+    ``_shard`` values before anything is written."""
+    for name in ("a", "b"):
+        shutil.copytree(source, tmp_path / name)
+    a, b = (ImageTextPairDataset.from_webdataset(str(tmp_path / n)) for n in ("a", "b"))
+    frame = dd.concat([a.metadata, b.metadata])
+    both = a.with_metadata(frame.persist() if persisted else frame)
+    before = {p.name: sha(p.read_bytes()) for p in (tmp_path / "b").iterdir()}
+    for export_to in (both.to_webdataset, both.write_images):
+        with pytest.raises(ValueError, match="holds this dataset's input shards"):
+            export_to(str(tmp_path / "b"))
+    assert {p.name: sha(p.read_bytes()) for p in (tmp_path / "b").iterdir()} == before
+    assert both.to_webdataset(str(tmp_path / "out")).records_out == 70
+
+
 def test_write_images_refuses_repeated_ids_in_one_tar(source, tmp_path):
     for name in ("a", "b"):  # two datasets whose ids are the same
         shutil.copytree(source, tmp_path / name)
@@ -378,8 +399,29 @@ def test_source_changed_since_indexing_is_an_error(tmp_path):
 
 def test_too_many_shards_for_max_shards(source, tmp_path):
     ds = ImageTextPairDataset.from_webdataset(str(source))
-    with pytest.raises(ValueError, match="max_shards"):
+    with pytest.raises(ValueError, match="35 output shards do not fit in max_shards=1"):
         ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=1, max_shards=1)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "options, error",
+    [
+        (dict(samples_per_shard=1e4), "samples_per_shard must be an integer, not 10000.0"),
+        (dict(samples_per_shard="100"), "samples_per_shard must be an integer, not '100'"),
+        (dict(max_shards=5.0), "max_shards must be an integer, not 5.0"),
+        (dict(samples_per_shard=True), "samples_per_shard must be an integer, not True"),
+        (dict(samples_per_shard=0), "samples_per_shard must be >= 1, not 0"),
+        (dict(images_per_tar=2.5), "images_per_tar must be an integer, not 2.5"),
+    ],
+)
+def test_shard_sizes_are_checked_before_any_work(source, tmp_path, monkeypatch, options, error):
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    monkeypatch.setattr(export, "_select", None)  # nothing may be read
+    method = ds.write_images if "images_per_tar" in options else ds.to_webdataset
+    with pytest.raises((TypeError, ValueError), match=error):
+        method(str(tmp_path / "o"), **options)
+    assert export._count("n", np.int64(3)) == 3  # numpy integers are integers
 
 
 @pytest.mark.parametrize("per_shard", [1, 3, 7, 50])
@@ -433,9 +475,13 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
     from distributed import Client, LocalCluster
 
     ds = load_with_keep(source)
+    meta = ds.metadata  # sorted by a unique key: the same order in every computation
+    meta = meta.assign(rank=-meta["width"] * 1000 - meta["key"].str.slice(6).astype(int))
+    ranked = ds.with_metadata(meta.sort_values("rank"))
     with dask.config.set(scheduler="synchronous"):
         ds.to_webdataset(str(tmp_path / "single"), filter_column="keep", samples_per_shard=6)
         ds.write_images(str(tmp_path / "single-img"), images_per_tar=6, filter_column="keep")
+        ranked.to_webdataset(str(tmp_path / "single-ranked"), samples_per_shard=6)
     monkeypatch.setattr(export, "PIECE_BYTES", 1)  # a shard's pieces spread over both workers
     early = []  # shards planned while partitions were still being selected
     real_complete = export._Planner.complete
@@ -463,9 +509,19 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
             ds.write_images(str(tmp_path / "cluster-img"), images_per_tar=6, filter_column="keep")
             with pytest.raises(ValueError, match="max_shards"):
                 ds.to_webdataset(str(tmp_path / "too-many"), samples_per_shard=1, max_shards=1)
+            # found while partitions came in: the shards written by then are removed
+            assert not [p for p in (tmp_path / "too-many").glob("*") if p.name[0] != "."]
+            # a sorted frame (a shuffle: dask's P2P default fails on nested Arrow columns)
+            ranked.to_webdataset(str(tmp_path / "cluster-ranked"), samples_per_shard=6)
+            ranked.save_metadata(str(tmp_path / "ranked-meta"))
     assert summary.shards_written == len(list((tmp_path / "single").glob("*.tar")))
     assert _digest_dir(tmp_path / "single") == _digest_dir(tmp_path / "cluster")
     assert _digest_dir(tmp_path / "single-img") == _digest_dir(tmp_path / "cluster-img")
+    assert _digest_dir(tmp_path / "single-ranked") == _digest_dir(tmp_path / "cluster-ranked")
+    first = pq.read_table(tmp_path / "single-ranked" / "00000.parquet").column("rank")
+    assert first.to_pylist() == sorted(first.to_pylist()) and len(first) == 6
+    saved = pq.read_table(tmp_path / "ranked-meta").column("key").to_pylist()
+    assert sorted(saved) == sorted(meta.compute(scheduler="synchronous")["key"])
 
 
 def test_write_images_layout_and_types(source, tmp_path):
@@ -504,6 +560,27 @@ def test_write_images_layout_and_types(source, tmp_path):
     assert s1.records_out == s2.records_out
     random = ds.write_images(str(tmp_path / "c"), images_per_tar=10, deterministic_name=False)
     assert random.files and prefix not in random.files[0]
+
+
+def test_write_images_of_its_own_output(source, tmp_path):
+    """Reloaded ImageWriter output has ``tar_file`` / ``member_name`` columns: writing it
+    again replaces them (one of each, naming the new files) and says so."""
+    ImageTextPairDataset.from_webdataset(str(source)).write_images(
+        str(tmp_path / "a"), images_per_tar=20
+    )
+    again = ImageTextPairDataset.from_webdataset(str(tmp_path / "a"))
+    with pytest.warns(UserWarning, match=r"replaces the metadata columns \['tar_file', 'memb"):
+        summary = again.write_images(str(tmp_path / "b"), images_per_tar=7)
+    assert summary.records_out == 35
+    for parquet in sorted((tmp_path / "b").glob("*.parquet")):
+        table = pq.read_table(parquet)
+        assert table.column_names.count("tar_file") == 1
+        assert set(table.column("tar_file").to_pylist()) == {parquet.stem + ".tar"}
+        assert table.column("member_name").to_pylist() == [
+            f"{k}.jpg" for k in table.column("key").to_pylist()
+        ]
+    reloaded = ImageTextPairDataset.from_webdataset(str(tmp_path / "b")).metadata.compute()
+    assert reloaded["key"].tolist() == [f"{i:09d}" for i in range(35)]
 
 
 @pytest.mark.parametrize("piece_bytes", [export.PIECE_BYTES, 1])  # 1: a piece per record
@@ -615,6 +692,54 @@ def test_rewrite_without_idx_removes_the_stale_idx(source, tmp_path):
     # idx files of shards past the new last one are another export's, and reported as such
     left = sorted(p.name for p in out.glob("*.idx"))
     assert left and set(left) <= {Path(f).name for f in summary.other_files}
+
+
+def test_resume_writes_missing_idx_files(source, tmp_path):
+    """``write_idx`` is part of a shard's job, and a shard whose .idx went missing is not
+    complete: re-runs write what is missing and skip only shards with every file."""
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    out = tmp_path / "out"
+    ds.to_webdataset(str(out), samples_per_shard=10, write_idx=False)
+    assert not list(out.glob("*.idx"))
+    summary = ds.to_webdataset(str(out), samples_per_shard=10)
+    assert (summary.shards_written, summary.shards_skipped) == (4, 0)
+    assert sorted(p.name for p in out.glob("*.idx")) == [f"0000{i}.idx" for i in range(4)]
+    again = ds.to_webdataset(str(out), samples_per_shard=10)
+    assert (again.shards_written, again.shards_skipped) == (0, 4)
+    (out / "00002.idx").unlink()
+    repaired = ds.to_webdataset(str(out), samples_per_shard=10)
+    assert (repaired.shards_written, repaired.shards_skipped) == (1, 3)
+    assert [Path(r).name for r in repaired.files] == [f"0000{i}.tar" for i in range(4)]
+    fresh = tmp_path / "fresh"
+    ds.to_webdataset(str(fresh), samples_per_shard=10)
+    assert _digest_dir(out) == _digest_dir(fresh)
+
+
+def test_a_shard_that_cannot_have_an_idx_removes_an_earlier_one(tmp_path):
+    """DALI's index format cannot hold a member name with a space: such a shard gets no
+    .idx, says so, and an earlier export's .idx of that name (another tar) is removed."""
+    src, other = tmp_path / "src", tmp_path / "other"
+    src.mkdir(), other.mkdir()
+    records = make_shard_records(0, 4, seed=2)
+    for record in records:
+        record["my note.txt"] = f"note of {record['__key__']}"
+    write_shard(src / "00000.tar", records)
+    write_shard(other / "00000.tar", make_shard_records(0, 6, seed=4))
+    out = tmp_path / "out"
+    ImageTextPairDataset.from_webdataset(str(other)).to_webdataset(str(out), max_shards=5)
+    assert (out / "00000.idx").exists()
+    ds = ImageTextPairDataset.from_webdataset(str(src))
+    with pytest.warns(UserWarning, match=r"1 output shards have no \.idx, e\.g\. 00000\.tar"):
+        summary = ds.to_webdataset(str(out), max_shards=5)
+    assert summary.records_out == 4 and not summary.other_files
+    assert not (out / "00000.idx").exists()
+    # read back by our loader (scanning the tar) and tarfile: the input's members, renamed
+    reloaded = ImageTextPairDataset.from_webdataset(str(out)).metadata.compute()
+    assert reloaded["key"].tolist() == [f"{i:09d}" for i in range(4)]
+    written, read = tar_members(out / "00000.tar"), tar_members(src / "00000.tar")
+    assert [d for _, d in written] == [d for _, d in read]
+    assert [n for n, _ in written] == [n for n, _ in read]  # ids 0..3 keep their names here
+    assert "000000001.my note.txt" in [n for n, _ in written]
 
 
 def test_resume_rewrites_shards_whose_metadata_changed(source, tmp_path, monkeypatch):

@@ -251,6 +251,25 @@ def test_oversized_images_are_refused_before_decoding(tmp_path: Path) -> None:
     assert sorted(reader(max_image_pixels=None).read(part.iloc[:2]).keys) == ["a", "b"]
 
 
+def test_extreme_aspect_ratios_are_refused_before_resizing(tmp_path: Path) -> None:
+    """Few pixels, but resized so that the short side is the model's: 1 x 30000 would
+    become 64 x 1920000 (123 MP) before the crop. Refused like a bomb; 1 x 300 is fine."""
+    thin = encode(synthetic_image(3, (1, 30_000)), "PNG")
+    narrow = encode(synthetic_image(4, (300, 1)), "PNG")
+    members = [("thin.png", thin), ("narrow.png", narrow)]
+    part = partition_from_tar(write_tar(tmp_path / "thin.tar", members))
+    assert SPEC.size == (64, 64)
+    batch = reader().read(part)
+    assert batch.keys == ["narrow"] and tuple(batch.images.shape[1:]) == (3, 64, 64)
+    assert batch.errors == {
+        "thin": "decode: 1x30000 image would resize to 123 MP before its center crop "
+        "(aspect ratio 30000:1), over max_image_pixels=89478485"
+    }
+    assert sorted(reader(max_image_pixels=None).read(part).keys) == ["narrow", "thin"]
+    for mode in ("longest", "squash"):  # these never grow past the model's size
+        assert PreprocessSpec(size=(64, 64), resize_mode=mode).resized_pixels(1, 30_000) == 4096
+
+
 def test_pil_fallback_can_be_disabled(mixed_shard) -> None:
     path, _ = mixed_shard
     part = partition_from_tar(path)

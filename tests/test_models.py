@@ -101,7 +101,11 @@ def reference_embedding(tiny: str, data: bytes) -> np.ndarray:
 
 
 def as_matrix(column: pd.Series) -> dict[int, np.ndarray]:
-    return {i: np.asarray(v, dtype=np.float32) for i, v in column.items() if v is not None}
+    return {
+        i: np.asarray(v, dtype=np.float32)
+        for i, v in column.items()
+        if v is not None and v is not pd.NA
+    }
 
 
 def test_embeddings_match_open_clip_reference(tiny: str, shards) -> None:
@@ -147,6 +151,24 @@ def test_rows_match_keys_not_positions(tiny: str, shards) -> None:
             np.asarray(got), np.asarray(alone["image_embedding"].iloc[0]), atol=1e-5
         )
     assert full.index.equals(part.sample(frac=1.0, random_state=2).index)
+
+
+def test_repeated_ids_in_a_partition(tiny: str, shards) -> None:
+    """Two shards numbered alike in one partition (``files_per_partition``, ``repartition``):
+    each row gets its own image's embedding or error, matched by position."""
+    first, second = (partition_from_tar(p) for p in shards)
+    second = second.assign(key=first["key"].iloc[: len(second)].to_numpy())  # ids repeat
+    both = pd.concat([first, second], ignore_index=True)
+    assert both["key"].duplicated().any()
+    emb = embedder(tiny)
+    out = emb.embed_partition(both)
+    alone = pd.concat([emb.embed_partition(first), emb.embed_partition(second)], ignore_index=True)
+    assert out["error"].fillna("").tolist() == alone["error"].fillna("").tolist()
+    assert out["error"].notna().sum() == 2  # the corrupt image and the record without one
+    got, expected = as_matrix(out["image_embedding"]), as_matrix(alone["image_embedding"])
+    assert got.keys() == expected.keys() and len(got) == len(both) - 2
+    for row, vector in got.items():
+        np.testing.assert_allclose(vector, expected[row], atol=1e-5)
 
 
 def test_dask_stage_with_classifiers(tiny: str, shards, heads) -> None:
@@ -227,6 +249,14 @@ def test_random_weights_warn_and_checkpoint_loads(tiny: str, tmp_path: Path) -> 
     torch.testing.assert_close(loaded.encode_images(x), random_model.encode_images(x))
     assert loaded.embed_dim == TINY_EMBED_DIM
     assert loaded.preprocess.size == (64, 64)
+    # a file that is not this model's checkpoint: a ValueError naming it (CLI: one line)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"visual.proj": torch.zeros(3)}, wrong)
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    for bad in (wrong, text):
+        with pytest.raises(ValueError, match=f"{bad}: not a checkpoint of open_clip model"):
+            load_clip(tiny, str(bad), "cpu")
 
 
 def test_classifier_scores(heads) -> None:

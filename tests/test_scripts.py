@@ -120,6 +120,23 @@ def test_reshard_with_query_on_a_local_cluster(source, tmp_path):
     assert seen == expected
 
 
+def test_reshard_query_on_a_column_with_nulls(copy, tmp_path):
+    """A record without a value (no .json field) does not match the query; no crash."""
+    sidecar = copy / "00000.parquet"
+    table = pq.read_table(sidecar)
+    widths = table.column("width").to_pylist()
+    widths[0] = None
+    table = table.set_column(table.column_names.index("width"), "width", pa.array(widths))
+    pq.write_table(table, sidecar)
+    frame = parquet_frame(copy)
+    expected = frame[frame["width"].fillna(0) >= 256]["key"].tolist()
+    out = tmp_path / "out"
+    args = ["--query", "width >= 256", "--n-workers", 0]
+    proc = script("reshard.py", copy, out, *args)
+    assert f"exported {len(expected)} of {len(frame)} records" in proc.stdout
+    assert pq.read_table(out / "00000.parquet").num_rows == len(expected)
+
+
 def test_curate_dataset(copy, tmp_path):
     from dask_imgcurate import ImageTextPairDataset
     from dask_imgcurate.embed import ClipImageEmbedder

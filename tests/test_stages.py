@@ -32,7 +32,12 @@ from dask_imgcurate import demo
 from dask_imgcurate.models import classifiers as clf_mod
 from dask_imgcurate.models import clip as clip_mod
 from dask_imgcurate.models.builtin import make_demo_models
-from dask_imgcurate.models.classifiers import AestheticMLP, NsfwMLP
+from dask_imgcurate.models.classifiers import (
+    AestheticClassifier,
+    AestheticMLP,
+    NsfwClassifier,
+    NsfwMLP,
+)
 from dask_imgcurate.models.clip import RandomWeightsWarning, load_clip
 from dask_imgcurate.pipeline import Pipeline
 from dask_imgcurate.stages import (
@@ -330,7 +335,7 @@ def test_filter_thresholds_are_inclusive_for_aesthetic_exclusive_for_nsfw(
     meta = state.dataset.metadata.compute().set_index("key")
     pos = meta.index.astype(int)
     want = (aesthetic[pos] >= 0.5) & (nsfw[pos] < 0.5)
-    want[0] = True  # the failed image is left to the writer, which counts it as an error
+    want[0] = False  # the failed image has no scores; the writer counts it as an error
     np.testing.assert_array_equal(meta[KEEP_COLUMN].to_numpy(), want)
     # boundary values: aesthetic == threshold passes, nsfw == threshold fails
     assert meta.loc[f"{1:09d}", KEEP_COLUMN]  # aesthetic 0.5, nsfw 0.25
@@ -437,6 +442,42 @@ def test_stages_compute_nothing_until_the_writer(data, models, monkeypatch, tmp_
     # one model and one of each head per process, for all partitions
     assert created == [models.clip_model]
     assert sorted(set(heads)) == ["AestheticClassifier", "NsfwClassifier"]
+
+
+def test_filters_score_new_embeddings_not_saved_scores(data, models, reference) -> None:
+    """Scores saved earlier (say, with other heads) in the metadata are not what a pipeline
+    that embeds the images again filters on: each filter scores the new embeddings with its
+    head, unless the embedding stage's own classifiers scored them."""
+    root, corrupt_key = data
+    n = SHARDS * PER_SHARD
+    stale = np.full(n, 99.0, np.float32)  # would pass any aesthetic threshold, fail nsfw
+    threshold, _ = threshold_in_gap(reference["aesthetic"])
+    for own_heads in (False, True):
+        options = dict(num_threads=2)  # an embedder option the reader stage also sets
+        if own_heads:
+            head = dict(embedding_dim=models.embedding_dim, device="cpu")
+            options["classifiers"] = [
+                AestheticClassifier(model_path=str(models.aesthetic), **head),
+                NsfwClassifier(model_path=str(models.nsfw), **head),
+            ]
+        stages = [
+            FilePartitioningStage(str(root)),
+            AssignScores(stale, stale),
+            ImageReaderStage(task_batch_size=5),
+            ImageEmbeddingStage(models.clip_model, None, device="cpu", **options),
+            ImageAestheticFilterStage(threshold, model_path=str(models.aesthetic)),
+            ImageNSFWFilterStage(1e9, model_path=str(models.nsfw)),
+        ]
+        meta = Pipeline("rescore", stages).run().dataset.metadata.compute().set_index("key")
+        good = meta.drop(index=corrupt_key)
+        np.testing.assert_allclose(
+            good["aesthetic_score"], reference.loc[good.index, "aesthetic"], atol=1e-3
+        )
+        np.testing.assert_array_equal(
+            good[KEEP_COLUMN], reference.loc[good.index, "aesthetic"] >= threshold
+        )
+        assert not meta.loc[corrupt_key, KEEP_COLUMN]
+        assert 0 < good[KEEP_COLUMN].sum() < len(good)
 
 
 # --------------------------------------------------------------------------- GPU share

@@ -83,6 +83,16 @@ class PreprocessSpec:
     resize_mode: str = "shortest"  # "shortest" (resize + center crop), "longest" (+ pad), "squash"
     fill_color: int = 0  # padding value for resize_mode="longest"
 
+    def resized_pixels(self, width: int, height: int) -> float:
+        """Pixels of a ``width`` x ``height`` image once resized, before the crop: for
+        "shortest", the short side becomes the model's, so an image of extreme aspect ratio
+        (1 x 100000) grows to gigabytes however few pixels it declares."""
+        out_h, out_w = self.size
+        if self.resize_mode != "shortest" or not width or not height:
+            return float(out_h * out_w)
+        ratio = min(height / out_h, width / out_w)
+        return width * height / ratio**2
+
     def __post_init__(self) -> None:
         if self.interpolation not in ("bicubic", "bilinear", "random"):
             raise ValueError(f"unsupported interpolation {self.interpolation!r}")
@@ -393,7 +403,9 @@ class DaliImageReader:
         for ids, datas, errors in self._encoded_batches(partition):
             batch_errors = {keys[i]: reason for i, reason in errors.items()}
             if ids and self.max_image_pixels is not None:
-                ids, datas, too_large = _refuse_oversized(ids, datas, self.max_image_pixels)
+                ids, datas, too_large = _refuse_oversized(
+                    ids, datas, self.max_image_pixels, self.preprocess
+                )
                 batch_errors.update({keys[i]: reason for i, reason in too_large.items()})
             if ids:
                 out_ids, images, decode_errors = self._decode(ids, datas)
@@ -596,10 +608,11 @@ class DaliImageReader:
 
 
 def _refuse_oversized(
-    ids: list[int], datas: list[np.ndarray], limit: int
+    ids: list[int], datas: list[np.ndarray], limit: int, spec: PreprocessSpec
 ) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
-    """Keep the images whose headers declare at most ``limit`` pixels; the others (or
-    decompression bombs) become errors before a decoder allocates their pixels."""
+    """Keep the images whose headers declare at most ``limit`` pixels, and that resize to
+    at most ``limit`` pixels (``spec``); the others (decompression bombs, extreme aspect
+    ratios) become errors before a decoder or a resize allocates their pixels."""
     kept_ids, kept, errors = [], [], {}
     for i, data in zip(ids, datas):
         try:
@@ -611,6 +624,13 @@ def _refuse_oversized(
             errors[i] = (
                 f"decode: {size[0]}x{size[1]} image ({size[0] * size[1] / 1e6:.0f} MP) exceeds "
                 f"max_image_pixels={limit}"
+            )
+            continue
+        if size is not None and spec.resized_pixels(*size) > limit:
+            errors[i] = (
+                f"decode: {size[0]}x{size[1]} image would resize to "
+                f"{spec.resized_pixels(*size) / 1e6:.0f} MP before its center crop (aspect "
+                f"ratio {max(size) / max(min(size), 1):.0f}:1), over max_image_pixels={limit}"
             )
             continue
         kept_ids.append(i)

@@ -13,6 +13,7 @@ tell a finished shard. ``write_shard`` does all of it in one call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ MAX_READ = 8 << 20  # bytes per merged read
 MAX_GAP = 64 << 10  # merge two ranges of a source when at most this far apart
 FINGERPRINT_KEY = b"dask_imgcurate.fingerprint"
 TAR_SIZE_KEY = b"dask_imgcurate.tar_size"
+IDX_SIZE_KEY = b"dask_imgcurate.idx_size"  # of the shard's .idx; absent when it has none
 HEADER_BATCH = 1024  # members whose headers are encoded at once
 _IOV_MAX = 1024  # buffers per writev: IOV_MAX on Linux, macOS and the BSDs
 _ZEROS = memoryview(bytes(BLOCK))
@@ -50,6 +52,7 @@ class ShardResult:
     records: int
     bytes: int
     skipped: bool = False
+    idx: str | None = None  # its DALI index, when it has one
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,8 @@ def commit_shard(
     tar_tmp: str,
     tar_path: str,
     parquet_path: str,
-    idx_path: str | None,
+    idx_path: str,
+    write_idx: bool = True,
     fingerprint: str,
 ) -> ShardResult:
     """Finish an output shard whose members are all in ``tar_tmp`` (``write_piece``): end
@@ -265,7 +269,9 @@ def commit_shard(
     names, the Parquet (which marks the shard complete) last.
 
     ``rows`` (with ``_shard`` and ``_members``), ``new_keys`` and ``parquet_table`` are the
-    shard's records as its pieces wrote them.
+    shard's records as its pieces wrote them. Without an index (``write_idx=False``, or a
+    member name with white space, which DALI's format cannot hold) a file left at
+    ``idx_path`` by an earlier write is removed first: it would describe another tar.
     """
     plan = plan_members(rows, new_keys)
     header_bytes = header_lengths(pc.binary_length(plan.names.cast(pa.binary())).to_numpy())
@@ -277,14 +283,18 @@ def commit_shard(
             if os.fstat(f.fileno()).st_size > members_end:  # never published
                 raise RuntimeError(f"{tar_tmp}: pieces wrote past the members' end")
             os.pwrite(f.fileno(), END_OF_ARCHIVE, members_end)
-        text = idx_text(plan, header_at + header_bytes) if idx_path else None
+        text = idx_text(plan, header_at + header_bytes) if write_idx else None
         if text is not None:
             staged.append((fsio.temp_path(out_fs, idx_path), idx_path))
             with open(staged[-1][0], "w", encoding="utf-8") as f:
                 f.write(text)
+        elif out_fs.exists(idx_path):
+            out_fs.rm_file(idx_path)
         schema_meta = dict(parquet_table.schema.metadata or {})
         schema_meta[FINGERPRINT_KEY] = fingerprint.encode()
         schema_meta[TAR_SIZE_KEY] = str(tar_size).encode()
+        if text is not None:
+            schema_meta[IDX_SIZE_KEY] = str(len(text.encode())).encode()
         staged.append((fsio.temp_path(out_fs, parquet_path), parquet_path))
         pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
         for tmp, final in staged:
@@ -294,7 +304,11 @@ def commit_shard(
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
     return ShardResult(
-        fsio.qualify(out_fs, tar_path), fsio.qualify(out_fs, parquet_path), len(rows), tar_size
+        fsio.qualify(out_fs, tar_path),
+        fsio.qualify(out_fs, parquet_path),
+        len(rows),
+        tar_size,
+        idx=fsio.qualify(out_fs, idx_path) if text is not None else None,
     )
 
 
@@ -307,21 +321,18 @@ def write_shard(
     out_fs: fsspec.AbstractFileSystem,
     tar_path: str,
     parquet_path: str,
-    idx_path: str | None,
+    idx_path: str,
+    write_idx: bool = True,
     fingerprint: str,
     resume: bool = True,
 ) -> ShardResult:
     """One output shard in one call: ``write_piece`` of all its members, then
     ``commit_shard``. With ``resume``, a shard whose Parquet carries the same fingerprint
     and whose tar has the recorded size is left as it is."""
-    if resume and finished(out_fs, tar_path, parquet_path, fingerprint):
-        return ShardResult(
-            fsio.qualify(out_fs, tar_path),
-            fsio.qualify(out_fs, parquet_path),
-            len(rows),
-            out_fs.size(tar_path),
-            skipped=True,
-        )
+    if resume:
+        done = finished(out_fs, tar_path, parquet_path, fingerprint, idx_path)
+        if done is not None:
+            return dataclasses.replace(done, records=len(rows))
     tar_tmp = fsio.temp_path(out_fs, tar_path)
     try:
         write_piece(tar_tmp, plan_members(rows, new_keys), 0, source_fs)
@@ -334,6 +345,7 @@ def write_shard(
             tar_path=tar_path,
             parquet_path=parquet_path,
             idx_path=idx_path,
+            write_idx=write_idx,
             fingerprint=fingerprint,
         )
     finally:
@@ -343,10 +355,13 @@ def write_shard(
 
 def idx_text(plan: MemberPlan, payload_at: np.ndarray) -> str | None:
     """The DALI ``.idx`` of a tar holding ``plan``'s members with payloads at
-    ``payload_at``: a line per run of members with one key; None if a name has white space."""
+    ``payload_at``: a line per run of members with one key; None if a name has white space
+    or no extension."""
     if pc.any(pc.match_substring_regex(plan.names, r"\s")).as_py():  # as format_dali_index
         return None
     keys, exts = split_keys(plan.names)
+    if pc.any(pc.equal(exts, "")).as_py():  # a line's fields would not parse
+        return None
     entries = pc.binary_join_element_wise(
         exts,
         pa.array(payload_at).cast(pa.string()),
@@ -381,16 +396,32 @@ def job_fingerprint(
     return digest.hexdigest()
 
 
-def finished(fs: fsspec.AbstractFileSystem, tar: str, parquet: str, fingerprint: str) -> bool:
-    """True when ``tar`` + ``parquet`` are a complete earlier write of the same job."""
+def finished(
+    fs: fsspec.AbstractFileSystem, tar: str, parquet: str, fingerprint: str, idx: str
+) -> ShardResult | None:
+    """The result of a complete earlier write of the same job to ``tar`` + ``parquet`` (and
+    ``idx`` when that write made one), with ``skipped`` set and ``records`` unknown (-1);
+    None when there is none."""
     try:
         with fs.open(parquet, "rb") as f:
             meta = pq.read_schema(f).metadata or {}
-        return meta.get(FINGERPRINT_KEY) == fingerprint.encode() and int(
-            meta.get(TAR_SIZE_KEY, -1)
-        ) == fs.size(tar)
+        if meta.get(FINGERPRINT_KEY) != fingerprint.encode():
+            return None
+        tar_size = int(meta.get(TAR_SIZE_KEY, -1))
+        if tar_size != fs.size(tar):
+            return None
+        if IDX_SIZE_KEY in meta and int(meta[IDX_SIZE_KEY]) != fs.size(idx):
+            return None
     except (FileNotFoundError, OSError, pa.ArrowInvalid, ValueError):
-        return False
+        return None
+    return ShardResult(
+        fsio.qualify(fs, tar),
+        fsio.qualify(fs, parquet),
+        -1,
+        tar_size,
+        skipped=True,
+        idx=fsio.qualify(fs, idx) if IDX_SIZE_KEY in meta else None,
+    )
 
 
 def stack_slices(parts: Sequence[pa.Table], pieces: Sequence[tuple[int, int, int]]) -> pa.Table:

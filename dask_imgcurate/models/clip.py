@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,9 +121,18 @@ def _load(
     with torch.random.fork_rng(devices=[]):
         # random weights are seeded: every worker process builds the same model
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        model, _, transform = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device, precision=precision
-        )
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device=device, precision=precision
+            )
+        except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as err:
+            if pretrained is None or not os.path.isfile(pretrained):
+                raise
+            detail = " ".join(str(err).split())
+            detail = detail[:200] + " ..." if len(detail) > 200 else detail or type(err).__name__
+            raise ValueError(
+                f"{pretrained}: not a checkpoint of open_clip model {model_name!r} ({detail})"
+            ) from err
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
