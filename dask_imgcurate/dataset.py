@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from dask_imgcurate import export
 from dask_imgcurate.backend import resolve_backend, to_arrow, to_frame
+from dask_imgcurate.errors import ShardWarning
 from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.shards import Shard, find_shards
@@ -268,7 +269,9 @@ def _infer_schema(loader: _ShardLoader, shards: list[Shard]) -> pa.Schema:
         schema = sidecar_schema(loader.fs, shard, loader.id_col)
         if schema is not None:
             break
-        table = loader.table(shard)
+        with warnings.catch_warnings():  # the compute reports them, once
+            warnings.simplefilter("ignore", ShardWarning)
+            table = loader.table(shard)
         schema = table.schema
         if table.num_rows:
             break

@@ -34,3 +34,8 @@ class IndexFileError(CurateError, ValueError):
 class ShardWarning(UserWarning):
     """A shard is damaged or suspect (truncated, cut between records, data after its end);
     the records that could be read are kept."""
+
+
+class ShardNotice(ShardWarning):
+    """A ``ShardWarning`` about a shard read as WebDataset readers read it, not damaged:
+    members that belong to no record, links not followed, an ``.idx`` not used."""

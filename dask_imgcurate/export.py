@@ -303,7 +303,13 @@ def _export(
         summary.records_in - summary.records_out - summary.dropped_for_errors
     )
     if not results:
-        message = "the filter kept no records: nothing was written"
+        reasons = []
+        if summary.dropped_by_filter:
+            reasons.append(f"{summary.dropped_by_filter} dropped by the filter")
+        if summary.dropped_for_errors:
+            reasons.append(f"{summary.dropped_for_errors} for errors")
+        why = f" ({', '.join(reasons)})" if reasons else ""
+        message = f"no record of {summary.records_in} was kept{why}: nothing was written"
         warnings.warn(f"{summary.path}: {message}", stacklevel=4)  # the caller of the method
     summary.shards_written = sum(not r.skipped for r in results)
     summary.shards_skipped = sum(r.skipped for r in results)

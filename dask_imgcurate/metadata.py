@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from dask_imgcurate.errors import MetadataMismatchError, ShardWarning
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.records import RecordIndex, split_key
-from dask_imgcurate.io.shards import Shard, index_shard
+from dask_imgcurate.io.shards import Shard, index_shard, shard_notes
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +53,13 @@ def shard_table(
     records = index_shard(fs, shard, strict=strict)
     source = fsio.qualify(fs, shard.tar)
     damaged = records.members.damage is not None
-    if records.members.data_after_end is not None:
-        warnings.warn(
-            f"{source}: data follows its end-of-archive blocks (from byte offset "
-            f"{records.members.data_after_end}; concatenated tars?) and is ignored, as tar "
-            f"readers ignore it: only the {len(records)} records before them are read",
-            ShardWarning,
-            stacklevel=2,
-        )
-    if not records.members.ends_marked:
-        warnings.warn(
-            f"{source}: ends after {len(records.members)} members without the end-of-archive "
-            f"blocks tar writers add when they finish: it may have been cut short between "
-            f"records (an interrupted write or download); its {len(records)} records are kept",
-            ShardWarning,
-            stacklevel=2,
-        )
+    for message, category in shard_notes(records):
+        warnings.warn(message, category, stacklevel=2)
     book = bookkeeping_table(records, source)
     lost_rows = 0
     if shard.parquet is not None:
         user = _read_sidecar(fs, shard, id_col)
-        if damaged:  # the sidecar describes records lost with the damage: not a mismatch
+        if damaged or records.undecodable:  # it describes lost records: not a mismatch
             present = pa.array(records.keys, pa.string())
             kept = pc.is_in(user.column(id_col), value_set=present)
             lost_rows = user.num_rows - pc.sum(kept).as_py() if user.num_rows else 0
@@ -81,11 +67,18 @@ def shard_table(
         user, book = _align(user, book, id_col, records.keys, source, on_mismatch)
     else:
         user = _table_from_members(fs, shard, records, id_col)
+    lost = f"; dropped their {lost_rows} sidecar Parquet rows" if lost_rows else ""
     if damaged:
-        lost = f"; dropped their {lost_rows} sidecar Parquet rows" if lost_rows else ""
         warnings.warn(
             f"{records.members.damage}; kept the {len(records)} complete records before it "
             f"(dropped {records.dropped_incomplete} possibly incomplete record{lost})",
+            ShardWarning,
+            stacklevel=2,
+        )
+    elif lost_rows:
+        warnings.warn(
+            f"{source}: dropped the {lost_rows} sidecar Parquet rows of the records dropped for "
+            f"member names that are not UTF-8",
             ShardWarning,
             stacklevel=2,
         )
@@ -242,7 +235,21 @@ def _table_from_members(
             arrays[k] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep them as JSON text
             arrays[k] = pa.array([None if v is None else json.dumps(v) for v in values])
+        except OverflowError:  # an integer beyond 64 bits: JSON text too, and say so
+            r = next((r for r, v in enumerate(values) if _beyond_int64(v)), None)
+            where = "" if r is None else f"record {records.keys[r]!r}: "
+            value = "" if r is None else f" {values[r]}"
+            warnings.warn(
+                f"{fsio.qualify(fs, shard.tar)}: {where}.json field {k!r} holds an integer"
+                f"{value} beyond 64 bits; the field's values are kept as JSON text",
+                stacklevel=3,
+            )
+            arrays[k] = pa.array([None if v is None else json.dumps(v) for v in values])
     arrays[id_col] = arrays[id_col].cast(pa.string())
     if arrays["caption"].type == pa.null():
         arrays["caption"] = arrays["caption"].cast(pa.string())
     return pa.table(arrays)
+
+
+def _beyond_int64(value) -> bool:
+    return isinstance(value, int) and not -(2**63) <= value < 2**63

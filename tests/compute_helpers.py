@@ -71,24 +71,47 @@ def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: str | Path, members: list[tuple[str, bytes]]) -> Path:
-    """Write an uncompressed tar with ``members`` (name, data) in the given order."""
+def write_tar(
+    path: str | Path,
+    members: list[tuple[str, bytes]],
+    fmt: int = tarfile.PAX_FORMAT,
+    encoding: str = "utf-8",
+) -> Path:
+    """Write an uncompressed tar with ``members`` (name, data) in the given order, with the
+    stdlib ``tarfile`` in format ``fmt`` (pax headers only where a name needs one)."""
     path = Path(path)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=fmt, encoding=encoding) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            info.mtime = 0
+            info.mtime = 1_600_000_000
             tar.addfile(info, io.BytesIO(data))
     return path
 
 
-def split_key(name: str) -> tuple[str, str]:
-    """WebDataset rule: key = path up to the first dot of the basename, extension = the rest."""
+def count_indexing(monkeypatch) -> list[str]:
+    """The names of the tars ``metadata`` indexes from now on (appended as they are)."""
+    from dask_imgcurate import metadata
+
+    calls: list[str] = []
+    real = metadata.index_shard
+
+    def counting(fs, shard, **kwargs):
+        calls.append(Path(shard.tar).name)
+        return real(fs, shard, **kwargs)
+
+    monkeypatch.setattr(metadata, "index_shard", counting)
+    return calls
+
+
+def split_key(name: str) -> tuple[str | None, str | None]:
+    """WebDataset rule: key = path up to the first dot of the basename, extension = the rest;
+    (None, None) for a basename without a dot or starting with one (in no record)."""
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
     if dot <= slash:
-        return name, ""
+        return None, None
     return name[:dot], name[dot + 1 :]
 
 
@@ -101,6 +124,8 @@ def partition_from_tar(path: str | Path, id_col: str = "key") -> pd.DataFrame:
             if not m.isreg():
                 continue
             key, ext = split_key(m.name)
+            if key is None:
+                continue
             rec = records.setdefault(
                 key,
                 {

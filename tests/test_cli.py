@@ -8,6 +8,7 @@ subprocesses. Outputs are checked with independent readers: ``tarfile``, ``pyarr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import signal
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from compute_helpers import count_indexing
 from readers import tar_records
 
 from dask_imgcurate import ImageTextPairDataset, cli, write_dali_index
@@ -179,6 +181,75 @@ def test_index_indexes_every_good_shard_and_names_the_bad_ones(source, tmp_path)
     for name in ("00000.tar", "00002.tar"):
         assert f"not indexed: {data / name}: truncated" in result.stderr
     assert "error: 2 of 3 shards could not be indexed" in result.stderr
+
+
+def _cut_between_records(tar: Path) -> None:
+    """Cut ``tar`` after its next-to-last record (no end-of-archive blocks)."""
+    with tarfile.open(tar) as t:
+        last = t.getmembers()[-4]  # the last member of the next-to-last record
+    tar.write_bytes(tar.read_bytes()[: last.offset_data + -(-last.size // 512) * 512])
+
+
+def test_index_names_suspect_shards_and_loading_still_reports_them(source, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    for sidecar in data.glob("*.parquet"):  # no sidecar to disagree: only the tar's end tells
+        sidecar.unlink()
+    _cut_between_records(data / "00000.tar")
+    joined = data / "00002.tar"
+    joined.write_bytes(joined.read_bytes() + (source / "00001.tar").read_bytes())  # cat a b
+    scanned = run("inspect", data, "--rows", "0")
+    result = run("index", data)
+    rows = table(result.stdout)
+    assert rows["shards indexed"] == "3" and rows["with warnings"] == "2"
+    warned = sorted(line for line in result.stderr.splitlines() if line.strip())
+    assert len(warned) == 2 and all(line.startswith("warning: ") for line in warned)
+    assert f"{data / '00000.tar'}: ends after {3 * PER_SHARD - 3} members" in warned[0]
+    assert f"{joined}: data follows its end-of-archive blocks" in warned[1]
+    assert sorted(p.name for p in data.glob("*.idx")) == ["00000.idx", "00001.idx", "00002.idx"]
+    indexed = run("inspect", data, "--rows", "0")
+    assert table(indexed.stdout)["with .idx"] == "3"
+    assert table(indexed.stdout)["damaged shards"] == "2"
+    damage = sorted(line for line in indexed.stdout.splitlines() if line.startswith("damage:"))
+    assert damage == sorted(
+        line for line in scanned.stdout.splitlines() if line.startswith("damage:")
+    )
+    assert len(damage) == 2 and indexed.stderr == ""
+
+
+def test_inspect_lists_notices_apart_from_damage(source, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    tar = data / "00001.tar"
+    with tarfile.open(tar) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as dst:
+        for member, payload in members:  # a macOS AppleDouble member before each file
+            double = tarfile.TarInfo(f"._{member.name}")
+            double.size = 82
+            dst.addfile(double, io.BytesIO(bytes(82)))
+            dst.addfile(member, io.BytesIO(payload))
+    (data / "00002.idx").write_text("v1.2 0\n")  # an index that does not describe its tar
+    result = run("inspect", data, "--rows", "0")
+    rows = table(result.stdout)
+    assert rows["damaged shards"] == "0" and rows["shard warnings"] == "2"
+    assert rows["records"] == str(SHARDS * PER_SHARD)
+    notices = sorted(line for line in result.stdout.splitlines() if line.startswith("warning: "))
+    assert len(notices) == 2
+    assert f"{tar}: ignored {len(members)} members that belong to no record" in notices[0]
+    assert f"{data / '00002.tar'}: ignoring its index {data / '00002.idx'}" in notices[1]
+    assert result.stderr == ""
+
+
+def test_inspect_reads_each_shard_once(source, monkeypatch):
+    """Its counts and sample rows come from one read of each shard (dask reads partitions
+    again for ``head(npartitions=-1)`` computed beside other results)."""
+    calls = count_indexing(monkeypatch)
+    result = run("inspect", source, "--rows", "3")
+    assert sorted(calls) == [f"{i:05d}.tar" for i in range(SHARDS)]
+    assert table(result.stdout)["records"] == str(SHARDS * PER_SHARD)
+    sample = result.stdout.split("\n\n")[-1].strip().splitlines()
+    assert len(sample) == 1 + 3 and sample[1].split()[:2] == ["0", "000000000"]
 
 
 def test_export_of_a_damaged_shard_fails_or_keeps_complete_records(source, tmp_path):
@@ -399,6 +470,10 @@ BAD_INPUT = {
                                ["aesthetic_score", "embed"]),
     "output is the input": (["export", "{source_copy}", "{source_copy}/"], ["OUTPUT", "another"]),
     "bad query": (["export", "{source}", "{out}", "--query", "nope > 1"], ["nope"]),
+    "query not a condition": (["export", "{source}", "{out}", "--query", "width"],
+                              ["'width'", "true/false", "width >= 256", "Int64"]),
+    "NaN threshold": (["export", "{source}", "{out}", "--min-aesthetic", "nan"],
+                      ["--min-aesthetic must be a number, not nan"]),
     "corrupt shard": (["inspect", "{corrupt}"], ["00001.tar", "byte offset"]),
     "corrupt shard (export)": (["export", "{corrupt}", "{out}"], ["00001.tar", "byte offset"]),
 }  # fmt: skip

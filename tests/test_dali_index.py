@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import io
-import logging
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pytest
 
 from dask_imgcurate import ImageTextPairDataset, write_dali_index
-from dask_imgcurate.errors import IndexFileError
+from dask_imgcurate.errors import IndexFileError, ShardNotice, ShardWarning
 from dask_imgcurate.io import shards as shards_mod
-from dask_imgcurate.io.dali_index import format_dali_index, parse_dali_index
+from dask_imgcurate.io.dali_index import (
+    CHECKED_LONG_NAMES,
+    CHECKED_MEMBERS,
+    check_headers,
+    check_tail,
+    format_dali_index,
+    members_end,
+    members_to_check,
+    parse_dali_index,
+)
 from dask_imgcurate.io.records import group_records
-from dask_imgcurate.io.tarindex import scan_tar
+from dask_imgcurate.io.tarindex import TarIndex, scan_tar
 
 
 def _long_name_tar(path: Path) -> Path:
@@ -146,7 +156,7 @@ def test_loading_with_index_equals_scanning(
     assert len(indexed) > 0
 
 
-def test_stale_index_is_ignored_with_warning(demo_dir_nopq, copy_dataset, caplog, tarfile_members):
+def test_stale_index_is_ignored_with_warning(demo_dir_nopq, copy_dataset, tarfile_members):
     path = copy_dataset(demo_dir_nopq)
     write_dali_index(str(path / "00001.tar"))
     # Rewrite the tar smaller (its first 4 records), leaving the 10-record index behind.
@@ -157,15 +167,318 @@ def test_stale_index_is_ignored_with_warning(demo_dir_nopq, copy_dataset, caplog
             dst.addfile(m, io.BytesIO(data))
     assert "v1.2 10" in (path / "00001.idx").read_text()
 
-    with caplog.at_level(logging.WARNING, logger="dask_imgcurate"):
+    with pytest.warns(ShardWarning, match=r"00001.tar: ignoring its index .*00001.idx .*stale"):
         frame = _frame(path)
-    assert any(
-        "ignoring index" in r.getMessage() and "00001.idx" in r.getMessage() for r in caplog.records
-    )
     part = frame[frame["_shard"] == str(path / "00001.tar")]
     expected = tarfile_members(path / "00001.tar")
     assert list(part["key"]) == [f"{10 + i:09d}" for i in range(4)]
     assert list(part["_image_offset"]) == [off for n, off, _ in expected if n.endswith(".jpg")]
+
+
+# --- an index must describe its tar ------------------------------------------------------------
+
+
+def _records_tar(path: Path, keys, caption: str = "cap", fmt=tarfile.GNU_FORMAT) -> Path:
+    """Records ``keys`` (jpg of varied sizes + txt), written by ``tarfile``."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for r, key in enumerate(keys):
+            for ext, data in (("jpg", bytes(range(256)) * (3 + r)), ("txt", f"{caption} {key}")):
+                data = data if isinstance(data, bytes) else data.encode()
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _scanned_frame(path: Path) -> pd.DataFrame:
+    """The frame loaded without any .idx (moved aside while loading)."""
+    aside = {}
+    for idx in path.glob("*.idx"):
+        aside[idx] = idx.read_bytes()
+        idx.unlink()
+    try:
+        return _frame(path)
+    finally:
+        for idx, data in aside.items():
+            idx.write_bytes(data)
+
+
+def _load_ignoring_index(path: Path, why: str) -> pd.DataFrame:
+    with pytest.warns(ShardWarning, match=f"ignoring its index .*{why}") as caught:
+        frame = _frame(path)
+    assert all("ignoring its index" in str(w.message) for w in caught)
+    assert {w.category for w in caught} == {ShardNotice}
+    return frame
+
+
+def test_index_of_a_rewritten_tar_is_not_trusted(tmp_path):
+    """The tar was rewritten (a record added before the old ones) after its .idx: the .idx
+    still fits in the file, but its first member's header names another member."""
+    _records_tar(tmp_path / "00000.tar", ["a1", "a2"], "old")
+    write_dali_index(str(tmp_path / "00000.tar"))
+    _records_tar(tmp_path / "00000.tar", ["a0", "a1", "a2", "a3"], "new")
+    frame = _load_ignoring_index(tmp_path, "member 'a1.jpg' at data offset 512: its header names")
+    assert list(frame["key"]) == ["a0", "a1", "a2", "a3"]
+    assert list(frame["caption"]) == [f"new a{i}" for i in range(4)]
+    pd.testing.assert_frame_equal(frame, _scanned_frame(tmp_path))
+
+
+def test_index_of_another_shard_is_not_trusted(tmp_path):
+    _records_tar(tmp_path / "00000.tar", ["x1", "x2", "x3"], "shard0")
+    _records_tar(tmp_path / "00001.tar", ["y1", "y2", "y3"], "shard1")
+    write_dali_index(str(tmp_path / "00001.tar"))
+    shutil.copy(tmp_path / "00001.idx", tmp_path / "00000.idx")  # same sizes, other names
+    frame = _load_ignoring_index(tmp_path, "00000.idx.*its header names 'x1.jpg'")
+    assert list(frame["key"]) == ["x1", "x2", "x3", "y1", "y2", "y3"]
+    assert list(frame["caption"])[:3] == ["shard0 x1", "shard0 x2", "shard0 x3"]
+
+
+def test_wds2idx_offsets_of_gnu_long_names_are_not_trusted(tmp_path):
+    """DALI's wds2idx points a GNU long-named member at its ``././@LongLink`` header: the
+    block before that "data" is the long-name header, not a regular file's."""
+    wds2idx = pytest.importorskip("wds2idx")
+    if shutil.which("tar") is None:
+        pytest.skip("wds2idx needs GNU tar")
+    tar = _records_tar(tmp_path / "00000.tar", ["000001", "L" * 120, "000002"])
+    with wds2idx.IndexCreator(str(tar), str(tmp_path / "00000.idx"), verbose=False) as creator:
+        creator.create_index()
+    theirs = parse_dali_index((tmp_path / "00000.idx").read_text(), str(tar))
+    scanned = _scan(tar)
+    assert theirs.names == scanned.names
+    assert theirs.offsets.tolist() != scanned.offsets.tolist()  # the wds2idx bug
+    frame = _load_ignoring_index(tmp_path, r"type b'L', not a regular file's")
+    pd.testing.assert_frame_equal(frame, _scanned_frame(tmp_path))
+    write_dali_index(str(tar))  # ours is trusted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pd.testing.assert_frame_equal(_frame(tmp_path), frame)
+
+
+def test_index_written_by_dali_is_trusted(tmp_path, fixture_tar, fixture_idx, monkeypatch):
+    shutil.copy(fixture_tar, tmp_path / "00000.tar")
+    shutil.copy(fixture_idx, tmp_path / "00000.idx")
+    expected = _scanned_frame(tmp_path)
+    monkeypatch.setattr(shards_mod, "scan_tar", _no_scan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pd.testing.assert_frame_equal(_frame(tmp_path), expected)
+
+
+def _no_scan(*args, **kwargs):
+    raise AssertionError("the tar was scanned although a valid .idx is present")
+
+
+def _edit(text: str, case: str) -> str:
+    lines = text.splitlines()
+    first = lines[1].split()
+    if case == "no samples":
+        return "v1.2 0\n"
+    if case == "first sample only":
+        return f"v1.2 1\n{lines[1]}\n"
+    if case == "last sample only":
+        return f"v1.2 1\n{lines[-1]}\n"
+    if case == "negative size":
+        return text.replace(f" {first[2]} ", " -5 ", 1)
+    if case == "offset off by one":
+        return text.replace(f" {first[1]} ", f" {int(first[1]) + 1} ", 1)
+    if case == "last offset one block late":
+        last = lines[-1].split()
+        last[-3] = str(int(last[-3]) + 512)
+        return "\n".join([*lines[:-1], " ".join(last)]) + "\n"
+    if case == "samples swapped":
+        return "\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n"
+    if case == "size off by one":
+        return text.replace(f" {first[2]} ", f" {int(first[2]) - 1} ", 1)
+    raise AssertionError(case)
+
+
+IDX_EDITS = {
+    "no samples": "holds more members than it lists: '000000.jpg' at byte offset 0",
+    "first sample only": "holds more members than it lists: '000001.jpg'",
+    "last sample only": "does not list: '000000.jpg' at byte offset 0",
+    "negative size": "negative size",
+    "offset off by one": "not a multiple of 512",
+    "last offset one block late": "000003.txt' at data offset .*: the block before its data is not",
+    "samples swapped": "out of order",
+    "size off by one": "its header says 768 bytes, the index 767",
+}
+
+
+@pytest.mark.parametrize("case", list(IDX_EDITS))
+def test_index_that_does_not_describe_its_tar_is_not_trusted(tmp_path, case):
+    tar = _records_tar(tmp_path / "00000.tar", [f"{i:06d}" for i in range(4)])
+    expected = _scanned_frame(tmp_path)
+    good = Path(write_dali_index(str(tar))).read_text()
+    (tmp_path / "00000.idx").write_text(_edit(good, case))
+    frame = _load_ignoring_index(tmp_path, IDX_EDITS[case])
+    pd.testing.assert_frame_equal(frame, expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("v1.2 1\njpg 512 -3 a.jpg\n", "negative size"),
+        ("v1.2 1\njpg -512 3 a.jpg\n", "not a multiple of 512"),
+        ("v1.2 1\njpg 0 3 a.jpg\n", "not a multiple of 512"),
+        ("v1.2 1\njpg 700 3 a.jpg\n", "not a multiple of 512"),
+        ("v1.2 2\njpg 1536 3 a.jpg\njpg 512 3 b.jpg\n", "out of order"),
+        ("v1.2 2\njpg 512 600 a.jpg\njpg 1536 3 b.jpg\n", "overlapping"),
+    ],
+)
+def test_parse_rejects_impossible_layouts(text, match):
+    with pytest.raises(IndexFileError, match=match):
+        parse_dali_index(text, "s.tar")
+    assert len(parse_dali_index("v1.2 2\njpg 512 600 a.jpg\njpg 2048 3 b.jpg\n", "s.tar")) == 2
+
+
+def test_members_to_check_are_few_and_spread(tmp_path):
+    names = [f"{i:06d}.jpg" for i in range(1000)]
+    names[500] = "L" * 120 + ".jpg"
+    index = TarIndex("x", names, np.arange(1000) * 1024 + 512, np.full(1000, 100))
+    rows = members_to_check(index)
+    assert rows[0] == 0 and rows[-1] == 999 and 500 in rows
+    assert len(rows) <= CHECKED_MEMBERS + CHECKED_LONG_NAMES
+    assert np.diff(rows).max() < 1000 / (CHECKED_MEMBERS - 2)
+    one = TarIndex("x", ["a.jpg"], np.array([512]), np.array([1]))
+    assert members_to_check(one).tolist() == [0]
+    assert members_to_check(TarIndex("x", [], np.zeros(0, int), np.zeros(0, int))).size == 0
+
+
+def test_check_headers_on_real_headers(tmp_path):
+    tar = _records_tar(
+        tmp_path / "t.tar", ["000001", "p" * 90 + "/" + "q" * 40], fmt=tarfile.USTAR_FORMAT
+    )
+    index = _scan(tar)
+    data = tar.read_bytes()
+    rows = np.arange(len(index))
+    blocks = [data[o - 512 : o] for o in index.offsets.tolist()]
+    assert check_headers(index, rows, blocks) is None  # ustar prefix + name: checked too
+    renamed = TarIndex("x", ["000009.jpg", *index.names[1:]], index.offsets, index.sizes)
+    assert "header names '000001.jpg'" in check_headers(renamed, rows, blocks)
+    resized = TarIndex("x", index.names, index.offsets, index.sizes + 1)
+    assert "its header says 768 bytes, the index 769" in check_headers(resized, rows, blocks)
+    corrupt = [blocks[0][:10] + b"?" + blocks[0][11:], *blocks[1:]]
+    assert "not a tar header" in check_headers(index, rows, corrupt)
+
+
+def test_check_tail_reads_the_end_like_a_scan(tmp_path):
+    tar = _records_tar(tmp_path / "t.tar", ["000001", "000002"])
+    data = tar.read_bytes()
+    index = _scan(tar)
+    end = members_end(index)
+    assert check_tail(data[end:], end, len(data)) == (True, None)
+    assert check_tail(data[end : end + 1024], end, len(data)) is None  # more is needed
+    assert check_tail(b"", end, end) == (False, None)  # cut between members
+    joined = data + data
+    assert check_tail(joined[end:], end, len(joined)) == (True, len(data))
+    assert _scan_bytes(joined).data_after_end == len(data)
+    with pytest.raises(IndexFileError, match="padding"):
+        check_tail(b"", end, end - 100)
+    with pytest.raises(IndexFileError, match="more members than it lists: '000002.jpg'"):
+        start = index.offsets[2] - 512
+        check_tail(data[start:], int(start), len(data))
+
+
+def _scan_bytes(data: bytes):
+    return scan_tar(data, "x")
+
+
+def test_index_keeps_reporting_a_cut_or_joined_tar(tmp_path, monkeypatch):
+    """A tar cut between records, or with data after its end, warns when loaded through its
+    .idx exactly as when scanned; writing the .idx warns too."""
+    _records_tar(tmp_path / "00000.tar", ["a1", "a2"])
+    whole = (tmp_path / "00000.tar").read_bytes()
+    end = members_end(_scan(tmp_path / "00000.tar"))
+    (tmp_path / "00000.tar").write_bytes(whole[:end])  # cut between records
+    _records_tar(tmp_path / "b.tar", ["b1"])
+    _records_tar(tmp_path / "c.tar", ["b2"])
+    joined = (tmp_path / "b.tar").read_bytes() + (tmp_path / "c.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(joined)  # cat b.tar c.tar
+    (tmp_path / "b.tar").unlink()
+    (tmp_path / "c.tar").unlink()
+
+    with warnings.catch_warnings(record=True) as scanned:
+        warnings.simplefilter("always")
+        expected = _frame(tmp_path)
+    messages = sorted({str(w.message) for w in scanned})
+    assert len(messages) == 2
+    assert "00000.tar: ends after 4 members" in messages[0]
+    assert (
+        "00001.tar: data follows its end-of-archive blocks (from byte offset 10240" in messages[1]
+    )
+    for tar, message in zip(("00000.tar", "00001.tar"), messages):
+        with pytest.warns(ShardWarning) as written:
+            write_dali_index(str(tmp_path / tar))
+        assert [str(w.message) for w in written] == [message]
+    monkeypatch.setattr(shards_mod, "scan_tar", _no_scan)
+    with warnings.catch_warnings(record=True) as indexed:
+        warnings.simplefilter("always")
+        frame = _frame(tmp_path)
+    assert sorted({str(w.message) for w in indexed}) == messages
+    assert {w.category for w in indexed} == {ShardWarning}
+    pd.testing.assert_frame_equal(frame, expected)
+
+
+def test_index_of_a_tar_ending_with_members_in_no_record_is_trusted(tmp_path, monkeypatch):
+    """A tar whose last members are a link and a dot-file (which its .idx cannot list)."""
+    tar = tmp_path / "00000.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as t:
+        for name, kind in [
+            ("000001.jpg", tarfile.REGTYPE),
+            ("000001.txt", tarfile.REGTYPE),
+            ("000002.jpg", tarfile.SYMTYPE),
+            ("._000002.jpg", tarfile.REGTYPE),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "000001.jpg" if kind == tarfile.SYMTYPE else ""
+            data = b"" if kind == tarfile.SYMTYPE else name.encode() * 300
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with pytest.warns(ShardNotice):  # scanned: ignored and skipped members
+        expected = _frame(tmp_path)
+    with pytest.warns(ShardNotice) as written:
+        write_dali_index(str(tar))
+    notes = sorted(str(w.message).split(": ", 1)[1][:18] for w in written)
+    assert notes == ["ignored 1 members ", "skipped 1 links or"]
+    monkeypatch.setattr(shards_mod, "scan_tar", _no_scan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pd.testing.assert_frame_equal(_frame(tmp_path), expected)
+
+
+def test_index_on_an_object_store_is_checked_with_ranged_reads(tmp_path, monkeypatch):
+    """Remote tars are never downloaded to check an index: a batch of small ranges is."""
+    mem = fsspec.filesystem("memory")
+    root = f"/imgcurate-idx-{tmp_path.name}"
+    for i, keys in enumerate((["a1", "a2"], ["b1", "b2", "b3"])):
+        tar = _records_tar(tmp_path / f"0000{i}.tar", keys)
+        mem.pipe(f"{root}/0000{i}.tar", tar.read_bytes())
+        write_dali_index(str(tar))
+        mem.pipe(f"{root}/0000{i}.idx", tar.with_suffix(".idx").read_bytes())
+    try:
+        expected = _frame(tmp_path)
+        ranges = []
+        real_cat_ranges = type(mem).cat_ranges
+
+        def cat_ranges(self, paths, starts, ends, **kwargs):
+            ranges.extend(zip(paths, starts, ends))
+            return real_cat_ranges(self, paths, starts, ends, **kwargs)
+
+        monkeypatch.setattr(type(mem), "cat_ranges", cat_ranges)
+        monkeypatch.setattr(shards_mod, "scan_tar", _no_scan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            frame = _frame(f"memory://{root}")
+        pd.testing.assert_frame_equal(frame.drop(columns="_shard"), expected.drop(columns="_shard"))
+        assert ranges and all(end - start <= 10240 for _, start, end in ranges)
+        # a stale index: warned about, and the tar read whole instead
+        mem.pipe(f"{root}/00000.idx", mem.cat_file(f"{root}/00001.idx"))
+        monkeypatch.undo()
+        frame = _load_ignoring_index(f"memory://{root}", "00000.idx")
+        pd.testing.assert_frame_equal(frame.drop(columns="_shard"), expected.drop(columns="_shard"))
+    finally:
+        mem.rm(root, recursive=True)
 
 
 # --- DALI itself --------------------------------------------------------------------------

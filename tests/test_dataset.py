@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from compute_helpers import write_tar
 
 from dask_imgcurate import ImageTextPairDataset, demo
 from dask_imgcurate import backend as backend_mod
@@ -61,15 +61,6 @@ def tar_records(tar: Path) -> dict[str, dict]:
             rec["members"].append((m.name, m.offset_data, m.size))
             rec["data"][ext] = t.extractfile(m).read()
     return out
-
-
-def write_tar(path: Path, members) -> Path:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 # --- layout ---------------------------------------------------------------------------------

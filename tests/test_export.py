@@ -228,10 +228,14 @@ def test_partition_filtered_out_and_nothing_kept(source, tmp_path):
     meta["none"] = False
     ds.metadata = meta
     empty = tmp_path / "none"
-    with pytest.warns(UserWarning, match="kept no records"):
+    with pytest.warns(UserWarning, match=r"no record of 35 was kept \(35 dropped by the filt"):
         summary = ds.to_webdataset(str(empty), filter_column="none")
     assert summary.records_out == 0 and summary.shards_written == 0
     assert not empty.exists() or not any(empty.iterdir())
+    meta["error"] = "decode: broken"  # no filter, every record failed
+    with pytest.warns(UserWarning, match=r"no record of 35 was kept \(35 for errors\)"):
+        summary = ds.with_metadata(meta).to_webdataset(str(empty))
+    assert summary.dropped_for_errors == 35 and summary.dropped_by_filter == 0
 
 
 def test_filter_column_must_be_boolean_and_nulls_drop(source, tmp_path):

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from compute_helpers import write_tar
 from fsspec.implementations.local import LocalFileSystem
 
 from dask_imgcurate.errors import CompressedTarError, DuplicateKeyError, TarFormatError
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.records import group_records, split_key, split_keys
-from dask_imgcurate.io.tarindex import _number, scan_tar
+from dask_imgcurate.io.tarindex import _number, _walk_plain, scan_tar
 
 GNU_TAR = shutil.which("tar")
 needs_gnu_tar = pytest.mark.skipif(GNU_TAR is None, reason="GNU tar not installed")
@@ -33,17 +34,6 @@ def ours(path: str | Path, *, strict: bool = True) -> list[tuple[str, int, int]]
     with fsio.open_buffer(LocalFileSystem(), str(path)) as buffer:
         index = scan_tar(buffer, str(path), strict=strict)
     return list(zip(index.names, index.offsets.tolist(), index.sizes.tolist(), strict=True))
-
-
-def write_tar(path: Path, members, fmt=tarfile.PAX_FORMAT) -> Path:
-    """Write ``(name, bytes)`` members with ``tarfile`` in format ``fmt``."""
-    with tarfile.open(path, "w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 1_600_000_000
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def payload(i: int) -> bytes:
@@ -232,6 +222,61 @@ def test_negative_size_is_a_format_error():
     assert err.value.offset == 0
 
 
+def _with_checksum(header: bytearray) -> bytes:
+    """``header`` with its checksum field recomputed (after an edit)."""
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\x00 " % sum(header)
+    return bytes(header)
+
+
+def test_signed_octal_size_never_walks_backwards():
+    """``int(field, 8)`` accepts a sign: one corrupt byte ("-0000001130") must stop the fast
+    walk, not send it back 600 bytes to walk the same headers forever."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in (("k0.jpg", payload(6)), ("k0.txt", b"x" * 600), ("k1.txt", b"c")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = bytearray(out.getvalue())
+    header = data.index(b"k0.txt")
+    assert data[header + 124 : header + 135] == b"00000001130"
+    data[header + 124] = ord("-")  # one corrupt byte (the checksum no longer matches either)
+
+    class Bounded(list):
+        def append(self, item):
+            assert len(self) < 100, "the walk went backwards"
+            super().append(item)
+
+    starts = Bounded()
+    stop = _walk_plain(bytes(data), 0, len(data), starts, [])
+    assert stop == header and starts == [0]  # left for the general loop, at the bad header
+    for buffer in (bytes(data), memoryview(bytes(data))):
+        with pytest.raises(TarFormatError) as err:
+            scan_tar(buffer, "neg.tar")
+        assert err.value.offset == header
+        lenient = scan_tar(buffer, "neg.tar", strict=False)
+        assert lenient.names == ["k0.jpg"] and lenient.damage.offset == header
+
+
+@pytest.mark.parametrize("field", [b"-0000000001\x00", b"-1         \x00", b"     -1000 \x00"])
+def test_signed_octal_size_with_valid_checksum_is_a_format_error(tmp_path, field):
+    info = tarfile.TarInfo("k1.jpg")
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    header[124:136] = field
+    rest = write_tar(tmp_path / "rest.tar", [("k1.txt", b"cap")], tarfile.USTAR_FORMAT)
+    data = _with_checksum(header) + rest.read_bytes()
+    path = tmp_path / "neg.tar"
+    path.write_bytes(data)
+    for buffer in (data, memoryview(data)):
+        with pytest.raises(TarFormatError, match="negative size") as err:
+            scan_tar(buffer, "neg.tar")
+        assert err.value.offset == 0
+    with pytest.raises(TarFormatError, match="negative size"):
+        ours(path)  # through an mmap, as the loader reads it
+    assert scan_tar(data, "neg.tar", strict=False).names == []
+
+
 def test_number_octal_variants():
     assert _number(b"0000644\x00") == 0o644
     assert _number(b"   644 \x00") == 0o644
@@ -392,8 +437,13 @@ def test_gzip_of_raw_bytes_refused(records_tar):
         ("000042.jpg", "000042", "jpg"),
         ("dir/000042.seg.png", "dir/000042", "seg.png"),
         ("a.b/c.d/000042.JPG", "a.b/c.d/000042", "JPG"),
-        ("noext", "noext", ""),
-        ("dir/.hidden", "dir/.hidden", ""),
+        ("noext", None, None),  # no extension: in no record
+        ("dir/noext", None, None),
+        ("dir/.hidden", None, None),  # dot-files: in no record
+        ("._000001.jpg", None, None),  # macOS AppleDouble
+        ("a.b/._000001.jpg", None, None),
+        ("./000001.jpg", "./000001", "jpg"),
+        ("dir/a.", "dir/a", ""),
         ("../../evil.jpg", "../../evil", "jpg"),
         ("/abs/x.jpg", "/abs/x", "jpg"),
     ],
@@ -405,15 +455,39 @@ def test_split_key(name, key, ext):
 def test_split_keys_matches_split_key():
     rng = np.random.default_rng(0)
     alphabet = list("ab./é画\n ")
-    names = ["", ".", "/", "a.", "x/y\n.z", "a.b/.c.d", "k/", "é/画.légende"]
+    names = ["", ".", "/", "a.", "x/y\n.z", "a.b/.c.d", "k/", "é/画.légende", "._a.jpg", "noext"]
     names += ["".join(rng.choice(alphabet, rng.integers(0, 12))) for _ in range(3000)]
     keys, exts = split_keys(pa.array(names))
     assert list(zip(keys.to_pylist(), exts.to_pylist())) == [split_key(n) for n in names]
-    # without "/" and dot-files split_keys takes its fast path (split at the first dot)
-    plain = [n for n in names if "/" not in n and not n.startswith(".")]
-    assert len(plain) > 1000 and any("." in n[1:] for n in plain)
+    assert any(split_key(n)[0] is None for n in names)
+    # when every name has a key and none has a "/" split_keys takes its fast path (split
+    # at the first dot)
+    plain = [n for n in names if "/" not in n and split_key(n)[0] is not None]
+    assert len(plain) > 400 and any("." in n[n.index(".") + 1 :] for n in plain)
     keys, exts = split_keys(pa.array(plain))
     assert list(zip(keys.to_pylist(), exts.to_pylist())) == [split_key(n) for n in plain]
+    keys, exts = split_keys(pa.array([], pa.string()))
+    assert len(keys) == len(exts) == 0
+
+
+def test_split_key_is_webdatasets_rule():
+    """``webdataset``'s ``base_plus_ext`` decides which members form records; we follow it,
+    except that its regular expression keys a dot-file in a directory by the directory
+    (``dir/._x.jpg`` -> ``dir/``), which DALI's ``wds2idx`` ignores, as we do."""
+    tariterators = pytest.importorskip("webdataset.tariterators")
+    rng = np.random.default_rng(1)
+    alphabet = list("ab./é画_ ")
+    names = ["._000001.jpg", "000001.jpg", "dir/000001.seg.png", "noext", "dir/noext", "a.b/c"]
+    names += ["".join(rng.choice(alphabet, rng.integers(0, 12))) for _ in range(5000)]
+    quirks = 0
+    for name in names:
+        theirs = tariterators.base_plus_ext(name)
+        if theirs[0] is not None and theirs[0].endswith("/"):  # a dot-file in a directory
+            assert name[len(theirs[0])] == "." and split_key(name) == (None, None)
+            quirks += 1
+        else:
+            assert split_key(name) == theirs, name
+    assert quirks and sum(split_key(n)[0] is None for n in names) > 500
 
 
 def test_non_utf8_member_name_is_a_clear_error():
@@ -580,3 +654,192 @@ def test_data_after_the_end_of_archive_is_flagged(tmp_path):
     ):
         frame = ImageTextPairDataset.from_webdataset(str(tmp_path / "ds")).metadata.compute()
     assert frame["key"].tolist() == ["000"]
+
+
+# --- sparse members, Solaris pax headers, links ---------------------------------------------
+
+
+@pytest.fixture
+def sparse_tree(tmp_path) -> Path:
+    """Records 000001 (jpg, npy with a 1 MiB hole, txt) and 000002 (jpg, txt)."""
+    src = tmp_path / "sparse-src"
+    src.mkdir()
+    for key in ("000001", "000002"):
+        (src / f"{key}.jpg").write_bytes(payload(6))
+        (src / f"{key}.txt").write_bytes(f"caption {key}".encode())
+    with open(src / "000001.npy", "wb") as f:  # a file with a hole, then data
+        f.truncate(1 << 20)
+        f.seek(1 << 20)
+        f.write(b"tail-bytes")
+    return src
+
+
+@needs_gnu_tar
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_member_is_a_clear_error(tmp_path, sparse_tree, fmt):
+    """GNU tar --sparse stores only a sparse file's data, with a map (a type 'S' header, or
+    pax GNU.sparse.* records): byte ranges cannot give its bytes, so it is damage."""
+    files = ["000001.jpg", "000001.npy", "000001.txt", "000002.jpg", "000002.txt"]
+    tar = tmp_path / f"{fmt}.tar"
+    subprocess.run(
+        [GNU_TAR, f"--format={fmt}", "--sparse", "-cf", str(tar), "-C", str(sparse_tree), *files],
+        check=True,
+    )
+    with tarfile.open(tar) as ref:  # the reference sees a sparse member where we fail
+        infos = ref.getmembers()
+        assert [m.name for m in infos] == files and infos[1].issparse()
+        expected = [(m.name, m.offset_data, m.size) for m in infos[:1]]
+    with pytest.raises(
+        TarFormatError, match=r"sparse member '000001.npy'.*without --sparse"
+    ) as err:
+        ours(tar)
+    assert expected[0][1] + expected[0][2] <= err.value.offset < infos[1].offset_data
+    assert str(tar) in str(err.value)
+    lenient = scan_tar(tar.read_bytes(), str(tar), strict=False)
+    assert list(zip(lenient.names, lenient.offsets.tolist(), lenient.sizes.tolist())) == expected
+    assert lenient.damage.offset == err.value.offset
+    records = group_records(lenient)
+    assert records.keys == [] and records.dropped_incomplete == 1  # 000001 is incomplete
+
+
+@pytest.mark.parametrize("kind", ["gnu-S", "pax-0.1"])
+def test_crafted_sparse_members_are_refused(kind):
+    first = tarfile.TarInfo("000000.txt")
+    first.size = 3
+    sparse = tarfile.TarInfo("000001.npy")
+    if kind == "gnu-S":
+        sparse.type = tarfile.GNUTYPE_SPARSE
+        fmt = tarfile.GNU_FORMAT
+    else:  # GNU sparse 0.1 in pax records; the ustar type stays regular
+        sparse.pax_headers = {"GNU.sparse.size": "4096", "GNU.sparse.map": "0,0"}
+        fmt = tarfile.PAX_FORMAT
+    data = first.tobuf(fmt, "utf-8", "surrogateescape") + b"abc".ljust(512, b"\0")
+    header_at = len(data)
+    data += sparse.tobuf(fmt, "utf-8", "surrogateescape") + bytes(1024)
+    with pytest.raises(TarFormatError, match="sparse member '000001.npy'") as err:
+        scan_tar(data, "s.tar")
+    assert header_at <= err.value.offset < len(data) - 1024
+    assert scan_tar(data, "s.tar", strict=False).names == ["000000.txt"]
+
+
+def test_solaris_extended_header_is_read_like_pax(tmp_path, tarfile_members):
+    """Type 'X' is the Solaris / star spelling of a pax extended header ('x')."""
+    path = write_tar(
+        tmp_path / "x.tar",
+        [("ünï/" + "p" * 120 + ".jpg", payload(4)), ("000001.txt", b"cap")],
+        tarfile.PAX_FORMAT,
+    )
+    data = bytearray(path.read_bytes())
+    assert data[156:157] == b"x"  # the first member's pax header
+    data[156:157] = b"X"
+    path.write_bytes(_with_checksum(data[:512]) + bytes(data[512:]))
+    expected = tarfile_members(path)  # tarfile reads 'X' as a pax header too
+    assert expected[0][0].startswith("ünï/p")
+    assert ours(path) == expected
+    assert scan_tar(memoryview(path.read_bytes()), "x").names == [m[0] for m in expected]
+
+
+def test_skipped_links_are_named_with_their_long_names():
+    out = io.BytesIO()
+    long_name = "d" * 120 + "/000002.jpg"
+    for name, kind in [("000001.jpg", tarfile.REGTYPE), (long_name, tarfile.LNKTYPE)]:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.linkname = "000001.jpg" if kind == tarfile.LNKTYPE else ""
+        info.size = 3 if kind == tarfile.REGTYPE else 0
+        out.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        if kind == tarfile.REGTYPE:
+            out.write(b"abc".ljust(512, b"\0"))
+    index = scan_tar(out.getvalue() + bytes(1024), "l.tar")
+    assert index.names == ["000001.jpg"] and index.skipped == [long_name]
+
+
+def test_data_after_the_end_beyond_the_first_mebibyte():
+    """The search for data after the end-of-archive blocks reads the rest chunk by chunk."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("000001.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    first = out.getvalue()
+    for extra in (0, 1, (1 << 20) - len(first), (3 << 20) + 77):
+        data = first + bytes(extra) + b"\x01" + bytes(600)
+        assert scan_tar(data, "x").data_after_end == len(first) + extra
+    assert scan_tar(first + bytes(3 << 20), "x").data_after_end is None
+
+
+# --- members in no record, names that are not UTF-8 ------------------------------------------
+
+
+def test_members_in_no_record_are_left_out(tmp_path):
+    """macOS tar stores extended attributes as '._NAME' members before each file; webdataset
+    and wds2idx ignore them, and members without an extension."""
+    members = [
+        ("._000001.jpg", b"apple double"),
+        ("000001.jpg", b"img"),
+        ("._000001.txt", b"apple double"),
+        ("000001.txt", b"cap"),
+        ("README", b"no extension"),
+        ("dir/._000002.jpg", b"apple double"),
+        ("dir/000002.jpg", b"img 2"),
+    ]
+    path = write_tar(tmp_path / "mac.tar", members)
+    records = group_records(scan_tar(path.read_bytes(), str(path)))
+    assert records.keys == ["000001", "dir/000002"]
+    assert records.members.names == ["000001.jpg", "000001.txt", "dir/000002.jpg"]
+    assert records.ignored == ["._000001.jpg", "._000001.txt", "README", "dir/._000002.jpg"]
+    expected = {n: o for n, o, _ in ours(path)}
+    assert records.members.offsets.tolist() == [expected[n] for n in records.members.names]
+    assert records.stops.tolist() == [2, 3]
+    assert [records.members.names[i] for i in records.image_member] == [
+        "000001.jpg",
+        "dir/000002.jpg",
+    ]
+
+
+def _latin1_tar(keys: list[str], *, cut: int | None = None) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
+        for key in keys:
+            for ext, data in (("jpg", payload(5)), ("txt", key.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return out.getvalue() if cut is None else out.getvalue()[:cut]
+
+
+def test_non_utf8_names_lenient_drop_their_records():
+    data = _latin1_tar(["k1", "café", "k3", "ünï", "k5"])
+    index = scan_tar(data, "latin.tar")
+    with tarfile.open(fileobj=io.BytesIO(data), encoding="latin-1") as ref:
+        bad_offset = next(m.offset_data for m in ref.getmembers() if m.name == "café.jpg")
+    with pytest.raises(TarFormatError, match="not UTF-8") as err:
+        group_records(index)
+    assert err.value.offset == bad_offset
+    records = group_records(index, strict=False)
+    assert records.keys == ["k1", "k3", "k5"]
+    assert records.undecodable == 2 and records.undecodable_offset == bad_offset
+    assert records.members.names == ["k1.jpg", "k1.txt", "k3.jpg", "k3.txt", "k5.jpg", "k5.txt"]
+    assert records.ignored == [] and records.dropped_incomplete == 0
+
+
+def test_non_utf8_name_in_no_record_is_only_ignored():
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
+        for name in ("._café.jpg", "k1.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            t.addfile(info, io.BytesIO(b"x"))
+    records = group_records(scan_tar(out.getvalue(), "x.tar"))  # strict: no error
+    assert records.keys == ["k1"] and records.ignored == ["._caf\udce9.jpg"]
+
+
+def test_non_utf8_record_cut_by_damage_counts_once():
+    whole = _latin1_tar(["k1", "k2", "café"])
+    with tarfile.open(fileobj=io.BytesIO(whole), encoding="latin-1") as ref:
+        txt = ref.getmembers()[-1]
+    index = scan_tar(whole[: txt.offset_data + 1], "cut.tar", strict=False)  # in café.txt
+    assert index.damage is not None and index.names[-1] == "caf\udce9.jpg"
+    records = group_records(index, strict=False)
+    assert records.keys == ["k1", "k2"]  # k2 is complete: café was in progress at the damage
+    assert records.dropped_incomplete == 1 and records.undecodable == 0

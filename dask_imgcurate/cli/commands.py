@@ -51,23 +51,28 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.call_on_close(_setup_logging(verbose))
 
 
-def _write_index(job: tuple[str, dict | None]) -> tuple[str, str | None]:
+def _write_index(job: tuple[str, dict | None]) -> tuple[str | None, str | None, list[str]]:
     """Write one shard's .idx (module level, so a worker process can run it): its path, or
-    None and why not."""
-    from dask_imgcurate.io import write_dali_index
+    None and why not; and what is suspect about the shard."""
+    from dask_imgcurate.io.shards import write_dali_index_noting
 
     tar, options = job
     try:
-        return write_dali_index(tar, storage_options=options), None
+        idx, notes = write_dali_index_noting(tar, storage_options=options)
     except (CurateError, OSError) as err:  # a damaged or unreadable shard: the others go on
-        return None, _one_line(err)
+        return None, _one_line(err), []
+    return idx, None, [_one_line(message) for message, _ in notes]
 
 
 @main.command()
 @click.argument("path")
 @storage_option
 def index(path: str, storage_options: str | None) -> None:
-    """Write a DALI .idx beside every .tar shard of PATH (a directory, glob or tar)."""
+    """Write a DALI .idx beside every .tar shard of PATH (a directory, glob or tar).
+
+    Damaged shards are named and not indexed (exit 1); suspect ones (cut between records,
+    data after their end, members ignored or links skipped) are indexed with a warning.
+    """
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -97,12 +102,18 @@ def index(path: str, storage_options: str | None) -> None:
                 disable=not _show_progress(),
             )
         )
-    done = [idx for idx, _ in written if idx is not None]
-    failed = [(job[0], why) for job, (idx, why) in zip(jobs, written) if idx is None]
+    done = [idx for idx, _, _ in written if idx is not None]
+    failed = [(job[0], why) for job, (idx, why, _) in zip(jobs, written) if idx is None]
+    suspect = [notes for _, _, notes in written if notes]
     rows = {"shards indexed": len(done)}
+    if suspect:
+        rows["with warnings"] = len(suspect)
     if done:
         rows.update(first=done[0], last=done[-1])
     _table(rows)
+    for notes in suspect:
+        for note in notes:
+            click.echo(f"warning: {note}", err=True)
     if failed:
         for tar, why in failed:
             click.echo(
@@ -120,6 +131,8 @@ def inspect(path: str, storage_options: str | None, rows: int, lenient: bool) ->
     """Shards, records, columns, sizes and damage of the dataset at PATH."""
     import dask
 
+    from dask_imgcurate.errors import ShardNotice
+
     options = _storage_options(storage_options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -129,7 +142,8 @@ def inspect(path: str, storage_options: str | None, rows: int, lenient: bool) ->
             "per_shard": frame.map_partitions(len),
             "image_bytes": frame["_image_size"].clip(lower=0).sum(),
             "no_image": (frame["_image_size"] < 0).sum(),
-            "head": frame.head(rows, npartitions=-1, compute=False),
+            # not frame.head(npartitions=-1): dask reads the partitions again for that
+            "head": frame.map_partitions(_first_rows, rows, meta=frame._meta),
         }
         if "error" in frame.columns:
             tasks["errors"] = frame["error"].count()  # non-null
@@ -141,11 +155,16 @@ def inspect(path: str, storage_options: str | None, rows: int, lenient: bool) ->
         with bar:
             (result,) = dask.compute(tasks, scheduler="threads")
     # a shard's damage is reported each time it is read: once per message is enough
-    is_damage = [issubclass(w.category, ShardWarning) for w in caught]
-    damaged = list(dict.fromkeys(str(w.message) for w, d in zip(caught, is_damage) if d))
-    other = [w for w, d in zip(caught, is_damage) if not d]
-    for w in other:  # not the damage reports: show them as usual
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    shard_warnings = [w for w in caught if issubclass(w.category, ShardWarning)]
+    damaged = list(
+        dict.fromkeys(str(w.message) for w in shard_warnings if w.category is not ShardNotice)
+    )
+    notices = list(
+        dict.fromkeys(str(w.message) for w in shard_warnings if w.category is ShardNotice)
+    )
+    for w in caught:  # not about the shards: show them as usual
+        if not issubclass(w.category, ShardWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     fs = ds.fs
     sizes = [fs.size(s.tar) for s in ds.shards]
     per_shard = list(result["per_shard"])
@@ -161,7 +180,11 @@ def inspect(path: str, storage_options: str | None, rows: int, lenient: bool) ->
         summary["records with errors"] = int(result["errors"])
     summary["tar bytes"] = f"{sum(sizes) / 1e6:.1f} MB"
     summary["image bytes"] = f"{int(result['image_bytes']) / 1e6:.1f} MB"
-    summary["damaged shards"] = len(damaged)
+    summary["damaged shards"] = sum(
+        any(line.startswith(f"{tar}: ") for line in damaged) for tar in ds.tar_files
+    )
+    if notices:
+        summary["shard warnings"] = len(notices)
     _table(summary)
     if len(per_shard) == len(ds.shards):
         click.echo("\nshards:")
@@ -175,10 +198,16 @@ def inspect(path: str, storage_options: str | None, rows: int, lenient: bool) ->
         click.echo(f"  {name:<24} {dtype}")
     for line in damaged:
         click.echo(f"damage: {line}")
-    head = result["head"]
+    for line in notices:
+        click.echo(f"warning: {line}")
+    head = result["head"].head(rows)
     if rows and len(head):
         visible = [c for c in head.columns if not c.startswith("_")]
         click.echo("\n" + head[visible].to_string(max_colwidth=40))
+
+
+def _first_rows(part, rows: int):
+    return part.head(rows)
 
 
 def _basename(path: str) -> str:

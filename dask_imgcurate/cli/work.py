@@ -173,6 +173,8 @@ def _with_keep(dataset, config: CurateConfig):
         ("aesthetic_score", "--min-aesthetic", config.min_aesthetic),
         ("nsfw_score", "--max-nsfw", config.max_nsfw),
     ):
+        if threshold is not None and threshold != threshold:  # NaN: every comparison False
+            raise ValueError(f"{flag} must be a number, not {threshold}")
         if threshold is not None and column not in meta.columns:
             raise KeyError(
                 f"{flag}: the metadata has no {column!r} column; run `dask-imgcurate embed` "
@@ -185,13 +187,18 @@ def _with_keep(dataset, config: CurateConfig):
         verdict = meta["nsfw_score"] < config.max_nsfw
         keep = verdict if keep is None else keep & verdict
     if config.query:
+        from pandas.api.types import is_bool_dtype
+
         query = config.query
         try:
             result = meta._meta.eval(query)
         except Exception as err:  # noqa: BLE001 - pandas raises many kinds
             raise ValueError(f"bad query {query!r}: {_one_line(err)}") from None
-        if getattr(result, "ndim", 0) != 1:
-            raise ValueError(f"bad query {query!r}: it must give one true/false value per row")
+        if getattr(result, "ndim", 0) != 1 or not is_bool_dtype(result.dtype):
+            raise ValueError(
+                f"bad query {query!r}: it must give one true/false value per row (a "
+                f"condition such as 'width >= 256'), not {getattr(result, 'dtype', 'a scalar')}"
+            )
         verdict = meta.map_partitions(_eval_query, query, meta=("keep", bool))
         keep = verdict if keep is None else keep & verdict
     if keep is None:

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import fsspec
 
-from dask_imgcurate.errors import IndexFileError
+from dask_imgcurate.errors import CompressedTarError, IndexFileError, ShardNotice, ShardWarning
 from dask_imgcurate.io import fs as fsio
-from dask_imgcurate.io.dali_index import format_dali_index, parse_dali_index
+from dask_imgcurate.io.dali_index import (
+    TAIL_READ,
+    check_gaps,
+    check_headers,
+    check_tail,
+    format_dali_index,
+    gaps_to_check,
+    members_end,
+    members_to_check,
+    parse_dali_index,
+)
 from dask_imgcurate.io.records import RecordIndex, group_records
-from dask_imgcurate.io.tarindex import scan_tar
+from dask_imgcurate.io.tarindex import BLOCK, TarIndex, scan_tar
 
 log = logging.getLogger(__name__)
 
@@ -30,34 +41,60 @@ class Shard:
         return fsio.basename(self.tar)[: -len(".tar")]
 
 
+_COMPRESSED_SUFFIXES = {
+    ".tar.gz": "gzip",
+    ".tgz": "gzip",
+    ".taz": "gzip",
+    ".tar.bz2": "bzip2",
+    ".tbz": "bzip2",
+    ".tbz2": "bzip2",
+    ".tar.xz": "xz",
+    ".txz": "xz",
+    ".tar.zst": "zstd",
+    ".tar.zstd": "zstd",
+    ".tzst": "zstd",
+    ".tar.lz4": "lz4",
+    ".tar.lzma": "lzma",
+    ".tlz": "lzma",
+    ".tar.z": "compress",
+}
+_EXAMPLES = 3
+
+
 def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> list[Shard]:
-    """Shards under a directory, matching a glob, or listed explicitly; sorted by path."""
+    """Shards under a directory, matching a glob, or listed explicitly; sorted by path.
+
+    A path that exists is used as it is, glob characters and all. A compressed tar
+    (``.tar.gz``, ...) raises ``CompressedTarError`` when named, or when a directory or
+    glob finds no other shards; directories named ``*.tar`` are not shards.
+    """
     if isinstance(path, (list, tuple)):
         tars = [fs._strip_protocol(p) for p in path]
+        listings = _listings(fs, tars)
+        for tar in tars:
+            _check_named(fs, tar, listings[_parent(tar)].get(tar))
     else:
         path = fs._strip_protocol(path)
         with fsio.storage_errors(fs, path):  # object stores: one line naming the bucket
-            if any(ch in path for ch in "*?["):
-                tars = fs.glob(path)
-            elif path.endswith(".tar") and fs.isfile(path):
-                tars = [path]
+            if fs.isfile(path):
+                _check_named(fs, path, "file")
+                found = {path: "file"}
             elif fs.isdir(path):
-                tars = [p for p in fs.ls(path, detail=False) if p.endswith(".tar")]
+                found = {info["name"]: info["type"] for info in fs.ls(path, detail=True)}
+            elif any(ch in path for ch in "*?["):
+                found = {name: info["type"] for name, info in fs.glob(path, detail=True).items()}
             else:
-                raise FileNotFoundError(f"no such file or directory: {path}")
-    tars = sorted(t for t in tars if t.endswith(".tar"))
-    siblings: set[str] = set()
-    for directory in {t.rsplit("/", 1)[0] if "/" in t else "" for t in tars}:
-        with fsio.storage_errors(fs, directory or "."):
-            siblings.update(fs.ls(directory or ".", detail=False))
-    if isinstance(path, (list, tuple)):  # listed explicitly: each must exist
-        missing = [t for t in tars if t not in siblings]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise FileNotFoundError(f"no such shard: {fsio.qualify(fs, missing[0])}{more}")
+                raise FileNotFoundError(f"no such file or directory: {fsio.qualify(fs, path)}")
+        files = [name for name, kind in found.items() if kind == "file"]
+        tars = [name for name in files if name.endswith(".tar")]
+        if not tars:
+            compressed = sorted(name for name in files if _compression(name))
+            if compressed:
+                raise _compressed_error(fs, compressed[0], len(compressed) - 1)
+        listings = _listings(fs, tars)
     shards = []
-    for tar in tars:
-        stem = tar[: -len(".tar")]
+    for tar in sorted(tars):
+        stem, siblings = tar[: -len(".tar")], listings[_parent(tar)]
         shards.append(
             Shard(
                 tar=tar,
@@ -68,26 +105,177 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
     return shards
 
 
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _listings(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, dict[str, str]]:
+    """``{directory: {path: type}}`` for the directories of ``paths`` (one listing each)."""
+    listings = {}
+    for directory in {_parent(p) for p in paths}:
+        with fsio.storage_errors(fs, directory or "."):
+            entries = fs.ls(directory or ".", detail=True)
+        listings[directory] = {info["name"]: info["type"] for info in entries}
+    return listings
+
+
+def _check_named(fs: fsspec.AbstractFileSystem, path: str, kind: str | None) -> None:
+    """Raise unless ``path``, named as a shard, is a ``.tar`` file (``kind``: its type)."""
+    url = fsio.qualify(fs, path)
+    if kind is None:
+        raise FileNotFoundError(f"no such shard: {url}")
+    if kind != "file":
+        raise IsADirectoryError(f"{url}: is a directory, not a .tar shard")
+    if _compression(path):
+        raise _compressed_error(fs, path)
+    if not path.endswith(".tar"):
+        raise ValueError(f"{url}: not a .tar shard (shards are uncompressed .tar files)")
+
+
+def _compression(path: str) -> str | None:
+    lower = path.lower()
+    return next((k for suffix, k in _COMPRESSED_SUFFIXES.items() if lower.endswith(suffix)), None)
+
+
+def _compressed_error(
+    fs: fsspec.AbstractFileSystem, path: str, more: int = 0
+) -> CompressedTarError:
+    others = f" (and {more} more)" if more else ""
+    return CompressedTarError(
+        f"{fsio.qualify(fs, path)}{others}: this shard is {_compression(path)}-compressed; "
+        f"dask_imgcurate reads members by byte range and needs an uncompressed .tar "
+        f"(decompress it first)"
+    )
+
+
 def index_shard(
     fs: fsspec.AbstractFileSystem, shard: Shard, *, strict: bool = True, use_idx: bool = True
 ) -> RecordIndex:
-    """Records of a shard, from its ``.idx`` when present and valid, else by scanning."""
+    """Records of a shard, from its ``.idx`` when present and consistent with the tar,
+    else by scanning the tar (an ``.idx`` not used is reported as a ``ShardNotice``)."""
     source = fsio.qualify(fs, shard.tar)
     if use_idx and shard.idx is not None:
         try:
             text = fsio.read_bytes(fs, shard.idx).decode("utf-8")
-            members = parse_dali_index(text, source, tar_size=fs.size(shard.tar))
-            return group_records(members)
+            tar_size = fs.size(shard.tar)
+            members = parse_dali_index(text, source, tar_size=tar_size)
+            members = _checked_against_tar(fs, shard.tar, members, tar_size)
+            return group_records(members, strict=strict)
         except (IndexFileError, UnicodeDecodeError) as err:
-            log.warning("ignoring index %s (%s); scanning the tar instead", shard.idx, err)
+            why = str(err).removeprefix(f"{source}: ")
+            warnings.warn(
+                f"{source}: ignoring its index {fsio.qualify(fs, shard.idx)} ({why}); "
+                f"scanning the tar instead: rewrite the index with write_dali_index or "
+                f"`dask-imgcurate index`",
+                ShardNotice,
+                stacklevel=2,
+            )
     with fsio.open_buffer(fs, shard.tar) as buffer:
-        return group_records(scan_tar(buffer, source, strict=strict))
+        return group_records(scan_tar(buffer, source, strict=strict), strict=strict)
+
+
+def _checked_against_tar(
+    fs: fsspec.AbstractFileSystem, tar: str, members: TarIndex, tar_size: int
+) -> TarIndex:
+    """``members`` (from an index) with the tar's end state, once a few of their headers and
+    the bytes after the last one, read in one batch, agree; else ``IndexFileError``."""
+    rows, gaps = members_to_check(members), gaps_to_check(members)
+    end = members_end(members)
+    tail = max(0, min(tar_size, end + TAIL_READ) - end)
+    starts = [*(members.offsets[rows] - BLOCK).tolist(), *gaps.tolist()]
+    blocks = fsio.read_ranges(fs, tar, [*starts, end], [BLOCK] * len(starts) + [tail])
+    try:
+        problem = check_headers(members, rows, blocks[: len(rows)])
+        problem = problem or check_gaps(gaps, blocks[len(rows) : -1])
+        if problem is not None:
+            raise IndexFileError(problem)
+        state = check_tail(blocks[-1], end, tar_size, members.source)
+        if state is None:  # a long tail (concatenated tars?): read all of it
+            state = check_tail(fsio.read_range(fs, tar, end, tar_size), end, tar_size)
+    except IndexFileError as err:
+        raise IndexFileError(f"it does not describe the tar: {err}") from None
+    members.ends_marked, members.data_after_end = state
+    return members
+
+
+def shard_notes(records: RecordIndex) -> list[tuple[str, type[Warning]]]:
+    """What is suspect about a shard read as ``records`` (its damage apart): one message
+    each, with its warning category."""
+    members, source = records.members, records.members.source
+    notes: list[tuple[str, type[Warning]]] = []
+    if members.data_after_end is not None:
+        notes.append(
+            (
+                f"{source}: data follows its end-of-archive blocks (from byte offset "
+                f"{members.data_after_end}; concatenated tars?) and is ignored, as tar "
+                f"readers ignore it: only the {len(records)} records before them are read",
+                ShardWarning,
+            )
+        )
+    if not members.ends_marked:
+        notes.append(
+            (
+                f"{source}: ends after {len(members)} members without the end-of-archive "
+                f"blocks tar writers add when they finish: it may have been cut short between "
+                f"records (an interrupted write or download); its {len(records)} records are "
+                f"kept",
+                ShardWarning,
+            )
+        )
+    if records.undecodable:
+        notes.append(
+            (
+                f"{source}: dropped {records.undecodable} records whose member names are not "
+                f"UTF-8 (the first one's data starts at byte offset "
+                f"{records.undecodable_offset}); kept the other {len(records)} records",
+                ShardWarning,
+            )
+        )
+    if records.ignored:
+        notes.append(
+            (
+                f"{source}: ignored {len(records.ignored)} members that belong to no record "
+                f"(a basename without an extension or starting with a dot, such as macOS "
+                f"'._' files), as WebDataset readers ignore them: {_examples(records.ignored)}",
+                ShardNotice,
+            )
+        )
+    if members.skipped:
+        notes.append(
+            (
+                f"{source}: skipped {len(members.skipped)} links or other members that are "
+                f"not regular files (links are not followed: their records are read without "
+                f"them): {_examples(members.skipped)}",
+                ShardNotice,
+            )
+        )
+    return notes
+
+
+def _examples(names: list[str]) -> str:
+    shown = ", ".join(repr(name) for name in names[:_EXAMPLES])
+    return shown + (", ..." if len(names) > _EXAMPLES else "")
 
 
 def write_dali_index(
     tar_path: str, idx_path: str | None = None, storage_options: dict | None = None
 ) -> str:
-    """Write a DALI v1.2 ``.idx`` for ``tar_path`` (default: beside it); return its path."""
+    """Write a DALI v1.2 ``.idx`` for ``tar_path`` (default: beside it); return its path.
+
+    What is suspect about the shard (cut between records, data after its end, members
+    ignored or skipped) is reported as a ``ShardWarning`` each, as loading reports it.
+    """
+    idx, notes = write_dali_index_noting(tar_path, idx_path, storage_options)
+    for message, category in notes:
+        warnings.warn(message, category, stacklevel=2)
+    return idx
+
+
+def write_dali_index_noting(
+    tar_path: str, idx_path: str | None = None, storage_options: dict | None = None
+) -> tuple[str, list[tuple[str, type[Warning]]]]:
+    """``write_dali_index``, returning the warnings (``shard_notes``) instead of issuing
+    them: ``(path, [(message, category), ...])``."""
     fs, tar = fsio.url_to_fs(tar_path, storage_options)
     if idx_path is None:
         idx = tar[: -len(".tar")] + ".idx" if tar.endswith(".tar") else tar + ".idx"
@@ -96,4 +284,4 @@ def write_dali_index(
     records = index_shard(fs, Shard(tar=tar), use_idx=False)
     with fsio.atomic_write(fs, idx) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(format_dali_index(records))
-    return fsio.qualify(fs, idx)
+    return fsio.qualify(fs, idx), shard_notes(records)

@@ -2,9 +2,10 @@
 
 ``scan_tar`` walks header blocks in a bytes-like buffer (an ``mmap`` of a local file, or
 the bytes of a remote one) and jumps over each payload by its size. It understands ustar,
-GNU long names (``L``) and pax extended headers (``x``; ``path`` and ``size``). Header
-checksums are verified for all headers at once with numpy after the walk, so the walk
-itself stays a tight loop.
+GNU long names (``L``) and pax extended headers (``x``, and Solaris ``X``; ``path`` and
+``size``). Sparse members (GNU ``S``, pax ``GNU.sparse.*``) cannot be copied by byte range:
+they are damage. Header checksums are verified for all headers at once with numpy after
+the walk, so the walk itself stays a tight loop.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ _ZERO_BLOCK = bytes(BLOCK)
 _HEADER = struct.Struct("100s24x12s20xc100x8s80xc")
 _REGULAR = (b"0", b"\x00", b"7")
 _PLAIN_TYPES = frozenset((ord("0"), 0, ord("7")))
-_SKIPPED_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K", b"V", b"M", b"S", b"D")
+_EXTENDED = (b"x", b"X")  # pax extended header (X: the Solaris / star spelling)
+# Not regular files: links, devices, FIFOs, multi-volume continuations (listed in
+# ``TarIndex.skipped``); directories, global headers, volume labels and long link names
+# (skipped quietly)
+_SKIPPED_TYPES = (b"1", b"2", b"3", b"4", b"6", b"M")
+_QUIET_TYPES = (b"5", b"D", b"g", b"K", b"V")
 _USTAR = b"ustar\x0000"
 
 
@@ -42,6 +48,7 @@ class TarIndex:
     offsets: np.ndarray
     sizes: np.ndarray
     damage: TarFormatError | None = None
+    # links and other special files, which are not regular files and are not read
     skipped: list[str] = field(default_factory=list)
     # False when the data stops after a member without the end-of-archive blocks every tar
     # writer adds when it finishes: a write or download may have been cut between members
@@ -151,6 +158,9 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
             if typeflag in _REGULAR:
                 if pending:
                     name = long_name if long_name is not None else pax.get("path")
+                    if any(key.startswith("GNU.sparse.") for key in pax):
+                        real = pax.get("GNU.sparse.name") or name or _text(name_b)
+                        raise _sparse(source, pos, real)
                     long_name, pax, pending = None, {}, False
                 else:
                     name = None
@@ -164,16 +174,19 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
                 add_name(name)
                 add_offset(data)
                 add_size(size)
-            elif typeflag == b"x":
+            elif typeflag in _EXTENDED:
                 pax = parse_pax(bytes(buffer[data : data + size]))
                 pending = True
             elif typeflag == b"L":
                 long_name = _text(bytes(buffer[data : data + size]))
                 pending = True
             elif typeflag in _SKIPPED_TYPES:
-                if typeflag not in (b"g", b"K", b"5"):
-                    skipped.append(_text(name_b))
+                skipped.append(long_name or pax.get("path") or _text(name_b))
                 long_name, pax, pending = None, {}, False
+            elif typeflag in _QUIET_TYPES:
+                long_name, pax, pending = None, {}, False
+            elif typeflag == b"S":
+                raise _sparse(source, pos, long_name or pax.get("path") or _text(name_b))
             else:
                 raise TarFormatError(source, pos, f"corrupt tar header (type {typeflag!r})")
             pos = data + ((size + BLOCK - 1) & ~(BLOCK - 1))
@@ -203,7 +216,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
         damage=damage,
         skipped=skipped,
         ends_marked=ends_marked or damage is not None,
-        data_after_end=data_after_end,
+        data_after_end=data_after_end if damage is None else None,
     )
 
 
@@ -215,13 +228,29 @@ _COMPRESSED_MAGIC = {
 }
 
 
+def _sparse(source: str, pos: int, name: str | None) -> TarFormatError:
+    return TarFormatError(
+        source,
+        pos,
+        f"sparse member {name!r} (cannot be read by byte range; re-create the tar without "
+        f"--sparse)",
+    )
+
+
+_CHUNK = 1 << 20
+
+
 def _data_after(buffer, end: int) -> int | None:
-    """The offset of the first non-zero byte after ``end`` (the end-of-archive blocks and
-    the zero padding to the tar's record size), or None."""
-    rest = np.frombuffer(buffer, dtype=np.uint8, offset=end)
-    nonzero = np.flatnonzero(rest)
-    found = end + int(nonzero[0]) if len(nonzero) else None
-    del rest  # release the buffer export so an mmap can be closed
+    """The offset of the first non-zero byte from ``end`` on (past the end-of-archive
+    blocks and the zero padding to the tar's record size), or None; reads 1 MiB at a time."""
+    view = np.frombuffer(buffer, dtype=np.uint8)
+    found = None
+    for start in range(end, len(view), _CHUNK):
+        nonzero = np.flatnonzero(view[start : start + _CHUNK])
+        if len(nonzero):
+            found = start + int(nonzero[0])
+            break
+    del view  # release the buffer export so an mmap can be closed
     return found
 
 
@@ -251,7 +280,7 @@ def _walk_plain(buffer, pos: int, end: int, header_starts: list[int], sizes: lis
         except ValueError:
             break
         data = pos + BLOCK
-        if data + size > end:
+        if size < 0 or data + size > end:  # int() accepts a sign: "-0000001130"
             break
         add_header(pos)
         add_size(size)
@@ -283,7 +312,15 @@ def _verify_checksums(headers: np.ndarray, header_starts: list[int], source: str
     """Check every header's checksum in one vectorised pass; raise at the first bad one."""
     if not header_starts:
         return
-    starts = np.asarray(header_starts, dtype=np.int64)
+    bad = bad_checksums(headers)
+    if len(bad):
+        starts = np.asarray(header_starts, dtype=np.int64)
+        raise TarFormatError(source, int(starts[bad[0]]), "corrupt tar header (bad checksum)")
+
+
+def bad_checksums(headers: np.ndarray) -> np.ndarray:
+    """Rows of ``headers`` (uint8, one 512-byte header block each) whose checksum field
+    matches neither the unsigned nor the (old writers') signed byte sum."""
     chk = headers[:, 148:156].astype(np.int64)
     expected = np.zeros(len(headers), dtype=np.int64)
     is_digit = (chk >= 48) & (chk <= 55)
@@ -292,10 +329,7 @@ def _verify_checksums(headers: np.ndarray, header_starts: list[int], source: str
     unsigned = headers.sum(axis=1, dtype=np.uint32).astype(np.int64) - chk.sum(axis=1) + 8 * 32
     mismatch = np.flatnonzero(expected != unsigned)
     if not len(mismatch):
-        return
-    # Some old writers summed signed bytes; accept that variant too.
+        return mismatch
     rows = headers[mismatch].view(np.int8).astype(np.int64)
     signed = rows.sum(axis=1) - rows[:, 148:156].sum(axis=1) + 8 * 32
-    bad = mismatch[expected[mismatch] != signed]
-    if len(bad):
-        raise TarFormatError(source, int(starts[bad[0]]), "corrupt tar header (bad checksum)")
+    return mismatch[expected[mismatch] != signed]

@@ -80,8 +80,8 @@ def plan_members(rows: pa.Table, new_keys: Sequence[str]) -> MemberPlan:
     record = np.repeat(np.arange(len(lists)), lists.value_lengths().to_numpy())
     shards = pc.dictionary_encode(rows.column("_shard").combine_chunks())
     keys = pa.array(new_keys, pa.string()).take(record)
-    ext = split_keys(flat.field("name"))[1]
-    names = pc.if_else(pc.equal(ext, ""), keys, pc.binary_join_element_wise(keys, ext, "."))
+    ext = pc.fill_null(split_keys(flat.field("name"))[1], "")
+    names = pc.binary_join_element_wise(keys, ext, ".")  # "key." stays a member of "key"
     return MemberPlan(
         sources=shards.dictionary.to_pylist(),
         source=shards.indices.to_numpy()[record],
@@ -207,11 +207,9 @@ def record_spans(rows: pa.Table, key_bytes: np.ndarray) -> np.ndarray:
     when written under a key of ``key_bytes[i]`` UTF-8 bytes, as ``plan_members`` names it."""
     lists, flat = _flat_members(rows)
     counts = lists.value_lengths().to_numpy()
-    ext = split_keys(flat.field("name"))[1]
+    ext = pc.fill_null(split_keys(flat.field("name"))[1], "")
     ext_bytes = pc.binary_length(ext.cast(pa.binary())).to_numpy(zero_copy_only=False)
-    name_bytes = np.repeat(np.asarray(key_bytes, dtype=np.int64), counts) + np.where(
-        ext_bytes > 0, ext_bytes + 1, 0
-    )
+    name_bytes = np.repeat(np.asarray(key_bytes, dtype=np.int64), counts) + ext_bytes + 1
     header_at, tar_size = tar_layout(header_lengths(name_bytes), flat.field("size").to_numpy())
     record_at = header_at[np.cumsum(counts) - counts]  # each record's first header
     return np.diff(record_at, append=tar_size - len(END_OF_ARCHIVE))

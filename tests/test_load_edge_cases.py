@@ -1,0 +1,279 @@
+"""Loading unusual but real tars with ``from_webdataset``: members in no record, links,
+sparse files, names that are not UTF-8, huge JSON integers, awkward paths.
+
+Every tar is real bytes written by ``tarfile`` or GNU ``tar``; expectations come from the
+``webdataset`` library or ``tarfile`` where they can.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import warnings
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from compute_helpers import count_indexing, write_tar
+
+from dask_imgcurate import ImageTextPairDataset
+from dask_imgcurate.errors import CompressedTarError, ShardNotice, ShardWarning, TarFormatError
+
+GNU_TAR = shutil.which("tar")
+needs_gnu_tar = pytest.mark.skipif(GNU_TAR is None, reason="GNU tar not installed")
+IMAGE = bytes(range(256)) * 5  # the loader never decodes: any bytes do
+
+
+def records(keys, extra=()) -> list[tuple[str, bytes]]:
+    """jpg + txt members per key (and ``extra`` (ext, bytes) members)."""
+    out = []
+    for key in keys:
+        out += [(f"{key}.jpg", IMAGE), (f"{key}.txt", f"caption {key}".encode())]
+        out += [(f"{key}.{ext}", data) for ext, data in extra]
+    return out
+
+
+def load(path, **kwargs):
+    return ImageTextPairDataset.from_webdataset(
+        path if isinstance(path, list) else str(path), backend="pandas", **kwargs
+    )
+
+
+def frame_and_warnings(path, **kwargs):
+    """The computed frame and the warnings of the compute alone (not of the loading)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = load(path, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = dataset.metadata.compute()
+    return frame, caught
+
+
+def webdataset_keys(tar: Path) -> list[tuple[str, list[str]]]:
+    wds = pytest.importorskip("webdataset")
+    dataset = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)
+    return [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in dataset]
+
+
+# --- members in no record -------------------------------------------------------------------
+
+
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(100)
+
+
+def test_macos_dot_files_belong_to_no_record(tmp_path):
+    """bsdtar on macOS writes an AppleDouble '._NAME' member before each file; webdataset
+    (and DALI's wds2idx) ignore them. So do we, with one warning per shard."""
+    members = []
+    for key in ("000001", "000002"):
+        for name, data in records([key]):
+            members += [(f"._{name}", APPLE_DOUBLE), (name, data)]
+    members.append(("README", b"a member without extension"))
+    tar = write_tar(tmp_path / "ds" / "00000.tar", members)
+    assert webdataset_keys(tar) == [("000001", ["jpg", "txt"]), ("000002", ["jpg", "txt"])]
+
+    frame, caught = frame_and_warnings(tmp_path / "ds")
+    assert list(frame["key"]) == ["000001", "000002"]
+    assert list(frame["_image_member"]) == ["000001.jpg", "000002.jpg"]
+    assert list(frame["caption"]) == ["caption 000001", "caption 000002"]
+    assert [[m["name"] for m in ms] for ms in frame["_members"]] == [
+        ["000001.jpg", "000001.txt"],
+        ["000002.jpg", "000002.txt"],
+    ]
+    assert len(caught) == 1 and caught[0].category is ShardNotice
+    message = str(caught[0].message)
+    assert message.startswith(f"{tar}: ignored 5 members that belong to no record")
+    assert "'._000001.jpg', '._000001.txt', '._000002.jpg', ..." in message
+
+    # a sidecar Parquet with the real records' ids is no mismatch
+    pq.write_table(
+        pa.table({"key": ["000001", "000002"], "url": ["u1", "u2"]}), tar.with_suffix(".parquet")
+    )
+    with pytest.warns(ShardNotice):
+        frame = load(tmp_path / "ds").metadata.compute()
+    assert list(frame["url"]) == ["u1", "u2"]
+
+
+# --- links ------------------------------------------------------------------------------------
+
+
+@needs_gnu_tar
+def test_hard_links_are_reported_not_followed(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "000001.jpg").write_bytes(IMAGE)
+    os.link(src / "000001.jpg", src / "000002.jpg")  # GNU tar stores a hard link ('1')
+    os.symlink("000001.jpg", src / "000003.jpg")
+    for key in ("000001", "000002", "000003"):
+        (src / f"{key}.txt").write_text(f"caption {key}")
+    (tmp_path / "ds").mkdir()
+    tar = tmp_path / "ds" / "00000.tar"
+    subprocess.run([GNU_TAR, "--sort=name", "-cf", str(tar), "-C", str(src), "."], check=True)
+    with tarfile.open(tar) as ref:
+        kinds = {m.name: m.type for m in ref.getmembers()}
+    assert kinds["./000002.jpg"] == tarfile.LNKTYPE and kinds["./000003.jpg"] == tarfile.SYMTYPE
+
+    frame, caught = frame_and_warnings(tmp_path / "ds")
+    assert list(frame["key"]) == ["./000001", "./000002", "./000003"]
+    assert list(frame["_image_member"].isna()) == [False, True, True]
+    assert [w.category for w in caught] == [ShardNotice]
+    message = str(caught[0].message)
+    assert message.startswith(f"{tar}: skipped 2 links or other members")
+    assert "links are not followed" in message and "'./000002.jpg', './000003.jpg'" in message
+
+
+# --- sparse members ---------------------------------------------------------------------------
+
+
+@needs_gnu_tar
+def test_sparse_member_is_damage(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for key in ("000001", "000002", "000003"):
+        (src / f"{key}.jpg").write_bytes(IMAGE)
+        (src / f"{key}.txt").write_text(f"caption {key}")
+    with open(src / "000002.npy", "wb") as f:  # a file with a hole
+        f.truncate(1 << 20)
+        f.write(b"head")
+    (tmp_path / "ds").mkdir()
+    tar = tmp_path / "ds" / "00000.tar"
+    subprocess.run(
+        [GNU_TAR, "--sparse", "--sort=name", "-cf", str(tar), "-C", str(src), "."], check=True
+    )
+    with pytest.raises(TarFormatError, match=r"sparse member './000002.npy'.*without --sparse"):
+        load(tmp_path / "ds").metadata.compute()
+    frame, caught = frame_and_warnings(tmp_path / "ds", strict=False)
+    assert list(frame["key"]) == ["./000001"]  # 000002 is cut by the damage
+    assert [w.category for w in caught] == [ShardWarning]
+    assert "sparse member './000002.npy'" in str(caught[0].message)
+    assert "kept the 1 complete records" in str(caught[0].message)
+
+
+# --- names that are not UTF-8 -----------------------------------------------------------------
+
+
+def test_non_utf8_names_lenient(tmp_path):
+    tar = write_tar(
+        tmp_path / "ds" / "00000.tar",
+        records(["k1", "café", "k3"]),
+        fmt=tarfile.GNU_FORMAT,
+        encoding="latin-1",
+    )
+    with tarfile.open(tar, encoding="latin-1") as ref:
+        offset = next(m.offset_data for m in ref.getmembers() if m.name == "café.jpg")
+    with pytest.raises(TarFormatError, match=f"not UTF-8; its data starts at byte offset {offset}"):
+        load(tmp_path / "ds").metadata.compute()
+
+    frame, caught = frame_and_warnings(tmp_path / "ds", strict=False)
+    assert list(frame["key"]) == ["k1", "k3"]
+    assert [w.category for w in caught] == [ShardWarning]
+    message = str(caught[0].message)
+    assert message.startswith(f"{tar}: dropped 1 records whose member names are not UTF-8")
+    assert f"byte offset {offset}" in message and "kept the other 2 records" in message
+
+    # its sidecar row (whatever the id became) is dropped with it, and said so
+    ids = ["k1", "café", "k3"]
+    pq.write_table(pa.table({"key": ids, "n": [1, 2, 3]}), tar.with_suffix(".parquet"))
+    frame, caught = frame_and_warnings(tmp_path / "ds", strict=False)
+    assert list(frame["n"]) == [1, 3]
+    assert "dropped the 1 sidecar Parquet rows" in str(caught[-1].message)
+
+
+# --- JSON --------------------------------------------------------------------------------------
+
+
+def test_json_integer_beyond_64_bits_is_kept_as_text(tmp_path):
+    big = 18446744073709551557  # an unsigned 64-bit hash, say
+    members = []
+    for key, fields in (("000001", {"phash": big, "w": 1}), ("000002", {"phash": 42, "w": 2})):
+        members += records([key], [("json", json.dumps(fields).encode())])
+    tar = write_tar(tmp_path / "ds" / "00000.tar", members)
+    frame, caught = frame_and_warnings(tmp_path / "ds")
+    assert list(frame["phash"]) == [str(big), "42"]  # JSON text, like mixed types
+    assert list(frame["w"]) == [1, 2]
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f"{tar}: record '000001': .json field 'phash' holds an integer")
+    assert str(big) in message and "kept as JSON text" in message
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+
+def test_paths_with_glob_characters_are_used_literally(tmp_path):
+    write_tar(tmp_path / "laion[en]" / "00000.tar", records(["000001"]))
+    write_tar(tmp_path / "laion[en]" / "00001.tar", records(["000002"]))
+    write_tar(tmp_path / "part?1" / "00000.tar", records(["000003"]))
+    assert len(load(tmp_path / "laion[en]").shards) == 2  # a directory
+    assert len(load(tmp_path / "laion[en]" / "00001.tar").shards) == 1  # a tar
+    assert list(load(tmp_path / "part?1" / "00000.tar").metadata.compute()["key"]) == ["000003"]
+    globbed = load(tmp_path / "laion?en?" / "*.tar")  # what does not exist is a glob
+    assert [Path(s.tar).name for s in globbed.shards] == ["00000.tar", "00001.tar"]
+
+
+def test_compressed_tars_are_refused_by_name(tmp_path):
+    tar = write_tar(tmp_path / "00000.tar", records(["000001"]))
+    gz = tmp_path / "gz" / "00000.tar.gz"
+    gz.parent.mkdir()
+    gz.write_bytes(gzip.compress(tar.read_bytes()))
+    (tmp_path / "gz" / "00001.tgz").write_bytes(gzip.compress(tar.read_bytes()))
+    expected = f"{gz}: this shard is gzip-compressed; .* needs an uncompressed .tar"
+    for path in (gz, [str(gz)]):
+        with pytest.raises(CompressedTarError, match=expected):
+            load(path)
+    with pytest.raises(CompressedTarError, match=rf"{gz} \(and 1 more\): this shard is gzip"):
+        load(gz.parent)  # a directory of compressed tars only
+    with pytest.raises(CompressedTarError, match="gzip-compressed"):
+        load(tmp_path / "gz" / "*")
+    (tmp_path / "00000.tar.zst").write_bytes(b"(\xb5/\xfd not really")
+    with pytest.raises(CompressedTarError, match="00000.tar.zst: this shard is zstd-compressed"):
+        load(tmp_path / "00000.tar.zst")
+    assert len(load(tmp_path).shards) == 1  # beside a .tar, compressed ones are not shards
+
+
+def test_directories_named_like_tars(tmp_path):
+    write_tar(tmp_path / "ds" / "00000.tar", records(["000001"]))
+    (tmp_path / "ds" / "00001.tar").mkdir()  # a directory, not a shard
+    dataset = load(tmp_path / "ds")
+    assert [Path(s.tar).name for s in dataset.shards] == ["00000.tar"]
+    assert list(dataset.metadata.compute()["key"]) == ["000001"]
+    assert len(load(tmp_path / "ds" / "*.tar").shards) == 1
+    with pytest.raises(IsADirectoryError, match=r"00001.tar: is a directory, not a .tar shard"):
+        load([str(tmp_path / "ds" / "00000.tar"), str(tmp_path / "ds" / "00001.tar")])
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):  # named: a directory
+        load(tmp_path / "ds" / "00001.tar")
+    (tmp_path / "notes.txt").write_text("not a shard")
+    with pytest.raises(ValueError, match=r"notes.txt: not a .tar shard"):
+        load(tmp_path / "notes.txt")
+
+
+# --- each shard indexed once per compute ------------------------------------------------------
+
+
+def test_each_shard_is_indexed_once_per_compute(tmp_path, monkeypatch):
+    """A shard's warnings appear once per compute. Without sidecars the first shard is also
+    indexed once when loading (for the schema), silently: the compute reports it."""
+    for i in range(3):
+        tar = write_tar(tmp_path / "ds" / f"0000{i}.tar", records([f"{i}a", f"{i}b"]))
+        data = tar.read_bytes()
+        tar.write_bytes(data[: data.rindex(b"caption") + 512])  # cut between records
+    calls = count_indexing(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShardWarning)
+        dataset = load(tmp_path / "ds")
+    assert calls == ["00000.tar"]
+    for _ in range(2):
+        calls.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert len(dataset.metadata.compute()) == 6
+        assert sorted(calls) == ["00000.tar", "00001.tar", "00002.tar"]
+        shards = sorted(str(w.message).split(": ")[0].rsplit("/", 1)[1] for w in caught)
+        assert shards == ["00000.tar", "00001.tar", "00002.tar"]
+        assert all("ends after 4 members" in str(w.message) for w in caught)
