@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import posixpath
 import uuid
@@ -162,13 +163,19 @@ class ImageTextPairDataset:
                 "rows": pd.Series([], dtype="int64"),
             }
         )
-        try:
-            with dask.config.set({"dataframe.convert-string": False}):
-                fragments = frame.map_partitions(writer, meta=result_meta).compute()
-            return _publish_fragments(out_fs, fragments)
-        except BaseException:
-            writer.remove_fragments()  # best effort: tasks elsewhere may still be writing
-            raise
+        directories = writer.directories(export._input_tars(self)[0])
+        with contextlib.ExitStack() as held:
+            for directory in directories:  # no other writer there meanwhile
+                held.enter_context(fsio.writing_to(out_fs, directory))
+            for directory in directories:  # fragments of an interrupted earlier run
+                fsio.remove_stale_temps(out_fs, directory)
+            try:
+                with dask.config.set({"dataframe.convert-string": False}):
+                    fragments = frame.map_partitions(writer, meta=result_meta).compute()
+                return _publish_fragments(out_fs, fragments)
+            except BaseException:
+                writer.remove_fragments(directories)  # best effort: tasks may still write
+                raise
 
     def to_webdataset(
         self,
@@ -371,19 +378,17 @@ class _MetadataWriter:
         unique = f"{self.run}-part{partition:06d}-{uuid.uuid4().hex[:8]}"
         return fsio.join(directory, f".{name}{fsio.TEMP_MARK}{unique}")
 
-    def remove_fragments(self) -> None:
-        """Remove this run's fragments (after a failure)."""
-        directories = (
-            {self.target}
-            if self.target is not None
-            else {
-                posixpath.dirname(self.fs._strip_protocol(s.tar))
-                for g in self.groups or []
-                for s in g
-            }
-        )
+    def directories(self, input_tars: set[str]) -> list[str]:
+        """Where this writer's files go: the target, or the directories of the tars."""
+        if self.target is not None:
+            return [self.target]
+        return sorted({posixpath.dirname(self.fs._strip_protocol(t)) for t in input_tars})
+
+    def remove_fragments(self, directories: list[str]) -> None:
+        """Remove this run's fragments from ``directories`` (after a failure)."""
         for directory in directories:
             with contextlib.suppress(OSError):
+                self.out_fs.invalidate_cache(directory)  # workers wrote there: not cached
                 for path in self.out_fs.ls(directory, detail=False):
                     if f"{fsio.TEMP_MARK}{self.run}-part" in fsio.basename(path):
                         self.out_fs.rm_file(path)
@@ -399,12 +404,14 @@ def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
                 f"save_metadata: shards {sorted(shards)[:2]} would both be saved as {path}; "
                 f"save each directory's shards separately, or beside their tars (path=None)"
             )
+    for directory in {posixpath.dirname(f) for f in fragments["fragment"]}:
+        fs.invalidate_cache(directory)  # workers wrote the fragments: a cached listing lacks them
     merges, rows = [], []
     for (shard, path), group in fragments.groupby(["shard", "path"], sort=False):
         parts = group["fragment"].tolist()
         target = fs._strip_protocol(path)
         if len(parts) == 1:
-            fs.mv(parts[0], target)
+            fsio.move(fs, parts[0], target)
         else:
             merges.append(dask.delayed(_merge_fragments)(fs, parts, target))
         rows.append({"shard": shard, "path": path, "rows": int(group["rows"].sum())})
@@ -413,15 +420,12 @@ def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
 
 
 def _merge_fragments(fs, fragments: list[str], path: str) -> None:
-    tables = []
-    for fragment in fragments:
-        with fs.open(fragment, "rb") as f:
-            tables.append(pq.read_table(f))
+    tables = [pq.read_table(io.BytesIO(fsio.read_bytes(fs, fragment))) for fragment in fragments]
     with fsio.atomic_write(fs, path) as tmp:
         # a column all null in one fragment is typed null there (pandas object columns)
         pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
     for fragment in fragments:
-        fs.rm_file(fragment)
+        fsio.retry(fs, fragment, lambda fragment=fragment: fs.rm_file(fragment), action="write")
 
 
 __all__ = ["ImageTextPairDataset", "BOOKKEEPING"]

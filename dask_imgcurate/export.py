@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -45,6 +46,7 @@ from dask_imgcurate.io.writer import (
     commit_shard,
     finished,
     job_fingerprint,
+    pieces_present,
     plan_members,
     plan_shards,
     record_spans,
@@ -282,20 +284,19 @@ def _export(
     def check_sources(stats: tuple) -> None:  # the tars a partition's rows come from
         _refuse_input_directory(out_fs, out_root, stats[4])
 
-    # Stream only when every tar the frame reads is known up front (checked above)
-    if client is not None and name_prefix is None and inputs_known:
-        stats, results = _stream(client, stats_tasks, per_shard, submit, verbose, check_sources)
-    else:  # all counts first (and, for deterministic names, every partition's digest)
-        stats = list(dask.compute(*stats_tasks))
-        for s in stats:
-            check_sources(s)
-        if name_prefix is not None:
-            name_prefix([s[3] for s in stats])
-        shards = _plan(stats, per_shard)
-        tasks = submit(shards) if shards else []
-        # A failed or interrupted run may leave temporary files (never final names): the
-        # next run removes them first (here they could race pieces still running elsewhere).
-        results = compute_with_progress(tasks, verbose, "export")
+    with fsio.writing_to(out_fs, out_root):  # no other export there meanwhile
+        # Stream only when every tar the frame reads is known up front (checked above)
+        if client is not None and name_prefix is None and inputs_known:
+            stats, results = _stream(client, stats_tasks, per_shard, submit, verbose, check_sources)
+        else:  # all counts first (and, for deterministic names, every partition's digest)
+            stats = list(dask.compute(*stats_tasks))
+            for s in stats:
+                check_sources(s)
+            if name_prefix is not None:
+                name_prefix([s[3] for s in stats])
+            shards = _plan(stats, per_shard)
+            tasks = submit(shards) if shards else []
+            results = compute_with_progress(tasks, verbose, "export")
     summary.records_in = sum(s[1] for s in stats)
     summary.dropped_for_errors = sum(s[2] for s in stats)
     summary.records_out = sum(len(s[0]) for s in stats)
@@ -579,14 +580,21 @@ def _write_piece(
             f"{tar_tmp}: a piece wrote bytes [{offset}, {end}), the plan said "
             f"[{offset}, {offset + size}) (an inconsistency in dask_imgcurate; please report)"
         )
-    return size
+    return offset
 
 
 def _commit(
-    parts: list[_Selection], slices, n: int, tar_tmp: str, job: _Job, written
+    parts: list[_Selection], slices, n: int, tar_tmp: str, job: _Job, starts: list[int]
 ) -> ShardResult:
-    del written  # a dependency only: every piece is in place
     rows, keys, table, fingerprint = job.shard(parts, slices, n)
+    if not pieces_present(tar_tmp, rows, keys, starts):
+        # A retried piece wrote into a file created anew (its worker died after an earlier
+        # commit renamed the first one into place): write the shard whole here instead.
+        log.warning("%s: not every piece is in it; writing the shard again", tar_tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tar_tmp)
+        tar_tmp = fsio.temp_path(job.out_fs, job.path(n, ".tar"))
+        write_piece(tar_tmp, plan_members(rows, keys), 0, job.source_fs)
     return commit_shard(
         rows,
         keys,

@@ -7,6 +7,7 @@ then the bookkeeping columns in ``BOOKKEEPING``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
@@ -123,9 +124,13 @@ def sidecar_schema(
     (no tar read); None without a sidecar or when the sidecar has no rows."""
     if shard.parquet is None:
         return None
-    with fs.open(shard.parquet, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
+
+    def footer() -> tuple[pa.Schema, int]:
+        with fs.open(shard.parquet, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            return parquet.schema_arrow, parquet.metadata.num_rows
+
+    schema, rows = fsio.retry(fs, shard.parquet, footer)
     if not rows:
         return None
     _check_id_column(fs, shard, id_col, schema.names)
@@ -138,8 +143,7 @@ def sidecar_schema(
 
 
 def _read_sidecar(fs: fsspec.AbstractFileSystem, shard: Shard, id_col: str) -> pa.Table:
-    with fs.open(shard.parquet, "rb") as f:
-        table = pq.read_table(f)
+    table = pq.read_table(io.BytesIO(fsio.read_bytes(fs, shard.parquet)))
     _check_id_column(fs, shard, id_col, table.column_names)
     ids = table.column(id_col).cast(pa.string())
     table = table.set_column(table.column_names.index(id_col), id_col, ids)

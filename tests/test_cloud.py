@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -232,6 +233,33 @@ def test_save_metadata_to_s3(local_data, remote_data, so, s3, heads):  # remote_
     assert sorted(s3.ls(src, detail=False)) == [
         f"{BUCKET}/meta-src/0000{i}.{ext}" for i in range(2) for ext in ("parquet", "tar")
     ]
+
+
+def test_save_metadata_to_s3_from_a_cluster(local_data, remote_data, so, s3):
+    """Worker processes write the fragments, the client publishes them: its filesystem's
+    cached listing (from loading) must not hide them. A prefix with glob characters is
+    used literally, and fragments an interrupted earlier run left are removed."""
+    from distributed import Client, LocalCluster
+
+    prefix = f"{BUCKET}/meta[1] x"
+    for f in sorted(local_data["nopq"].iterdir()):
+        s3.put_file(str(f), f"{prefix}/{f.name}")
+    stale = f"{prefix}/.00000.parquet.tmp-0badc0de-part000000-00000000"
+    s3.pipe_file(stale, b"left by a killed run")
+    dataset = ImageTextPairDataset.from_webdataset(f"s3://{prefix}", storage_options=so)
+    meta = dataset.metadata
+    dataset = dataset.with_metadata(meta.assign(width2=meta["width"] * 2))
+    expected = dataset.metadata.compute()
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        with Client(cluster):
+            written = dataset.save_metadata()
+    assert written["rows"].tolist() == [6, 6]
+    s3.invalidate_cache()
+    assert sorted(s3.ls(prefix, detail=False)) == [
+        f"{prefix}/0000{i}.{ext}" for i in range(2) for ext in ("parquet", "tar")
+    ]  # no fragment left, the stale one removed
+    reloaded = ImageTextPairDataset.from_webdataset(f"s3://{prefix}", storage_options=so)
+    assert reloaded.metadata.compute()["width2"].tolist() == expected["width2"].tolist()
 
 
 def test_export_to_s3_read_back_and_resume(local_data, remote_data, so, s3):
@@ -525,6 +553,13 @@ class FlakyMemoryFileSystem(MemoryFileSystem):
             raise cls.error(f"simulated transient failure reading {path}")
         return super().cat_file(path, start=start, end=end, **kwargs)
 
+    def _open(self, path, mode="rb", **kwargs):  # file objects: fail their first opening
+        cls = FlakyMemoryFileSystem
+        if "r" in mode and cls.fail_once is not None and (path, "open", None) not in cls.fail_once:
+            cls.fail_once.add((path, "open", None))
+            raise cls.error(f"simulated transient failure opening {path}")
+        return super()._open(path, mode=mode, **kwargs)
+
 
 @pytest.fixture
 def flaky(monkeypatch):
@@ -587,19 +622,64 @@ def test_local_reads_are_never_retried(tmp_path):
     assert calls == [1]
 
 
+def load_flaky(flaky, monkeypatch, source: Path, name: str):
+    """``source`` copied to ``flakymem://name``, whose first read of every range (and first
+    opening of every file) then fails; loaded from there and from ``source``, equal."""
+    for f in sorted(source.iterdir()):
+        flaky.pipe_file(f"/{name}/{f.name}", f.read_bytes())
+    monkeypatch.setattr(FlakyMemoryFileSystem, "fail_once", set())
+    with dask.config.set(scheduler="sync"):
+        remote = ImageTextPairDataset.from_webdataset(f"flakymem://{name}")
+        local = ImageTextPairDataset.from_webdataset(str(source))
+        assert frame_table(remote.metadata.compute()).equals(frame_table(local.metadata.compute()))
+    return remote, local
+
+
 def test_pipeline_over_a_flaky_store(flaky, local_data, tmp_path, monkeypatch):
     """Load (tar scan + .json/.txt reads) and export (ranged copies) while the first read of
     every byte range fails."""
-    for f in sorted(local_data["nopq"].iterdir()):
-        flaky.pipe_file(f"/data/{f.name}", f.read_bytes())
-    monkeypatch.setattr(FlakyMemoryFileSystem, "fail_once", set())
+    remote, _ = load_flaky(flaky, monkeypatch, local_data["nopq"], "data")
     with dask.config.set(scheduler="sync"):
-        remote = ImageTextPairDataset.from_webdataset("flakymem://data")
-        local = ImageTextPairDataset.from_webdataset(str(local_data["nopq"]))
-        assert frame_table(remote.metadata.compute()).equals(frame_table(local.metadata.compute()))
         summary = remote.to_webdataset(str(tmp_path / "out"), samples_per_shard=100)
     assert summary.records_out == 12
     failed = {(path, start is None) for path, start, _ in FlakyMemoryFileSystem.fail_once}
     assert failed == {(f"/data/0000{i}.tar", whole) for i in (0, 1) for whole in (True, False)}
     out = tar_members((tmp_path / "out" / "00000.tar").read_bytes())
     assert sorted(out.values()) == sorted(local_members(local_data["nopq"]).values())
+
+
+def test_sidecars_and_save_metadata_over_a_flaky_store(flaky, local_data, monkeypatch):
+    """Sidecar Parquet footers and tables, .idx files and saved fragments are read again
+    after a transient failure: each first opening and whole-file read fails here."""
+    remote, local = load_flaky(flaky, monkeypatch, local_data["pq"], "pq")
+    with dask.config.set(scheduler="sync"):
+        meta = remote.metadata.repartition(npartitions=5)  # shards' rows in several fragments
+        written = remote.with_metadata(meta).save_metadata("flakymem://meta")
+    assert written["rows"].tolist() == [8, 8, 8]
+    failed = {(path, kind) for path, kind, _ in FlakyMemoryFileSystem.fail_once}
+    assert ("/pq/00000.parquet", "open") in failed  # the footer read when loading
+    assert ("/pq/00001.parquet", None) in failed  # a sidecar read whole
+    FlakyMemoryFileSystem.fail_once = None
+    saved = pq.read_table(io.BytesIO(flaky.cat_file("/meta/00001.parquet")))
+    assert saved.column("key").to_pylist() == local.metadata.compute()["key"][8:16].tolist()
+
+
+def test_staging_files_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    """Uploads stage each file locally; a process killed meanwhile leaves its staging files,
+    which the next process that stages one removes (not those of running processes)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(fsio, "_swept", False)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    left = tmp_path / f"dask-imgcurate-{int(dead.stdout)}-abc.part"
+    mine = tmp_path / f"dask-imgcurate-{os.getpid()}-def.part"
+    other = tmp_path / "dask-imgcurate-notes.part"  # not a staging name: kept
+    for path in (left, mine, other):
+        path.write_bytes(b"x")
+    staged = fsio.temp_path(fsspec.filesystem("memory"), "/bucket/00000.tar")
+    assert Path(staged).parent == tmp_path and Path(staged).exists()
+    assert not left.exists() and mine.exists() and other.exists()

@@ -24,7 +24,8 @@ import pytest
 
 from dask_imgcurate import ImageTextPairDataset, export
 from dask_imgcurate.demo import make_demo_dataset, make_shard_records, write_shard
-from dask_imgcurate.errors import DuplicateKeyError
+from dask_imgcurate.errors import CurateError, DuplicateKeyError
+from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io import writer
 from dask_imgcurate.io.writer import MAX_GAP, MAX_READ, MemberPlan, merged_reads, plan_shards
 
@@ -473,6 +474,45 @@ def test_pieces_of_any_size_give_identical_bytes(source, tmp_path, monkeypatch):
     offsets = [piece[4] for piece in first.pieces] + [first.tar_size - 1024]
     assert np.diff(offsets).tolist() == [piece[5] for piece in first.pieces]
     assert _digest_dir(tmp_path / "whole") == _digest_dir(tmp_path / "pieces")
+
+
+def test_pieces_written_into_different_files_never_make_one_tar(source, tmp_path, monkeypatch):
+    """A retried piece (its worker died after an earlier commit renamed the shard's file)
+    creates the temporary file anew: the commit finds its pieces in different files and
+    writes the shard whole, instead of publishing a tar with a hole of zeros."""
+    ds = load_with_keep(source)
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "clean"), filter_column="keep", samples_per_shard=10)
+    monkeypatch.setattr(export, "PIECE_BYTES", 1)  # a piece per record
+    real = export._write_piece
+    gone = []
+
+    def piece(part, start, stop, n, position, span, tar_tmp, job):
+        result = real(part, start, stop, n, position, span, tar_tmp, job)
+        if n == 1 and not gone:  # the file the first piece wrote into goes away
+            os.remove(tar_tmp)
+            gone.append(tar_tmp)
+        return result
+
+    monkeypatch.setattr(export, "_write_piece", piece)
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "out"), filter_column="keep", samples_per_shard=10)
+    assert gone
+    assert _digest_dir(tmp_path / "out") == _digest_dir(tmp_path / "clean")
+
+
+def test_a_second_export_into_a_directory_being_written_is_refused(source, tmp_path):
+    """It would remove the running export's temporary files (holes in its tars)."""
+    ds = load_with_keep(source)
+    out = tmp_path / "out"
+    local = fsspec.filesystem("file")
+    with fsio.writing_to(local, str(out)):  # as a running export holds it
+        for export_to in (ds.to_webdataset, ds.write_images):
+            with pytest.raises(CurateError, match="another export or save_metadata is writing there now"):
+                export_to(str(out))
+        assert [p.name for p in out.iterdir()] == [fsio.LOCK_NAME]
+    summary = ds.to_webdataset(str(out))  # once it is done
+    assert summary.records_out == 35 and not list(out.glob(".*"))
 
 
 def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch):

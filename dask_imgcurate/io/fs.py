@@ -291,24 +291,82 @@ def makedirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
-def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str) -> int:
-    """Delete temporary files that an interrupted ``atomic_write`` left in ``directory``.
+LOCK_NAME = ".dask_imgcurate.lock"
 
-    Object stores never hold temporary objects (files are uploaded only when complete).
-    """
-    if not is_local(fs) or not os.path.isdir(directory):
-        return 0
-    stale = [n for n in os.listdir(directory) if n.startswith(".") and TEMP_MARK in n]
+
+@contextlib.contextmanager
+def writing_to(fs: fsspec.AbstractFileSystem, directory: str) -> Iterator[None]:
+    """Hold the output ``directory`` for one writer (local directories: an advisory lock,
+    released when the process ends however it ends). A second export into it while one runs
+    would remove the first one's temporary files: a clear error instead. A directory made
+    here and left empty is removed."""
+    if not is_local(fs):
+        yield
+        return
+    import fcntl
+
+    created = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    lock = os.path.join(directory, LOCK_NAME)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CurateError(
+                f"{os.path.abspath(directory)}: another export or save_metadata is writing "
+                f"there now; wait for it to finish (re-running the same export then resumes "
+                f"it), or write elsewhere"
+            ) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(lock)
+                if created:  # and nothing was written: leave no trace
+                    os.rmdir(directory)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str) -> int:
+    """Delete the hidden temporary files (``.NAME.tmp-*``) that an interrupted writer left
+    in ``directory``: ``atomic_write``'s local ones, and ``save_metadata``'s fragments (also
+    objects on object stores, where nothing else is ever written under a temporary name).
+    Call it only while no other writer uses the directory (``writing_to``)."""
+    if is_local(fs):
+        if not os.path.isdir(directory):
+            return 0
+        names = os.listdir(directory)
+    else:
+        fs.invalidate_cache(directory)
+        try:
+            names = [basename(p) for p in fs.ls(directory, detail=False)]
+        except FileNotFoundError:
+            return 0
+    stale = [n for n in names if n.startswith(".") and TEMP_MARK in n]
     for name in stale:
-        os.remove(os.path.join(directory, name))
+        path = join(directory, name)
+        retry(fs, path, lambda path=path: fs.rm_file(path), action="write")
     return len(stale)
+
+
+def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Rename the file ``source`` to ``target`` (literal paths, never globs): atomic
+    locally; on object stores a copy, then the source's removal, each retried."""
+    if is_local(fs):
+        os.replace(source, target)
+        return
+    retry(fs, target, lambda: fs.cp_file(source, target), action="write")
+    retry(fs, source, lambda: fs.rm_file(source), action="write")
 
 
 def temp_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A new local file name to write ``path``'s bytes to before ``publish``.
 
     Local outputs get a hidden name in the same directory (so the rename is atomic, and
-    ``remove_stale_temps`` finds it after a crash); object stores get a local temp file.
+    ``remove_stale_temps`` finds it after a crash); object stores get a local temp file
+    named after this process (``_sweep_staging`` removes those of killed processes).
     """
     if is_local(fs):
         directory = os.path.dirname(os.path.abspath(path))
@@ -316,9 +374,40 @@ def temp_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
         return os.path.join(
             directory, f".{os.path.basename(path)}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
         )
-    fd, tmp = tempfile.mkstemp(prefix="dask-imgcurate-", suffix=".part")
+    _sweep_staging()
+    fd, tmp = tempfile.mkstemp(prefix=f"{_STAGING}{os.getpid()}-", suffix=".part")
     os.close(fd)
     return tmp
+
+
+_STAGING = "dask-imgcurate-"  # local staging files of uploads: dask-imgcurate-<pid>-*.part
+_swept = False
+
+
+def _sweep_staging() -> None:
+    """Once per process: remove the staging files of processes that no longer run (killed
+    while uploading; they never got to remove theirs)."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    directory = tempfile.gettempdir()
+    for name in os.listdir(directory):
+        pid = name[len(_STAGING) :].split("-", 1)[0]
+        if name.startswith(_STAGING) and name.endswith(".part") and pid.isdigit():
+            if not _running(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(directory, name))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def publish(fs: fsspec.AbstractFileSystem, tmp: str, path: str) -> None:

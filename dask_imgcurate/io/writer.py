@@ -219,8 +219,8 @@ def write_piece(
     tar: str, plan: MemberPlan, offset: int, source_fs: fsspec.AbstractFileSystem
 ) -> int:
     """Copy ``plan``'s members (headers, payloads, padding) into the local file ``tar``
-    (created if missing; other pieces may be writing elsewhere in it) from byte ``offset``;
-    return the offset after them."""
+    (created if missing; other pieces may be writing elsewhere in it) from byte ``offset``.
+    Returns the offset after them."""
     offsets, sizes = plan.offsets.tolist(), plan.sizes.tolist()
     reader = _RangeReader(source_fs)
     fd = os.open(tar, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -247,6 +247,31 @@ def write_piece(
         os.close(fd)
         reader.close()
     return at
+
+
+def pieces_present(tar: str, rows: pa.Table, new_keys: Sequence[str], starts) -> bool:
+    """Whether the file ``tar`` holds, at each offset in ``starts`` where a piece began
+    (``write_piece``), the header block that piece wrote. A piece whose writes went to
+    another file (this one was renamed or removed after it ran, and a later piece created
+    it anew: a task retried after a worker died) left zeros there."""
+    plan = plan_members(rows, new_keys)
+    header_bytes = header_lengths(pc.binary_length(plan.names.cast(pa.binary())).to_numpy())
+    header_at, _ = tar_layout(header_bytes, plan.sizes)
+    try:
+        fd = os.open(tar, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        for start in starts:
+            i = int(np.searchsorted(header_at, start))
+            if i == len(header_at) or header_at[i] != start:
+                return False  # not where a member begins: not a piece of this plan
+            expected = member_headers(plan.names.slice(i, 1), plan.sizes[i : i + 1])[0]
+            if os.pread(fd, BLOCK, start) != bytes(expected[:BLOCK]):
+                return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def commit_shard(
