@@ -16,8 +16,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import numbers
@@ -42,11 +42,11 @@ from dask_imgcurate.errors import DuplicateKeyError
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE
 from dask_imgcurate.io.writer import (
+    MissingPieces,
     ShardResult,
     commit_shard,
     finished,
     job_fingerprint,
-    pieces_present,
     plan_members,
     plan_shards,
     record_spans,
@@ -587,23 +587,16 @@ def _commit(
     parts: list[_Selection], slices, n: int, tar_tmp: str, job: _Job, starts: list[int]
 ) -> ShardResult:
     rows, keys, table, fingerprint = job.shard(parts, slices, n)
-    if not pieces_present(tar_tmp, rows, keys, starts):
-        # A retried piece wrote into a file created anew (its worker died after an earlier
-        # commit renamed the first one into place): write the shard whole here instead.
-        log.warning("%s: not every piece is in it; writing the shard again", tar_tmp)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tar_tmp)
-        tar_tmp = fsio.temp_path(job.out_fs, job.path(n, ".tar"))
-        write_piece(tar_tmp, plan_members(rows, keys), 0, job.source_fs)
-    return commit_shard(
-        rows,
-        keys,
-        table,
-        out_fs=job.out_fs,
-        tar_tmp=tar_tmp,
-        fingerprint=fingerprint,
-        **job.outputs(n),
+    commit = functools.partial(
+        commit_shard, rows, keys, table, out_fs=job.out_fs, fingerprint=fingerprint
     )
+    try:
+        return commit(tar_tmp=tar_tmp, piece_starts=starts, **job.outputs(n))
+    except MissingPieces as err:  # a retried piece wrote into a file created anew
+        log.warning("%s; writing the shard again", err)
+    tar_tmp = fsio.temp_path(job.out_fs, job.path(n, ".tar"))
+    write_piece(tar_tmp, plan_members(rows, keys), 0, job.source_fs)
+    return commit(tar_tmp=tar_tmp, **job.outputs(n))
 
 
 def _write_whole(parts: list[_Selection], slices, n: int, job: _Job) -> ShardResult:

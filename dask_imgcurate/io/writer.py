@@ -249,29 +249,30 @@ def write_piece(
     return at
 
 
-def pieces_present(tar: str, rows: pa.Table, new_keys: Sequence[str], starts) -> bool:
-    """Whether the file ``tar`` holds, at each offset in ``starts`` where a piece began
-    (``write_piece``), the header block that piece wrote. A piece whose writes went to
-    another file (this one was renamed or removed after it ran, and a later piece created
-    it anew: a task retried after a worker died) left zeros there."""
-    plan = plan_members(rows, new_keys)
-    header_bytes = header_lengths(pc.binary_length(plan.names.cast(pa.binary())).to_numpy())
-    header_at, _ = tar_layout(header_bytes, plan.sizes)
+class MissingPieces(RuntimeError):
+    """A shard's temporary tar lacks what some of its pieces wrote: their writes went to
+    another file (this one was renamed or removed after they ran, and a later piece created
+    it anew: a task retried after its worker died)."""
+
+
+def _missing_piece(tar: str, plan: MemberPlan, header_at: np.ndarray, starts) -> int | None:
+    """The first offset in ``starts`` (where pieces began) at which ``tar`` lacks the
+    header block that piece wrote (zeros, if the piece wrote elsewhere), or None."""
     try:
         fd = os.open(tar, os.O_RDONLY)
     except FileNotFoundError:
-        return False
+        return min(starts, default=0)
     try:
         for start in starts:
             i = int(np.searchsorted(header_at, start))
             if i == len(header_at) or header_at[i] != start:
-                return False  # not where a member begins: not a piece of this plan
+                return start  # not where a member begins: not a piece of this plan
             expected = member_headers(plan.names.slice(i, 1), plan.sizes[i : i + 1])[0]
             if os.pread(fd, BLOCK, start) != bytes(expected[:BLOCK]):
-                return False
+                return start
     finally:
         os.close(fd)
-    return True
+    return None
 
 
 def commit_shard(
@@ -286,6 +287,7 @@ def commit_shard(
     idx_path: str,
     write_idx: bool = True,
     fingerprint: str,
+    piece_starts: Sequence[int] = (),
 ) -> ShardResult:
     """Finish an output shard whose members are all in ``tar_tmp`` (``write_piece``): end
     the tar, write its DALI ``.idx`` and Parquet, and publish all three under their final
@@ -295,12 +297,17 @@ def commit_shard(
     shard's records as its pieces wrote them. Without an index (``write_idx=False``, or a
     member name with white space, which DALI's format cannot hold) a file left at
     ``idx_path`` by an earlier write is removed first: it would describe another tar.
+    Raises ``MissingPieces`` when the header a piece wrote at one of ``piece_starts`` is not
+    in ``tar_tmp``.
     """
     plan = plan_members(rows, new_keys)
     header_bytes = header_lengths(pc.binary_length(plan.names.cast(pa.binary())).to_numpy())
     header_at, tar_size = tar_layout(header_bytes, plan.sizes)
-    staged = [(tar_tmp, tar_path)]
+    staged = [(tar_tmp, tar_path)]  # removed unless published
     try:
+        missing = _missing_piece(tar_tmp, plan, header_at, piece_starts) if piece_starts else None
+        if missing is not None:
+            raise MissingPieces(f"{tar_tmp}: the piece written at byte {missing} is not in it")
         members_end = tar_size - len(END_OF_ARCHIVE)
         with open(tar_tmp, "r+b") as f:
             if os.fstat(f.fileno()).st_size > members_end:  # never published
