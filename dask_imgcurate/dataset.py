@@ -130,14 +130,18 @@ class ImageTextPairDataset:
 
     @nested_column_shuffles()
     def save_metadata(
-        self, path: str | None = None, columns: Sequence[str] | None = None
+        self,
+        path: str | None = None,
+        columns: Sequence[str] | None = None,
+        storage_options: dict | None = None,
     ) -> pd.DataFrame:
         """Write each shard's metadata to ``<path>/<shard stem>.parquet``.
 
         ``path=None`` overwrites the Parquet files beside the dataset's own tars. Each file is
         written under a temporary name and renamed when complete. ``columns`` (default: all
-        but the ``_``-prefixed bookkeeping columns) always gets the id column first. Returns
-        one row per file written (shard, path, rows).
+        but the ``_``-prefixed bookkeeping columns) always gets the id column first.
+        ``storage_options`` are those of ``path`` (default: the dataset's). Returns one row
+        per file written (shard, path, rows).
         """
         frame = self.metadata
         if columns is None:
@@ -153,7 +157,10 @@ class ImageTextPairDataset:
                 self.shards[i : i + self.files_per_partition]
                 for i in range(0, len(self.shards), self.files_per_partition)
             ]
-        out_fs, target = (fs, None) if path is None else fsio.url_to_fs(path, self.storage_options)
+        if path is None:
+            out_fs, target = fs, None
+        else:
+            out_fs, target = fsio.url_to_fs(path, storage_options or self.storage_options)
         writer = _MetadataWriter(fs, out_fs, target, list(columns), groups, uuid.uuid4().hex[:8])
         result_meta = pd.DataFrame(
             {

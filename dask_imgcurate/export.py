@@ -260,6 +260,8 @@ def _export(
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
     input_tars, inputs_known = _input_tars(dataset)
     _refuse_input_directory(out_fs, out_root, input_tars)
+    if not fsio.is_local(out_fs):  # a missing bucket: say so before any partition is read
+        fsio.makedirs(out_fs, out_root)
     summary = ExportSummary(path=fsio.qualify(out_fs, out_root))
     frame = dataset.metadata
     if filter_column is not None:

@@ -34,7 +34,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from dask_imgcurate import ImageTextPairDataset, write_dali_index
+from dask_imgcurate import ImageTextPairDataset, export, write_dali_index
 from dask_imgcurate.demo import make_demo_dataset
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.writer import _RangeReader
@@ -235,6 +235,17 @@ def test_save_metadata_to_s3(local_data, remote_data, so, s3, heads):  # remote_
     ]
 
 
+def test_save_metadata_of_a_local_dataset_to_s3(local_data, remote_data, so, s3):  # the bucket
+    """The output's own storage_options (a local dataset has none for S3)."""
+    dataset = ImageTextPairDataset.from_webdataset(str(local_data["nopq"]))
+    written = dataset.save_metadata(f"s3://{BUCKET}/from-local", storage_options=so)
+    assert written["rows"].tolist() == [6, 6]
+    s3.invalidate_cache()
+    assert sorted(s3.ls(f"{BUCKET}/from-local", detail=False)) == [
+        f"{BUCKET}/from-local/0000{i}.parquet" for i in range(2)
+    ]
+
+
 def test_save_metadata_to_s3_from_a_cluster(local_data, remote_data, so, s3):
     """Worker processes write the fragments, the client publishes them: its filesystem's
     cached listing (from loading) must not hide them. A prefix with glob characters is
@@ -354,8 +365,9 @@ def test_missing_bucket_or_key_names_it(url, match, remote_data, so):
     assert "\n" not in str(info.value)
 
 
-def test_export_to_missing_bucket_is_an_error_not_a_new_bucket(remote_data, so, s3):
+def test_export_to_missing_bucket_is_an_error_not_a_new_bucket(remote_data, so, s3, monkeypatch):
     dataset = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so)
+    monkeypatch.setattr(export, "_select", None)  # said before any partition is read
     with pytest.raises(FileNotFoundError, match=r"^s3://typo-bucket-9/out: no such bucket"):
         dataset.to_webdataset("s3://typo-bucket-9/out", storage_options=so)
     s3.invalidate_cache()

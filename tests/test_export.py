@@ -508,7 +508,9 @@ def test_a_second_export_into_a_directory_being_written_is_refused(source, tmp_p
     local = fsspec.filesystem("file")
     with fsio.writing_to(local, str(out)):  # as a running export holds it
         for export_to in (ds.to_webdataset, ds.write_images):
-            with pytest.raises(CurateError, match="another export or save_metadata is writing there now"):
+            with pytest.raises(
+                CurateError, match="another export or save_metadata is writing there now"
+            ):
                 export_to(str(out))
         assert [p.name for p in out.iterdir()] == [fsio.LOCK_NAME]
     summary = ds.to_webdataset(str(out))  # once it is done
