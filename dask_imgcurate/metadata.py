@@ -175,6 +175,14 @@ def _align(
     key_set = set(keys)
     missing = [k for k in keys if k not in position]  # in the tar, not in the Parquet
     extra = [k for k in ids if k not in key_set]  # in the Parquet, not in the tar
+    if extra and "status" in user.column_names:
+        # img2dataset lists every sample it tried; those it failed to download are in no tar
+        status = dict(zip(ids, user.column("status").to_pylist()))
+        failed = [k for k in extra if status[k] not in (None, "success")]
+        if failed:
+            log.info("%s: %d sidecar rows of samples not downloaded left out", source, len(failed))
+            failed_set = set(failed)
+            extra = [k for k in extra if k not in failed_set]
     if missing or extra:
         what = (
             f"{source}: sidecar Parquet and tar disagree: {len(missing)} records in the tar "

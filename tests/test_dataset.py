@@ -426,6 +426,23 @@ def test_parquet_mismatch(tmp_path):
         load(tmp_path, on_mismatch="ignore")
 
 
+def test_img2dataset_rows_of_samples_not_downloaded_are_no_mismatch(tmp_path):
+    """img2dataset's Parquet lists every sample it tried; those with a status other than
+    "success" have no record in the tar. A successful one missing is still a mismatch."""
+    records = demo.make_shard_records(0, 6)
+    for failed in (records[1], records[4]):
+        failed["json"]["status"] = "failed_to_download"
+    demo.write_shard(tmp_path / "00000.tar", [records[i] for i in (0, 2, 3, 5)])
+    demo.write_parquet(tmp_path / "00000.parquet", records)
+    frame = load(tmp_path).metadata.compute()
+    assert frame["key"].tolist() == [f"{i:09d}" for i in (0, 2, 3, 5)]
+    assert (frame["status"] == "success").all()
+    records[4]["json"]["status"] = "success"  # said to be downloaded, but not in the tar
+    demo.write_parquet(tmp_path / "00000.parquet", records)
+    with pytest.raises(MetadataMismatchError, match=r"1 Parquet rows have no record in the tar"):
+        load(tmp_path).metadata.compute()
+
+
 # --- save_metadata ----------------------------------------------------------------------------
 
 
