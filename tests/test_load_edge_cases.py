@@ -206,6 +206,12 @@ def test_json_integer_beyond_64_bits_is_kept_as_text(tmp_path):
 # --- paths -------------------------------------------------------------------------------------
 
 
+def test_a_tar_listed_twice_is_refused(tmp_path):
+    tar = write_tar(tmp_path / "00000.tar", records(["a", "b"]))
+    with pytest.raises(ValueError, match=r"00000\.tar is listed more than once"):
+        ImageTextPairDataset.from_webdataset([str(tar), str(tmp_path / "." / "00000.tar")])
+
+
 def test_paths_with_glob_characters_are_used_literally(tmp_path):
     write_tar(tmp_path / "laion[en]" / "00000.tar", records(["000001"]))
     write_tar(tmp_path / "laion[en]" / "00001.tar", records(["000002"]))

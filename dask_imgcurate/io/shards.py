@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
     """
     if isinstance(path, (list, tuple)):
         tars = [fs._strip_protocol(p) for p in path]
+        repeated = sorted(t for t, n in Counter(tars).items() if n > 1)
+        if repeated:  # its records would be read twice
+            raise ValueError(f"{fsio.qualify(fs, repeated[0])} is listed more than once")
         listings = _listings(fs, tars)
         for tar in tars:
             _check_named(fs, tar, listings[_parent(tar)].get(tar))
