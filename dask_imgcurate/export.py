@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -322,8 +323,8 @@ def _export(
     if write_idx and unindexed:
         warnings.warn(
             f"{len(unindexed)} output shards have no .idx, e.g. {fsio.basename(unindexed[0])}: "
-            f"a member name there holds white space, which DALI's index format cannot hold "
-            f"(readers index such tars themselves)",
+            f"a member name there holds white space or has an empty extension ('KEY.'), "
+            f"which DALI's index format cannot hold (readers index such tars themselves)",
             stacklevel=4,
         )
     summary.other_files = _other_shard_files(out_fs, out_root, results)
@@ -597,8 +598,13 @@ def _commit(
     except MissingPieces as err:  # a retried piece wrote into a file created anew
         log.warning("%s; writing the shard again", err)
     tar_tmp = fsio.temp_path(job.out_fs, job.path(n, ".tar"))
-    write_piece(tar_tmp, plan_members(rows, keys), 0, job.source_fs)
-    return commit(tar_tmp=tar_tmp, **job.outputs(n))
+    try:
+        write_piece(tar_tmp, plan_members(rows, keys), 0, job.source_fs)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tar_tmp)
+        raise
+    return commit(tar_tmp=tar_tmp, **job.outputs(n))  # removes tar_tmp unless published
 
 
 def _write_whole(parts: list[_Selection], slices, n: int, job: _Job) -> ShardResult:

@@ -86,6 +86,19 @@ def test_whitespace_in_member_name_is_refused(tmp_path):
         format_dali_index(group_records(_scan(path)))
 
 
+def test_empty_extension_is_refused(tmp_path):
+    """``KEY.`` is a member of record ``KEY`` with extension "": an index line's fields
+    would not parse back (no index, rather than one every load rejects)."""
+    path = tmp_path / "dot.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("000000.jpg", "000000."):
+            tar.addfile(tarfile.TarInfo(name), io.BytesIO(b""))
+    records = group_records(_scan(path))
+    assert records.keys == ["000000"] and records.members.names == ["000000.jpg", "000000."]
+    with pytest.raises(IndexFileError, match="'000000.' has an empty extension"):
+        format_dali_index(records)
+
+
 # --- parsing ------------------------------------------------------------------------------
 
 

@@ -517,6 +517,30 @@ def test_a_second_export_into_a_directory_being_written_is_refused(source, tmp_p
     assert summary.records_out == 35 and not list(out.glob(".*"))
 
 
+def test_the_lock_is_taken_on_the_current_lock_file(tmp_path, monkeypatch):
+    """A writer that opened the lock file just before its holder removed it (then unlocked
+    it) must not hold the directory alongside one that made a new lock file: it retries."""
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real, calls = fcntl.flock, []
+
+    def flock(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:  # between our open and our flock: the file is replaced
+            os.remove(out / fsio.LOCK_NAME)
+            (out / fsio.LOCK_NAME).write_bytes(b"")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with fsio.writing_to(fsspec.filesystem("file"), str(out)):
+        assert len(calls) == 2  # the first lock was on a file no longer at the path
+        held = os.fstat(calls[-1]).st_ino
+        assert os.stat(out / fsio.LOCK_NAME).st_ino == held
+    assert not (out / fsio.LOCK_NAME).exists()
+
+
 def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch):
     from distributed import Client, LocalCluster
 

@@ -47,12 +47,14 @@ def format_dali_index(records: RecordIndex) -> str:
         parts = []
         for i in range(start, stop):
             name = members.names[i]
-            if any(ch.isspace() for ch in name):
+            ext = split_key(name)[1]
+            if any(ch.isspace() for ch in name) or not ext:
+                what = "contains white space" if ext else "has an empty extension"
                 raise IndexFileError(
-                    f"{members.source}: member name {name!r} contains white space, which a "
-                    f"DALI index cannot represent"
+                    f"{members.source}: member name {name!r} {what}, which a DALI index "
+                    f"cannot represent"
                 )
-            parts.append(f"{split_key(name)[1]} {members.offsets[i]} {members.sizes[i]} {name}")
+            parts.append(f"{ext} {members.offsets[i]} {members.sizes[i]} {name}")
         lines.append(" ".join(parts))
     return "\n".join(lines) + "\n"
 

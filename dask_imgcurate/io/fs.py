@@ -308,24 +308,30 @@ def writing_to(fs: fsspec.AbstractFileSystem, directory: str) -> Iterator[None]:
     created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
     lock = os.path.join(directory, LOCK_NAME)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise CurateError(
                 f"{os.path.abspath(directory)}: another export or save_metadata is writing "
                 f"there now; wait for it to finish (re-running the same export then resumes "
                 f"it), or write elsewhere"
             ) from None
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(lock)
-                if created:  # and nothing was written: leave no trace
-                    os.rmdir(directory)
+        try:  # the holder before us removes the file, then unlocks: ours must be current
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
     finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)  # before unlocking (see above)
+            if created:  # and nothing was written: leave no trace
+                os.rmdir(directory)
         os.close(fd)
 
 
