@@ -54,8 +54,9 @@ def quiet_third_party(verbose: bool = False) -> Callable[[], None]:
 
     Always: repeats of the random-weights warning (the CLI says it once). Unless
     ``verbose``: open_clip's root-logger notices ("No pretrained weights loaded"),
-    distributed's logs below ERROR (INFO and WARNING with ``verbose``) and asyncio's
-    (after Ctrl-C every pending gather logs "Task exception was never retrieved").
+    distributed's logs below ERROR (INFO and WARNING with ``verbose``), asyncio's
+    (after Ctrl-C every pending gather logs "Task exception was never retrieved"), and
+    huggingface_hub's / urllib3's retry warnings (a download's failure is our one error).
     """
     filters = list(warnings.filters)
     warnings.filterwarnings("ignore", message=RANDOM_WEIGHTS_MESSAGE)
@@ -68,6 +69,9 @@ def quiet_third_party(verbose: bool = False) -> Callable[[], None]:
     for name, level in (
         ("distributed", logging.WARNING if verbose else logging.ERROR),
         ("asyncio", logging.NOTSET if verbose else logging.CRITICAL),
+        # offline, a weights download logs every retry (for about a minute) before failing
+        ("huggingface_hub", logging.NOTSET if verbose else logging.ERROR),
+        ("urllib3", logging.NOTSET if verbose else logging.ERROR),
     ):
         levels[name] = logging.getLogger(name).level
         logging.getLogger(name).setLevel(level)

@@ -677,3 +677,20 @@ def test_cli_restores_logging_and_warnings():
     run("--help")
     run("inspect", "/definitely/not/here", ok=False)
     assert (root.level, list(root.handlers), list(root.filters), list(warnings.filters)) == before
+
+
+def test_download_retries_are_not_logged_without_verbose():
+    """Offline, huggingface_hub logs every retry of a weights download for about a minute;
+    without -v only the one error line may reach stderr."""
+    import logging
+
+    from dask_imgcurate.cluster import quiet_third_party
+
+    hub = logging.getLogger("huggingface_hub.utils._http")
+    for verbose, shown in ((False, False), (True, True)):
+        undo = quiet_third_party(verbose)
+        try:
+            assert hub.isEnabledFor(logging.WARNING) is shown
+        finally:
+            undo()
+    assert hub.isEnabledFor(logging.WARNING)  # as it was
