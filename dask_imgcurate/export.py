@@ -386,9 +386,8 @@ def _input_tars(dataset) -> tuple[set[str], bool]:
     return tars, complete
 
 
-def _directory_of(qualified_tar: str) -> str:
-    """The real directory of a ``fsio.qualify``-ed tar path (symlinks resolved locally)."""
-    directory = posixpath.dirname(qualified_tar)
+def _real_directory(directory: str) -> str:
+    """A directory of ``fsio.qualify``-ed paths, with symlinks resolved when local."""
     return directory if "://" in directory else os.path.realpath(directory)
 
 
@@ -396,8 +395,8 @@ def _refuse_input_directory(out_fs, out_root: str, input_tars) -> None:
     """Outputs are named like shards (``00000.tar``): never write among the input's own."""
     target = os.path.realpath(out_root) if fsio.is_local(out_fs) else fsio.qualify(out_fs, out_root)
     target = target.rstrip("/")
-    for directory in sorted({_directory_of(t) for t in input_tars}):
-        if directory.rstrip("/") == target:
+    for directory in sorted({posixpath.dirname(t) for t in input_tars}):  # few, resolved once
+        if _real_directory(directory).rstrip("/") == target:
             raise ValueError(
                 f"{target} holds this dataset's input shards: exporting there could replace "
                 f"them while they are read; write to another directory"
