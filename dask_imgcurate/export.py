@@ -278,7 +278,7 @@ def _export(
         )
         selecting = selected.to_delayed()
     with dask.annotate(priority=_in_partition_order):  # on a cluster, for _stream
-        selections = dask.persist(*selecting)
+        selections = dask.persist(*selecting, optimize_graph=False)
     stats_tasks = [dask.delayed(_Selection.stats)(s) for s in selections]
     job = _Job(out_fs, out_root, dataset.fs, layout, write_idx)
     submit = _Submitter(job, selections, resume, shard_count_check)
@@ -292,7 +292,7 @@ def _export(
         if client is not None and name_prefix is None and inputs_known:
             stats, results = _stream(client, stats_tasks, per_shard, submit, verbose, check_sources)
         else:  # all counts first (and, for deterministic names, every partition's digest)
-            stats = list(dask.compute(*stats_tasks))
+            stats = list(dask.compute(*stats_tasks, optimize_graph=False))
             for s in stats:
                 check_sources(s)
             if name_prefix is not None:
@@ -428,7 +428,7 @@ def _stream(
     partition's stats pass ``check`` first."""
     from distributed import as_completed, progress, wait
 
-    futures = client.compute(stats_tasks, priority=1)  # each as soon as its partition is
+    futures = client.compute(stats_tasks, priority=1, optimize_graph=False)  # each as soon as its partition is
     index = {future.key: i for i, future in enumerate(futures)}
     stats: list = [None] * len(futures)
     known = 0  # partitions selected without a gap from the first
@@ -443,10 +443,10 @@ def _stream(
                 known += 1
             shards = planner.complete(stats, known)
             if shards:  # before the remaining reads: a worker never waits for the last one
-                writing += client.compute(submit(shards), priority=1)
+                writing += client.compute(submit(shards), priority=1, optimize_graph=False)
         shards = planner.rest(stats)  # the last, shorter shard
         if shards:
-            writing += client.compute(submit(shards), priority=1)
+            writing += client.compute(submit(shards), priority=1, optimize_graph=False)
     except _TooManyShards:  # found when the last partitions came in: undo what was written
         wait(writing)  # what runs would still publish files
         for result in client.gather(writing, errors="skip"):
@@ -558,7 +558,7 @@ def _finished_shards(job: _Job, selections, existing: list[_ShardPlan]) -> dict[
         dask.delayed(_skipped_if_finished)(*shard.inputs(selections), shard.n, job)
         for shard in existing
     ]
-    results = dask.compute(*checks)
+    results = dask.compute(*checks, optimize_graph=False)
     return {shard.n: r for shard, r in zip(existing, results) if r is not None}
 
 

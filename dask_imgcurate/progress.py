@@ -23,19 +23,19 @@ def current_client():
 def compute_with_progress(tasks: Sequence, verbose: bool, label: str) -> list:
     """``dask.compute(*tasks)``, showing progress when ``verbose``."""
     if not verbose:
-        return list(dask.compute(*tasks))
+        return list(dask.compute(*tasks, optimize_graph=False))
     client = current_client()
     if client is not None:
         from distributed import progress
 
-        futures = client.compute(list(tasks))
+        futures = client.compute(list(tasks), optimize_graph=False)
         progress(futures)
         return client.gather(futures)
     from dask.diagnostics import ProgressBar
 
     print(f"{label}:", flush=True)
     with ProgressBar():
-        return list(dask.compute(*tasks))
+        return list(dask.compute(*tasks, optimize_graph=False))
 
 
 @contextlib.contextmanager

@@ -843,3 +843,15 @@ def test_non_utf8_record_cut_by_damage_counts_once():
     records = group_records(index, strict=False)
     assert records.keys == ["k1", "k2"]  # k2 is complete: café was in progress at the damage
     assert records.dropped_incomplete == 1 and records.undecodable == 0
+
+
+def test_a_view_outliving_its_mapping_never_fails_the_read(tmp_path):
+    """On Dask workers a view of the mapped tar can outlive the read in a reference cycle:
+    closing the mapping then must not raise (it is unmapped when the view goes)."""
+    path = write_tar(tmp_path / "00000.tar", [("a.jpg", b"x" * 600)])
+    with fsio.open_buffer(LocalFileSystem(), str(path)) as buffer:
+        view = np.frombuffer(buffer, dtype=np.uint8)
+        cycle = [view]
+        cycle.append(cycle)  # only the collector frees it
+    assert view[:5].tobytes() == path.read_bytes()[:5]
+    del view, cycle

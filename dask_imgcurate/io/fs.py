@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import mmap
 import os
@@ -221,6 +222,18 @@ def open_buffer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[bytes | mm
         try:
             yield mapped
         finally:
+            _close_mapping(mapped)
+
+
+def _close_mapping(mapped: mmap.mmap) -> None:
+    """Unmap now if nothing still views the mapping; else when its last view is freed. (On
+    Dask workers a view can outlive its use in a reference cycle until the collector runs:
+    that must not fail the task after its work is done.)"""
+    try:
+        mapped.close()
+    except BufferError:
+        gc.collect()
+        with contextlib.suppress(BufferError):
             mapped.close()
 
 
