@@ -476,6 +476,22 @@ def test_pieces_of_any_size_give_identical_bytes(source, tmp_path, monkeypatch):
     assert _digest_dir(tmp_path / "whole") == _digest_dir(tmp_path / "pieces")
 
 
+def test_a_full_disk_names_the_file_and_publishes_nothing(source, tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, chunks, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer, "_pwrite_all", full)
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    out = tmp_path / "out"
+    with dask.config.set(scheduler="synchronous"), pytest.raises(OSError) as err:
+        ds.to_webdataset(str(out))
+    assert err.value.errno == errno.ENOSPC
+    assert f"No space left on device: writing {out}/.00000.tar.tmp-" in str(err.value)
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
 def test_pieces_written_into_different_files_never_make_one_tar(source, tmp_path, monkeypatch):
     """A retried piece (its worker died after an earlier commit renamed the shard's file)
     creates the temporary file anew: the commit finds its pieces in different files and

@@ -242,7 +242,10 @@ def write_piece(
                     data[begin : begin + size],
                     _ZEROS[: -size % BLOCK],
                 )
-            at = _pwrite_all(fd, chunks, at)
+            try:
+                at = _pwrite_all(fd, chunks, at)
+            except OSError as err:  # say where (a full disk: which one)
+                raise OSError(err.errno, f"{err.strerror}: writing {tar}") from err
     finally:
         os.close(fd)
         reader.close()
