@@ -260,6 +260,7 @@ def _export(
     started = time.perf_counter()
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
     input_tars, inputs_known = _input_tars(dataset)
+    _real_directory.cache_clear()  # symlinks may have changed since an earlier export
     _refuse_input_directory(out_fs, out_root, input_tars)
     if not fsio.is_local(out_fs):  # a missing bucket: say so before any partition is read
         fsio.makedirs(out_fs, out_root)
@@ -285,7 +286,7 @@ def _export(
     client = current_client()
 
     def check_sources(stats: tuple) -> None:  # the tars a partition's rows come from
-        _refuse_input_directory(out_fs, out_root, stats[4])
+        _refuse_input_directory(out_fs, out_root, stats[4])  # (directories: cached)
 
     with fsio.writing_to(out_fs, out_root):  # no other export there meanwhile
         # Stream only when every tar the frame reads is known up front (checked above)
@@ -293,8 +294,7 @@ def _export(
             stats, results = _stream(client, stats_tasks, per_shard, submit, verbose, check_sources)
         else:  # all counts first (and, for deterministic names, every partition's digest)
             stats = list(dask.compute(*stats_tasks, optimize_graph=False))
-            for s in stats:
-                check_sources(s)
+            _refuse_input_directory(out_fs, out_root, {t for s in stats for t in s[4]})
             if name_prefix is not None:
                 name_prefix([s[3] for s in stats])
             shards = _plan(stats, per_shard)
@@ -386,17 +386,19 @@ def _input_tars(dataset) -> tuple[set[str], bool]:
     return tars, complete
 
 
+@functools.lru_cache(maxsize=4096)
 def _real_directory(directory: str) -> str:
-    """A directory of ``fsio.qualify``-ed paths, with symlinks resolved when local."""
-    return directory if "://" in directory else os.path.realpath(directory)
+    """A directory of ``fsio.qualify``-ed paths, with symlinks resolved when local (cached
+    within an export: on a cluster each partition's directories are checked as they come)."""
+    return (directory if "://" in directory else os.path.realpath(directory)).rstrip("/")
 
 
 def _refuse_input_directory(out_fs, out_root: str, input_tars) -> None:
     """Outputs are named like shards (``00000.tar``): never write among the input's own."""
-    target = os.path.realpath(out_root) if fsio.is_local(out_fs) else fsio.qualify(out_fs, out_root)
-    target = target.rstrip("/")
-    for directory in sorted({posixpath.dirname(t) for t in input_tars}):  # few, resolved once
-        if _real_directory(directory).rstrip("/") == target:
+    local = fsio.is_local(out_fs)
+    target = _real_directory(out_root) if local else fsio.qualify(out_fs, out_root).rstrip("/")
+    for directory in {posixpath.dirname(t) for t in input_tars}:
+        if _real_directory(directory) == target:
             raise ValueError(
                 f"{target} holds this dataset's input shards: exporting there could replace "
                 f"them while they are read; write to another directory"
@@ -428,7 +430,8 @@ def _stream(
     partition's stats pass ``check`` first."""
     from distributed import as_completed, progress, wait
 
-    futures = client.compute(stats_tasks, priority=1, optimize_graph=False)  # each as soon as its partition is
+    # each as soon as its partition is (the graphs need no culling: see compute_with_progress)
+    futures = client.compute(stats_tasks, priority=1, optimize_graph=False)
     index = {future.key: i for i, future in enumerate(futures)}
     stats: list = [None] * len(futures)
     known = 0  # partitions selected without a gap from the first

@@ -21,7 +21,9 @@ def current_client():
 
 
 def compute_with_progress(tasks: Sequence, verbose: bool, label: str) -> list:
-    """``dask.compute(*tasks)``, showing progress when ``verbose``."""
+    """``dask.compute(*tasks)``, showing progress when ``verbose``. Without graph
+    optimisation: for delayed tasks it is culling only, which nothing here needs and whose
+    cost over a layer per task (many shards) grew faster than the number of tasks."""
     if not verbose:
         return list(dask.compute(*tasks, optimize_graph=False))
     client = current_client()
