@@ -227,8 +227,8 @@ def open_buffer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[bytes | mm
 
 def _close_mapping(mapped: mmap.mmap) -> None:
     """Unmap now if nothing still views the mapping; else when its last view is freed. (On
-    Dask workers a view can outlive its use in a reference cycle until the collector runs:
-    that must not fail the task after its work is done.)"""
+    Dask workers a view can outlive its use for a while, in a frame the statistical profiler
+    holds or in a reference cycle: that must not fail the task after its work is done.)"""
     try:
         mapped.close()
     except BufferError:

@@ -246,7 +246,9 @@ def _data_after(buffer, end: int) -> int | None:
     view = np.frombuffer(buffer, dtype=np.uint8)
     found = None
     for start in range(end, len(view), _CHUNK):
-        nonzero = np.flatnonzero(view[start : start + _CHUNK])
+        # ndarray.nonzero, not np.flatnonzero: a Python-level function whose frame (held a
+        # moment by, say, a Dask worker's profiler) would keep a view of the mmap alive
+        nonzero = view[start : start + _CHUNK].nonzero()[0]
         if len(nonzero):
             found = start + int(nonzero[0])
             break
