@@ -395,10 +395,7 @@ class _MetadataWriter:
         """Remove this run's fragments from ``directories`` (after a failure)."""
         for directory in directories:
             with contextlib.suppress(OSError):
-                self.out_fs.invalidate_cache(directory)  # workers wrote there: not cached
-                for path in self.out_fs.ls(directory, detail=False):
-                    if f"{fsio.TEMP_MARK}{self.run}-part" in fsio.basename(path):
-                        self.out_fs.rm_file(path)
+                fsio.remove_stale_temps(self.out_fs, directory, f"{fsio.TEMP_MARK}{self.run}-part")
 
 
 def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:

@@ -348,11 +348,12 @@ def writing_to(fs: fsspec.AbstractFileSystem, directory: str) -> Iterator[None]:
         os.close(fd)
 
 
-def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str) -> int:
+def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str, mark: str = TEMP_MARK) -> int:
     """Delete the hidden temporary files (``.NAME.tmp-*``) that an interrupted writer left
     in ``directory``: ``atomic_write``'s local ones, and ``save_metadata``'s fragments (also
     objects on object stores, where nothing else is ever written under a temporary name).
-    Call it only while no other writer uses the directory (``writing_to``)."""
+    Call it only while no other writer uses the directory (``writing_to``); or with a
+    ``mark`` naming one run's files (``TEMP_MARK`` + its id), for that run's."""
     if is_local(fs):
         if not os.path.isdir(directory):
             return 0
@@ -363,7 +364,7 @@ def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str) -> int:
             names = [basename(p) for p in fs.ls(directory, detail=False)]
         except FileNotFoundError:
             return 0
-    stale = [n for n in names if n.startswith(".") and TEMP_MARK in n]
+    stale = [n for n in names if n.startswith(".") and mark in n]
     for name in stale:
         path = join(directory, name)
         retry(fs, path, lambda path=path: fs.rm_file(path), action="write")
