@@ -25,7 +25,7 @@ from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.shards import Shard, find_shards
 from dask_imgcurate.metadata import BOOKKEEPING, is_bookkeeping, shard_table, sidecar_schema
-from dask_imgcurate.progress import nested_column_shuffles
+from dask_imgcurate.progress import PartitionProgress, nested_column_shuffles, tick
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class ImageTextPairDataset:
             raise ValueError("files_per_partition must be >= 1")
         if on_mismatch not in ("raise", "drop"):
             raise ValueError("on_mismatch must be 'raise' or 'drop'")
+        if not isinstance(path, str) and not len(path):  # e.g. a glob that matched nothing
+            raise FileNotFoundError("no .tar shards found: the list of paths is empty")
         fs, _ = fsio.url_to_fs(path if isinstance(path, str) else path[0], storage_options)
         shards = find_shards(fs, path)
         if not shards:
@@ -134,18 +136,26 @@ class ImageTextPairDataset:
         path: str | None = None,
         columns: Sequence[str] | None = None,
         storage_options: dict | None = None,
+        verbose: bool = False,
     ) -> pd.DataFrame:
         """Write each shard's metadata to ``<path>/<shard stem>.parquet``.
 
         ``path=None`` overwrites the Parquet files beside the dataset's own tars. Each file is
         written under a temporary name and renamed when complete. ``columns`` (default: all
         but the ``_``-prefixed bookkeeping columns) always gets the id column first.
-        ``storage_options`` are those of ``path`` (default: the dataset's). Returns one row
-        per file written (shard, path, rows).
+        ``storage_options`` are those of ``path`` (default: the dataset's). ``verbose`` shows
+        a progress bar over the partitions (which compute whatever the metadata holds:
+        embeddings, scores). Returns one row per file written (shard, path, rows).
         """
         frame = self.metadata
         if columns is None:
             columns = [c for c in frame.columns if not is_bookkeeping(c)]
+        bookkeeping = [c for c in columns if is_bookkeeping(c)]
+        if bookkeeping:
+            raise ValueError(
+                f"save_metadata: {bookkeeping} are bookkeeping columns (names starting with "
+                f"'_'), which are never written to Parquet"
+            )
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise KeyError(f"save_metadata: no such columns {missing}")
@@ -161,7 +171,9 @@ class ImageTextPairDataset:
             out_fs, target = fs, None
         else:
             out_fs, target = fsio.url_to_fs(path, storage_options or self.storage_options)
-        writer = _MetadataWriter(fs, out_fs, target, list(columns), groups, uuid.uuid4().hex[:8])
+        progress = PartitionProgress("save_metadata", frame.npartitions, verbose)
+        run = uuid.uuid4().hex[:8]
+        writer = _MetadataWriter(fs, out_fs, target, list(columns), groups, run, progress.topic)
         result_meta = pd.DataFrame(
             {
                 "shard": pd.Series([], dtype=object),
@@ -177,7 +189,7 @@ class ImageTextPairDataset:
             for directory in directories:  # fragments of an interrupted earlier run
                 fsio.remove_stale_temps(out_fs, directory)
             try:
-                with dask.config.set({"dataframe.convert-string": False}):
+                with dask.config.set({"dataframe.convert-string": False}), progress:
                     fragments = frame.map_partitions(writer, meta=result_meta).compute()
                 return _publish_fragments(out_fs, fragments)
             except BaseException:
@@ -336,9 +348,10 @@ class _MetadataWriter:
     ``_publish_fragments`` then gives each shard one Parquet, whichever partitions held its
     rows (after ``repartition`` or ``sort_values``, several do)."""
 
-    def __init__(self, fs, out_fs, target, columns, groups, run: str):
+    def __init__(self, fs, out_fs, target, columns, groups, run: str, progress=None):
         self.fs, self.out_fs, self.target = fs, out_fs, target  # of the tars, of the output
         self.columns, self.groups, self.run = columns, groups, run
+        self.progress = progress  # a PartitionProgress topic
 
     def __call__(self, frame, partition_info=None):
         table = to_arrow(frame)
@@ -370,6 +383,7 @@ class _MetadataWriter:
                 }
             )
         columns = ["shard", "path", "fragment", "rows"]
+        tick(self.progress, table.num_rows)
         return pd.DataFrame(rows, columns=columns).astype({"rows": "int64"})
 
     def _path_for(self, source: str) -> str:

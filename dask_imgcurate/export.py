@@ -56,7 +56,13 @@ from dask_imgcurate.io.writer import (
     write_shard,
 )
 from dask_imgcurate.metadata import is_bookkeeping
-from dask_imgcurate.progress import compute_with_progress, current_client, nested_column_shuffles
+from dask_imgcurate.progress import (
+    PartitionProgress,
+    compute_with_progress,
+    current_client,
+    nested_column_shuffles,
+    tick,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +117,9 @@ class _Selection:
         return self.spans, self.records_in, self.dropped_for_errors, self.digest, self.sources
 
 
-def _select(frame, filter_column: str | None, digest: bool, key_bytes_of) -> _Selection:
+def _select(
+    frame, filter_column: str | None, digest: bool, key_bytes_of, progress: str | None = None
+) -> _Selection:
     table = to_arrow(frame)
     n_in = table.num_rows
     keep = np.ones(n_in, dtype=bool)
@@ -126,6 +134,7 @@ def _select(frame, filter_column: str | None, digest: bool, key_bytes_of) -> _Se
     kept = table.filter(pa.array(keep))
     spans = record_spans(kept, key_bytes_of(kept))
     sources = tuple(pc.unique(table.column("_shard")).drop_null().to_pylist())
+    tick(progress, n_in)
     return _Selection(kept, spans, n_in, errors, _digest(kept) if digest else "", sources)
 
 
@@ -268,7 +277,8 @@ def _export(
     frame = dataset.metadata
     if filter_column is not None:
         _check_filter_column(frame, filter_column)
-    select = (filter_column, name_prefix is not None, layout.key_bytes_of)
+    reading = PartitionProgress("export: reading", frame.npartitions, verbose)
+    select = (filter_column, name_prefix is not None, layout.key_bytes_of, reading.topic)
     if "resources" in dask.get_annotations() or not isinstance(frame._meta, pd.DataFrame):
         # GPU tasks are annotated by their keys (stages.gpu_annotations): keep them intact;
         # other backends (cudf) get the same plain tasks
@@ -278,28 +288,29 @@ def _export(
             _select, *select, meta=("selection", object), enforce_metadata=False
         )
         selecting = selected.to_delayed()
-    with dask.annotate(priority=_in_partition_order):  # on a cluster, for _stream
-        selections = dask.persist(*selecting, optimize_graph=False)
-    stats_tasks = [dask.delayed(_Selection.stats)(s) for s in selections]
     job = _Job(out_fs, out_root, dataset.fs, layout, write_idx)
-    submit = _Submitter(job, selections, resume, shard_count_check)
     client = current_client()
 
     def check_sources(stats: tuple) -> None:  # the tars a partition's rows come from
         _refuse_input_directory(out_fs, out_root, stats[4])  # (directories: cached)
 
-    with fsio.writing_to(out_fs, out_root):  # no other export there meanwhile
+    with fsio.writing_to(out_fs, out_root), reading:  # no other export there meanwhile
+        with dask.annotate(priority=_in_partition_order):  # on a cluster, for _stream
+            selections = dask.persist(*selecting, optimize_graph=False)  # local: computed
+        stats_tasks = [dask.delayed(_Selection.stats)(s) for s in selections]
+        submit = _Submitter(job, selections, resume, shard_count_check)
         # Stream only when every tar the frame reads is known up front (checked above)
         if client is not None and name_prefix is None and inputs_known:
-            stats, results = _stream(client, stats_tasks, per_shard, submit, verbose, check_sources)
+            stats, results = _stream(client, stats_tasks, per_shard, submit, reading, check_sources)
         else:  # all counts first (and, for deterministic names, every partition's digest)
             stats = list(dask.compute(*stats_tasks, optimize_graph=False))
+            reading.close()
             _refuse_input_directory(out_fs, out_root, {t for s in stats for t in s[4]})
             if name_prefix is not None:
                 name_prefix([s[3] for s in stats])
             shards = _plan(stats, per_shard)
             tasks = submit(shards) if shards else []
-            results = compute_with_progress(tasks, verbose, "export")
+            results = compute_with_progress(tasks, verbose, "export: writing")
     summary.records_in = sum(s[1] for s in stats)
     summary.dropped_for_errors = sum(s[2] for s in stats)
     summary.records_out = sum(len(s[0]) for s in stats)
@@ -422,12 +433,11 @@ def _in_partition_order(key) -> int:
     return -key[-1] if isinstance(key, tuple) and isinstance(key[-1], int) else 0
 
 
-def _stream(
-    client, stats_tasks: list, per_shard: int, submit, verbose: bool, check: Callable
-) -> tuple:
+def _stream(client, stats_tasks: list, per_shard: int, submit, reading, check: Callable) -> tuple:
     """On a distributed client: start writing each output shard as soon as the partitions
     before its last row are selected, while later partitions are still being read. Each
-    partition's stats pass ``check`` first."""
+    partition's stats pass ``check`` first. ``reading``: the reading progress (closed before
+    the writing's shows)."""
     from distributed import as_completed, progress, wait
 
     # each as soon as its partition is (the graphs need no culling: see compute_with_progress)
@@ -456,7 +466,9 @@ def _stream(
             if not result.skipped:
                 submit.job.remove(result)
         raise
-    if verbose and writing:
+    reading.close()
+    if reading.topic is not None and writing:
+        print("export: writing", flush=True)
         progress(writing)
     return stats, client.gather(writing)
 

@@ -12,6 +12,7 @@ from dask_imgcurate.stages import (
     ImageWriterStage,
     PipelineState,
     Stage,
+    _ScoreFilterStage,
 )
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ class Pipeline:
         """Raise ``ValueError`` when the stage order cannot work (checked before any work).
 
         The first stage must be the one ``FilePartitioningStage``; an ``ImageReaderStage``
-        must come before the ``ImageEmbeddingStage`` it configures; ``ImageWriterStage``, if
-        any, must be last.
+        must come before the ``ImageEmbeddingStage`` it configures, and so must the score
+        filters (before it, they would filter on scores saved earlier, not on the new
+        embeddings); ``ImageWriterStage``, if any, must be last.
         """
         if not self.stages:
             raise ValueError(f"pipeline {self.name!r} has no stages")
@@ -61,6 +63,16 @@ class Pipeline:
                     f"pipeline {self.name!r}: ImageReaderStage must come before the "
                     f"ImageEmbeddingStage whose images it reads; stages: {names}"
                 )
+            if isinstance(stage, ImageEmbeddingStage):
+                early = [
+                    type(s).__name__ for s in self.stages[:i] if isinstance(s, _ScoreFilterStage)
+                ]
+                if early:
+                    raise ValueError(
+                        f"pipeline {self.name!r}: {early[0]} comes before the ImageEmbeddingStage: "
+                        f"it would filter on scores saved earlier, not on the new embeddings; "
+                        f"put the filters after it; stages: {names}"
+                    )
             if isinstance(stage, ImageWriterStage) and i != len(self.stages) - 1:
                 raise ValueError(
                     f"pipeline {self.name!r}: ImageWriterStage must be the last stage "

@@ -1,11 +1,18 @@
-"""Compute dask tasks with a progress bar, on a local scheduler or a distributed client."""
+"""Progress of long work, on a local scheduler or a distributed client: a bar over the
+partitions tasks report (``PartitionProgress`` + ``tick``) and ``compute_with_progress``."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 
 import dask
+
+_LOCAL_BARS: dict[str, Callable[[int], None]] = {}  # topic -> update, for tasks run here
 
 
 def current_client():
@@ -50,3 +57,71 @@ def nested_column_shuffles() -> Iterator[None]:
         return
     with dask.config.set({"dataframe.shuffle.method": "tasks"}):
         yield
+
+
+def tick(topic: str | None, records: int) -> None:
+    """Called by a task when it has done one partition of ``records`` rows: advances the
+    ``PartitionProgress`` of ``topic`` (distributed's events from a worker; a callback in
+    this process on local schedulers). Nothing when ``topic`` is None."""
+    if topic is None:
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not in a distributed worker
+        worker = None
+    if worker is not None:
+        worker.log_event(topic, records)
+    elif topic in _LOCAL_BARS:
+        _LOCAL_BARS[topic](records)
+
+
+class PartitionProgress:
+    """A progress bar (stderr) over ``total`` partitions, advanced by tasks calling
+    ``tick(progress.topic, rows)``; shows the records done too. Use as a context around the
+    compute. Disabled: ``topic`` is None and nothing is shown."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True):
+        self.label, self.total = label, total
+        self.topic = f"dask-imgcurate-progress-{uuid.uuid4().hex}" if enabled else None
+        self.records = 0
+        self._bar = self._client = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> PartitionProgress:
+        if self.topic is None:
+            return self
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self.total, desc=self.label, unit="partition", file=sys.stderr)
+        _LOCAL_BARS[self.topic] = self._update
+        self._client = current_client()
+        if self._client is not None:
+            self._client.subscribe_topic(self.topic, lambda event: self._update(event[1]))
+        return self
+
+    def _update(self, records: int) -> None:
+        with self._lock:  # threaded scheduler: tasks tick from several threads
+            self.records += records
+            self._bar.set_postfix_str(f"records={self.records}", refresh=False)
+            self._bar.update(1)
+
+    def __exit__(self, *exc) -> None:
+        self.close(failed=exc[0] is not None)
+
+    def close(self, failed: bool = False) -> None:
+        """Stop showing (again: nothing); unless ``failed``, first wait a moment for the
+        workers' last reports."""
+        if self._bar is None:
+            return
+        _LOCAL_BARS.pop(self.topic, None)
+        if self._client is not None:
+            if not failed:  # the workers' last events may still be on their way
+                deadline = time.monotonic() + 2.0
+                while self._bar.n < self.total and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            with contextlib.suppress(Exception):  # a client closed meanwhile
+                self._client.unsubscribe_topic(self.topic)
+        self._bar.close()
+        self._bar = None

@@ -3,7 +3,9 @@
 Stages do not run anything themselves: each turns the pipeline's state into a lazier state
 (a dataset whose metadata has more columns), and only ``ImageWriterStage`` computes. Filters
 do not drop rows: they AND their verdict into the boolean ``keep`` column, which the writer
-exports. A record failing a threshold is dropped there and counted in the summary's
+exports. The verdict is this pipeline's own: a ``keep`` column loaded with the metadata (an
+earlier run's, saved by ``save_metadata``) is replaced by the first filter and, with no
+filter stage, not applied (both with a warning). A record failing a threshold is dropped there and counted in the summary's
 ``dropped_by_filter``; a record whose image could not be read or decoded (``error`` set, no
 score) is left to the writer, which drops it and counts it in ``dropped_for_errors``.
 
@@ -19,6 +21,7 @@ resource nothing is annotated (such tasks could never be scheduled there).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -45,6 +48,7 @@ class PipelineState:
     reader: dict[str, Any] = field(default_factory=dict)
     embedding: dict[str, Any] = field(default_factory=dict)
     gpu_share: float = 0.0
+    filtered: bool = False  # a filter stage has set ``keep``
     summary: ExportSummary | None = None
 
 
@@ -59,6 +63,19 @@ class Stage:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+def _check_options(stage: str, target, options: dict, exclude: tuple[str, ...] = ()) -> None:
+    """Refuse keyword ``options`` that ``target`` (a class) does not take, when the stage is
+    built rather than when the pipeline runs."""
+    parameters = inspect.signature(target).parameters
+    accepted = {n for n, p in parameters.items() if p.kind is not p.VAR_POSITIONAL} - set(exclude)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise TypeError(
+            f"{stage}: unknown option(s) {unknown} (passed on to {target.__name__}, which takes "
+            f"{sorted(accepted)})"
+        )
 
 
 def _require_dataset(state: PipelineState, stage: Stage) -> ImageTextPairDataset:
@@ -152,6 +169,10 @@ class ImageEmbeddingStage(Stage):
         device: str = "auto",
         **embedder_options: Any,
     ):
+        from dask_imgcurate.embed import ClipImageEmbedder
+
+        own = ("model_name", "pretrained", "batch_size", "device")
+        _check_options(type(self).__name__, ClipImageEmbedder, embedder_options, own)
         self.model_name = model_name
         self.pretrained = pretrained
         self.batch_size = batch_size
@@ -188,15 +209,22 @@ class ImageEmbeddingStage(Stage):
 
 
 class _ScoreFilterStage(Stage):
-    column = ""
+    column = ""  # the score column (the classifier's ``output_column`` may rename it)
 
     def __init__(self, score_threshold: float = 0.5, model_path: str | None = None, **options):
+        _check_options(type(self).__name__, self.classifier_class(), options, ("model_path",))
         self.score_threshold = score_threshold
         self.model_path = model_path
         self.options = options
+        self.column = options.get("output_column") or type(self).column
 
-    def classifier(self, **defaults: Any):  # pragma: no cover - interface
+    @staticmethod
+    def classifier_class() -> type:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def classifier(self, **defaults: Any):
+        cls = self.classifier_class()
+        return cls(model_path=self.model_path, **{**defaults, **self.options})
 
     def passes(self, scores):  # pragma: no cover - interface
         raise NotImplementedError
@@ -226,10 +254,18 @@ class _ScoreFilterStage(Stage):
         meta = dataset.metadata
         # no score (NaN) when the image failed: the writer drops the record as an error
         verdict = self.passes(meta[self.column]).fillna(False).astype(bool)
-        if KEEP_COLUMN in meta.columns:
+        if state.filtered:  # an earlier filter stage of this pipeline
             verdict = verdict & meta[KEEP_COLUMN]
+        elif KEEP_COLUMN in meta.columns:
+            warnings.warn(
+                f"{type(self).__name__} replaces the {KEEP_COLUMN!r} column the metadata was "
+                f"loaded with (an earlier run's verdict?): this pipeline keeps what its own "
+                f"filter stages pass",
+                stacklevel=2,
+            )
         meta = meta.assign(**{KEEP_COLUMN: verdict})
         state.dataset = dataset.with_metadata(meta)
+        state.filtered = True
         return state
 
 
@@ -238,10 +274,11 @@ class ImageAestheticFilterStage(_ScoreFilterStage):
 
     column = "aesthetic_score"
 
-    def classifier(self, **defaults: Any):
+    @staticmethod
+    def classifier_class() -> type:
         from dask_imgcurate.models.classifiers import AestheticClassifier
 
-        return AestheticClassifier(model_path=self.model_path, **{**defaults, **self.options})
+        return AestheticClassifier
 
     def passes(self, scores):
         return scores >= self.score_threshold
@@ -252,10 +289,11 @@ class ImageNSFWFilterStage(_ScoreFilterStage):
 
     column = "nsfw_score"
 
-    def classifier(self, **defaults: Any):
+    @staticmethod
+    def classifier_class() -> type:
         from dask_imgcurate.models.classifiers import NsfwClassifier
 
-        return NsfwClassifier(model_path=self.model_path, **{**defaults, **self.options})
+        return NsfwClassifier
 
     def passes(self, scores):
         return scores < self.score_threshold
@@ -282,14 +320,22 @@ class ImageWriterStage(Stage):
 
     def apply(self, state: PipelineState) -> PipelineState:
         dataset = _require_dataset(state, self)
+        if not state.filtered and KEEP_COLUMN in dataset.metadata.columns:
+            warnings.warn(
+                f"the metadata was loaded with a {KEEP_COLUMN!r} column but no filter stage "
+                f"ran: writing every record (to apply it: dataset.write_images(..., "
+                f"filter_column={KEEP_COLUMN!r}))",
+                stacklevel=2,
+            )
         with gpu_annotations(dataset.metadata, state.gpu_share):
             state.summary = dataset.write_images(
                 self.output_dir,
                 images_per_tar=self.images_per_tar,
-                filter_column=KEEP_COLUMN if KEEP_COLUMN in dataset.metadata.columns else None,
+                filter_column=KEEP_COLUMN if state.filtered else None,
                 deterministic_name=self.deterministic_name,
                 remove_image_data=self.remove_image_data,
-                verbose=self.verbose,
+                # the reader stage's verbose: progress of reading + embedding
+                verbose=self.verbose or bool(state.reader.get("verbose")),
                 storage_options=self.storage_options,
             )
         return state

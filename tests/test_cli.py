@@ -274,7 +274,7 @@ def test_embed_saves_embeddings_and_scores_as_parquet(scored):
     rows = table(result.stdout)
     assert rows["parquet files written"] == str(SHARDS)
     assert rows["records"] == str(SHARDS * PER_SHARD)
-    assert "embed: 100%" in result.stderr  # -v shows the progress bar (3 of 3 shards)
+    assert "save_metadata: 100%" in result.stderr  # -v shows the progress bar (3 of 3 shards)
     assert "3/3" in result.stderr
     for i in range(SHARDS):
         table_ = pq.read_table(root / f"{i:05d}.parquet")

@@ -514,6 +514,9 @@ def test_save_metadata_explicit_path_and_columns(demo_dir_nopq, tmp_path):
     assert not list(demo_dir_nopq.glob("*.parquet"))
     with pytest.raises(KeyError, match="nope"):
         ds.save_metadata(str(out), columns=["nope"])
+    with pytest.raises(ValueError, match=r"\['_shard'\] are bookkeeping columns"):
+        ds.save_metadata(str(tmp_path / "bookkeeping"), columns=["caption", "_shard"])
+    assert not (tmp_path / "bookkeeping").exists()
 
 
 def test_save_metadata_file_names_follow_shards(tmp_path):
@@ -707,6 +710,8 @@ def test_directory_without_shards(tmp_path):
         load(tmp_path)
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
         load(f"{tmp_path}/*.tar")
+    with pytest.raises(FileNotFoundError, match="no .tar shards found: the list of paths is empty"):
+        ImageTextPairDataset.from_webdataset([])  # e.g. glob.glob that matched nothing
 
 
 # --- backend ----------------------------------------------------------------------------------

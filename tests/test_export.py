@@ -557,7 +557,7 @@ def test_the_lock_is_taken_on_the_current_lock_file(tmp_path, monkeypatch):
     assert not (out / fsio.LOCK_NAME).exists()
 
 
-def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch):
+def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch, capfd):
     from distributed import Client, LocalCluster
 
     ds = load_with_keep(source)
@@ -600,6 +600,15 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
             # a sorted frame (a shuffle: dask's P2P default fails on nested Arrow columns)
             ranked.to_webdataset(str(tmp_path / "cluster-ranked"), samples_per_shard=6)
             ranked.save_metadata(str(tmp_path / "ranked-meta"))
+            capfd.readouterr()
+            # progress of the reading (what embeds and scores) comes from the workers' events
+            ds.to_webdataset(str(tmp_path / "verbose"), samples_per_shard=6, verbose=True)
+            ranked.save_metadata(str(tmp_path / "verbose-meta"), verbose=True)
+            shown = capfd.readouterr().err.replace("\r", "\n")
+    n, records = ds.metadata.npartitions, len(meta)
+    assert "export: reading: 100%" in shown and f"{n}/{n}" in shown
+    assert f"records={records}" in shown
+    assert "save_metadata: 100%" in shown
     assert summary.shards_written == len(list((tmp_path / "single").glob("*.tar")))
     assert _digest_dir(tmp_path / "single") == _digest_dir(tmp_path / "cluster")
     assert _digest_dir(tmp_path / "single-img") == _digest_dir(tmp_path / "cluster-img")
@@ -891,3 +900,22 @@ def test_piece_cuts(monkeypatch):
     assert export._piece_cuts(ends) == [0, 3, 6, 8, 10]  # each piece passes 25 bytes once
     assert export._piece_cuts(np.cumsum([100, 1])) == [0, 1, 2]  # a record over the size
     assert export._piece_cuts(np.cumsum([5, 5])) == [0, 2]  # all under the size: one piece
+
+
+def test_progress_of_reading_and_writing_on_local_schedulers(source, tmp_path, capfd):
+    ds = load_with_keep(source)
+    n, records = ds.metadata.npartitions, len(ds.metadata)
+    for scheduler in ("synchronous", "threads"):
+        with dask.config.set(scheduler=scheduler):
+            out = tmp_path / scheduler
+            ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=6, verbose=True)
+            captured = capfd.readouterr()
+            err = captured.err.replace("\r", "\n")
+            assert "export: reading: 100%" in err and f"{n}/{n}" in err
+            assert f"records={records}" in err  # every input record, kept or not
+            assert "export: writing" in captured.out and "100% Completed" in captured.out
+            ds.save_metadata(str(tmp_path / f"meta-{scheduler}"), verbose=True)
+            assert "save_metadata: 100%" in capfd.readouterr().err
+    ds.to_webdataset(str(tmp_path / "quiet"), samples_per_shard=6)  # verbose=False: nothing
+    captured = capfd.readouterr()
+    assert "export" not in captured.err + captured.out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import shutil
 import tarfile
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dask_imgcurate import demo
+from dask_imgcurate import ImageTextPairDataset, demo
 from dask_imgcurate.models import classifiers as clf_mod
 from dask_imgcurate.models import clip as clip_mod
 from dask_imgcurate.models.builtin import make_demo_models
@@ -478,6 +479,90 @@ def test_filters_score_new_embeddings_not_saved_scores(data, models, reference) 
         )
         assert not meta.loc[corrupt_key, KEEP_COLUMN]
         assert 0 < good[KEEP_COLUMN].sum() < len(good)
+
+
+def test_a_keep_column_loaded_with_the_metadata_is_not_this_pipelines_verdict(
+    data, tmp_path: Path
+) -> None:
+    """An earlier run's ``keep`` saved in the sidecars neither filters a new pipeline's
+    filter stages nor, without any, the writer (each with a warning)."""
+    root = tmp_path / "in"
+    shutil.copytree(data[0], root)
+    ds = ImageTextPairDataset.from_webdataset(str(root))
+    meta = ds.metadata
+    ds.with_metadata(meta.assign(keep=meta["width"] < 0)).save_metadata()  # keeps nothing
+    n = SHARDS * PER_SHARD
+    everything = np.full(n, 0.5, np.float32)
+    stages = [
+        FilePartitioningStage(str(root)),
+        AssignScores(everything, everything),
+        ImageNSFWFilterStage(score_threshold=2.0, model_path="unused.pt"),  # all pass
+        ImageWriterStage(str(tmp_path / "filtered"), verbose=False),
+    ]
+    with pytest.warns(UserWarning, match="replaces the 'keep' column the metadata was loaded"):
+        summary = Pipeline("stale", stages).run().summary
+    assert summary.records_out == n and summary.dropped_by_filter == 0
+    stages = [FilePartitioningStage(str(root)), ImageWriterStage(str(tmp_path / "all"))]
+    with pytest.warns(UserWarning, match="no filter stage ran: writing every record"):
+        summary = Pipeline("no filters", stages).run().summary
+    assert summary.records_out == n
+
+
+def test_a_filters_output_column_is_what_it_thresholds(data, models, reference) -> None:
+    root, corrupt_key = data
+    n = SHARDS * PER_SHARD
+    stale = np.full(n, 99.0, np.float32)  # saved scores under the default name
+    threshold, _ = threshold_in_gap(reference["aesthetic"])
+    stages = [
+        FilePartitioningStage(str(root)),
+        AssignScores(stale, stale),
+        ImageEmbeddingStage(models.clip_model, None, device="cpu", num_threads=2),
+        ImageAestheticFilterStage(
+            threshold, model_path=str(models.aesthetic), output_column="aesthetic_new"
+        ),
+    ]
+    meta = Pipeline("renamed", stages).run().dataset.metadata.compute().set_index("key")
+    good = meta.drop(index=corrupt_key)
+    np.testing.assert_allclose(
+        good["aesthetic_new"], reference.loc[good.index, "aesthetic"], atol=1e-3
+    )
+    assert (meta["aesthetic_score"] == 99.0).all()  # the saved column is left alone
+    np.testing.assert_array_equal(good[KEEP_COLUMN], good["aesthetic_new"] >= threshold)
+    assert 0 < good[KEEP_COLUMN].sum() < len(good)
+
+
+def test_stage_options_are_checked_when_the_stage_is_built(data, models) -> None:
+    with pytest.raises(TypeError, match=r"ImageEmbeddingStage: unknown option\(s\) \['model_inf"):
+        ImageEmbeddingStage(models.clip_model, None, model_inference_batch_size=32)
+    with pytest.raises(TypeError, match=r"ImageAestheticFilterStage: unknown option\(s\) \['bach"):
+        ImageAestheticFilterStage(0.5, model_path="a.pt", bach_size=8)
+    with pytest.raises(TypeError, match=r"ImageNSFWFilterStage: unknown option\(s\) \['embeding"):
+        ImageNSFWFilterStage(0.5, model_path="a.pt", embeding_dim=64)
+    ImageNSFWFilterStage(0.5, model_path="a.pt", embedding_dim=64, batch_size=8)  # known ones
+    root, _ = data
+    with pytest.raises(ValueError, match="ImageAestheticFilterStage comes before the ImageEmb"):
+        Pipeline(
+            "p",
+            [
+                FilePartitioningStage(str(root)),
+                ImageAestheticFilterStage(0.5, model_path=str(models.aesthetic)),
+                ImageEmbeddingStage(models.clip_model, None),
+            ],
+        ).validate()
+
+
+def test_wrong_head_weights_name_the_file(models, tmp_path: Path) -> None:
+    head = dict(embedding_dim=models.embedding_dim, device="cpu")
+    with pytest.raises(ValueError, match=f"AestheticClassifier: {models.nsfw} holds weights of"):
+        AestheticClassifier(model_path=str(models.nsfw), **head).load()
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match=f"NsfwClassifier: {junk} is not a torch state dict"):
+        NsfwClassifier(model_path=str(junk), **head).load()
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    with pytest.raises(ValueError, match="holds a list, not a state dict"):
+        NsfwClassifier(model_path=str(listed), **head).load()
 
 
 # --------------------------------------------------------------------------- GPU share

@@ -33,7 +33,6 @@ from dask_imgcurate.cli.work import (
     _export,
     _head_available,
     _load,
-    _Progress,
     _scored,
     _with_keep,
     run_curate,
@@ -236,10 +235,9 @@ def embed(ctx: click.Context, path: str, output: str | None, **_) -> None:
     dataset = _load(path, config)
     aesthetic, nsfw = _head_available("aesthetic", config), _head_available("nsfw", config)
     fetch = cluster_kind(config.scheduler_address, config.n_workers) != "existing"
-    progress = _Progress("embed", _show_progress())
-    scored = progress.wrap(_scored(dataset, config, aesthetic=aesthetic, nsfw=nsfw, fetch=fetch))
-    with _client(config) as client, progress.attached(client):
-        written = scored.save_metadata(output)
+    scored = _scored(dataset, config, aesthetic=aesthetic, nsfw=nsfw, fetch=fetch)
+    with _client(config) as client:
+        written = scored.save_metadata(output, verbose=_show_progress())
         cluster = describe(client)
     columns = ["image_embedding"] + [
         c for c, on in (("aesthetic_score", aesthetic), ("nsfw_score", nsfw)) if on
@@ -354,11 +352,9 @@ def demo(
         n_workers=n_workers,
     )
     scored = _scored(_load(str(source), config), config, aesthetic=True, nsfw=True)
-    progress = _Progress("embed", _show_progress())
-    scored = progress.wrap(scored)
     with _client(config) as client:
-        with progress.attached(client):
-            scored.save_metadata()  # embeddings + scores become the shards' Parquet metadata
+        # embeddings + scores become the shards' Parquet metadata
+        scored.save_metadata(verbose=_show_progress())
         dataset = _load(str(source), config)  # cheap reload: the scores are metadata now
         meta = dataset.metadata
         low, high = dask.compute(

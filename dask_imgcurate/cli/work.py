@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import uuid
 import warnings
 
 from dask_imgcurate.cli.config import CurateConfig
@@ -235,63 +234,6 @@ def _client(config: CurateConfig):
     return dask_client(config.scheduler_address, config.n_workers, quiet=not _verbose())
 
 
-# Progress of the embed stage: each partition reports its row count when done, through
-# distributed's events on a cluster, or a callback in this process without one.
-_LOCAL_TICKS: dict = {}
-
-
-def _tick(frame, topic: str):
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        worker = None
-    if worker is not None:
-        worker.log_event(topic, len(frame))
-    elif topic in _LOCAL_TICKS:
-        _LOCAL_TICKS[topic](len(frame))
-    return frame
-
-
-class _Progress:
-    """A progress bar over the partitions of a lazy stage (disabled: does nothing)."""
-
-    def __init__(self, label: str, enabled: bool):
-        self.label, self.enabled = label, enabled
-        self.topic = f"dask-imgcurate-{label}-{uuid.uuid4().hex}"
-        self.bar = None
-        self.records = 0
-
-    def wrap(self, dataset):
-        if not self.enabled:
-            return dataset
-        meta = dataset.metadata
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=meta.npartitions, desc=self.label, unit="shard", file=sys.stderr)
-        _LOCAL_TICKS[self.topic] = self._update
-        return dataset.with_metadata(meta.map_partitions(_tick, self.topic, meta=meta._meta))
-
-    def _update(self, rows: int) -> None:
-        self.records += rows
-        self.bar.set_postfix(records=self.records, refresh=False)
-        self.bar.update(1)
-
-    @contextlib.contextmanager
-    def attached(self, client):
-        if self.bar is not None and client is not None:
-            client.subscribe_topic(self.topic, lambda event: self._update(event[1]))
-        try:
-            yield
-        finally:
-            _LOCAL_TICKS.pop(self.topic, None)
-            if self.bar is not None:
-                if client is not None:
-                    client.unsubscribe_topic(self.topic)
-                self.bar.close()
-
-
 def run_curate(input_path: str, output: str, config: CurateConfig):
     """Load, embed and score, filter, export (the ``curate`` command's work).
 
@@ -301,9 +243,8 @@ def run_curate(input_path: str, output: str, config: CurateConfig):
     aesthetic = _needs(config, "aesthetic_score") or config.aesthetic_model is not None
     nsfw = _needs(config, "nsfw_score") or config.nsfw_model is not None
     fetch = cluster_kind(config.scheduler_address, config.n_workers) != "existing"
-    progress = _Progress("embed", _show_progress())
-    scored = progress.wrap(_scored(dataset, config, aesthetic=aesthetic, nsfw=nsfw, fetch=fetch))
+    scored = _scored(dataset, config, aesthetic=aesthetic, nsfw=nsfw, fetch=fetch)
     scored, column = _with_keep(scored, config)
-    with _client(config) as client, progress.attached(client):
+    with _client(config) as client:
         summary = _export(scored, output, config, column)
         return summary, describe(client)

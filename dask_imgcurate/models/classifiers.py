@@ -188,11 +188,27 @@ class EmbeddingClassifier:
     def load_weights(self, path: str, device: str | torch.device = "cpu") -> nn.Module:
         """A new head with the state dict at ``path`` (checked against ``embedding_dim``)."""
         head = self.build()
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        name = type(self).__name__
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # pickle / zip errors: not a torch state dict file
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{name}: {path} is not a torch state dict ({reason})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise ValueError(f"{name}: {path} holds a {type(state).__name__}, not a state dict")
         self._check_weights(state, path)
-        head.load_state_dict(state)
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as err:  # another head's weights (e.g. NSFW weights for aesthetics)
+            expected = sorted(head.state_dict())
+            raise ValueError(
+                f"{name}: {path} holds weights of another model (its keys "
+                f"{sorted(state)[:6]}, this head's {expected[:6]}): {str(err).splitlines()[0]}"
+            ) from None
         head.eval().to(device)
         for p in head.parameters():
             p.requires_grad_(False)
