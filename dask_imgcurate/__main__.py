@@ -1,5 +1,5 @@
 """``python -m dask_imgcurate``: the ``dask-imgcurate`` command line."""
 
-from dask_imgcurate.cli import main
+from dask_imgcurate.cli import run
 
-main(prog_name="dask-imgcurate")
+run()

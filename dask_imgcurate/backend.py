@@ -64,8 +64,22 @@ def to_frame(table: pa.Table, backend: str):
     return table.to_pandas(types_mapper=_pandas_type, ignore_metadata=True)
 
 
+def column_names(frame) -> list[str]:
+    """The columns ``to_arrow`` gives ``frame`` (pandas, cudf or Dask): its own, then a
+    named index."""
+    meta = getattr(frame, "_meta", frame)
+    names = [n for n in meta.index.names if n is not None]
+    own = list(meta.columns)
+    return own + names if names and not set(names) & set(own) else own
+
+
 def to_arrow(frame) -> pa.Table:
-    """The inverse of ``to_frame`` for either backend."""
+    """The inverse of ``to_frame`` for either backend. A named index (``set_index("url")``)
+    is kept as a column, last, as ``to_parquet`` keeps it; an unnamed one is dropped."""
+    names = [n for n in frame.index.names if n is not None]
+    if names and not set(names) & set(frame.columns):
+        frame = frame.reset_index()
+        frame = frame[[*frame.columns[len(names) :], *names]]
     if hasattr(frame, "to_arrow"):  # cudf
         table = frame.to_arrow()
     else:

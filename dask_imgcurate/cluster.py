@@ -7,6 +7,8 @@ import importlib.util
 import logging
 import multiprocessing
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -65,6 +67,11 @@ def quiet_third_party(verbose: bool = False) -> Callable[[], None]:
     if not verbose and not any(isinstance(f, _OpenClipInfo) for f in root.filters):
         added = _OpenClipInfo()
         root.addFilter(added)
+    # huggingface_hub resets its logger's level when its logging module is first imported
+    # (by open_clip's download, after this): it reads HF_HUB_VERBOSITY then
+    verbosity = os.environ.get("HF_HUB_VERBOSITY")
+    if not verbose and verbosity is None:
+        os.environ["HF_HUB_VERBOSITY"] = "error"
     levels = {}
     for name, level in (
         ("distributed", logging.WARNING if verbose else logging.ERROR),
@@ -78,6 +85,8 @@ def quiet_third_party(verbose: bool = False) -> Callable[[], None]:
 
     def undo() -> None:
         warnings.filters[:] = filters
+        if not verbose and verbosity is None:
+            os.environ.pop("HF_HUB_VERBOSITY", None)
         if added is not None:
             root.removeFilter(added)
         for name, level in levels.items():
@@ -111,7 +120,7 @@ def describe(client) -> str:
     cluster = getattr(client, "cluster", None)
     workers = len(client.nthreads())
     name = type(cluster).__name__ if cluster is not None else "existing cluster"
-    return f"{name} at {client.scheduler.address} ({workers} workers)"
+    return f"{name} at {client.scheduler.address} ({workers} worker{'' if workers == 1 else 's'})"
 
 
 def _fast_exit() -> dict:
@@ -128,6 +137,21 @@ def _fast_exit() -> dict:
 
 
 @contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Worker processes started within ignore SIGINT (they inherit it): a terminal's Ctrl-C,
+    sent to the whole process group, then interrupts only this process, which closes the
+    cluster, instead of also killing every worker with a traceback of its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def dask_client(
     scheduler_address: str | None = None,
     n_workers: int | None = None,
@@ -139,7 +163,8 @@ def dask_client(
     ``scheduler_address`` connects to a running ``dask-scheduler`` (with ``dask-cuda-worker``
     or ``dask-worker`` processes); otherwise a ``LocalCUDACluster`` is started when GPUs and
     dask-cuda are present (``n_workers`` GPUs, default all), else a ``LocalCluster`` of
-    ``n_workers`` single-threaded processes (default: one per core). ``quiet`` keeps the
+    ``n_workers`` single-threaded processes (default: one per core), whose workers ignore
+    SIGINT (Ctrl-C stops this process, which closes them). ``quiet`` keeps the
     local workers' logs and warnings off stderr (their stderr is this process's; the caller
     reports errors and says once what needs saying).
     The dashboard of a local cluster listens on a free port (logged at INFO).
@@ -159,11 +184,12 @@ def dask_client(
     if kind == "local-cuda":
         from dask_cuda import LocalCUDACluster
 
-        cluster = LocalCUDACluster(
-            n_workers=n_workers, dashboard_address=":0", silence_logs=silence
-        )
+        with _workers_ignore_sigint():
+            cluster = LocalCUDACluster(
+                n_workers=n_workers, dashboard_address=":0", silence_logs=silence
+            )
     else:
-        with dask.config.set(_fast_exit()):
+        with dask.config.set(_fast_exit()), _workers_ignore_sigint():
             cluster = LocalCluster(
                 n_workers=n_workers,
                 threads_per_worker=1,

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dask_imgcurate import export
-from dask_imgcurate.backend import resolve_backend, to_arrow, to_frame
+from dask_imgcurate.backend import column_names, resolve_backend, to_arrow, to_frame
 from dask_imgcurate.errors import ShardWarning
 from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
@@ -148,15 +148,21 @@ class ImageTextPairDataset:
         embeddings, scores). Returns one row per file written (shard, path, rows).
         """
         frame = self.metadata
+        present = column_names(frame)  # a named index (set_index) is written too
+        if self.id_col not in present:
+            raise KeyError(
+                f"save_metadata: the metadata has no id column {self.id_col!r} (dropped or "
+                f"renamed?): every Parquet row needs its record's id"
+            )
         if columns is None:
-            columns = [c for c in frame.columns if not is_bookkeeping(c)]
+            columns = [c for c in present if not is_bookkeeping(c)]
         bookkeeping = [c for c in columns if is_bookkeeping(c)]
         if bookkeeping:
             raise ValueError(
                 f"save_metadata: {bookkeeping} are bookkeeping columns (names starting with "
                 f"'_'), which are never written to Parquet"
             )
-        missing = [c for c in columns if c not in frame.columns]
+        missing = [c for c in columns if c not in present]
         if missing:
             raise KeyError(f"save_metadata: no such columns {missing}")
         columns = [self.id_col] + [c for c in columns if c != self.id_col]

@@ -38,7 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dask_imgcurate.backend import to_arrow
+from dask_imgcurate.backend import column_names, to_arrow
 from dask_imgcurate.errors import DuplicateKeyError
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE
@@ -89,7 +89,8 @@ class ExportSummary:
         rate = self.bytes_written / self.seconds / 1e6 if self.seconds else 0.0
         return (
             f"exported {self.records_out} of {self.records_in} records to {self.path}: "
-            f"{self.shards_written} shards written, {self.shards_skipped} already complete, "
+            f"{self.shards_written} shard{'' if self.shards_written == 1 else 's'} written, "
+            f"{self.shards_skipped} already complete, "
             f"{self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f} s ({rate:.0f} MB/s); "
             f"dropped {self.dropped_by_filter} by filter, {self.dropped_for_errors} for errors"
             + (f"; {len(self.other_files)} other shard files there" if self.other_files else "")
@@ -132,6 +133,14 @@ def _select(
         errors = int((~ok).sum())  # says (its scores are NaN: a score filter drops it)
         keep &= ok
     kept = table.filter(pa.array(keep))
+    orphans = kept.column("_members").is_null()
+    if kept.column("_members").null_count:  # dd.merge(scores, metadata, how="left")
+        ids = kept.filter(orphans).column(0).to_pylist()[:5]
+        raise ValueError(
+            f"{kept.column('_members').null_count} rows to export are no record of the dataset's tars (no "
+            f"'_members': rows a merge or concat added), e.g. {ids}; merge the other table "
+            f"into the dataset's metadata (how='left' or 'inner'), or filter those rows out"
+        )
     spans = record_spans(kept, key_bytes_of(kept))
     sources = tuple(pc.unique(table.column("_shard")).drop_null().to_pylist())
     tick(progress, n_in)
@@ -271,10 +280,20 @@ def _export(
     input_tars, inputs_known = _input_tars(dataset)
     _real_directory.cache_clear()  # symlinks may have changed since an earlier export
     _refuse_input_directory(out_fs, out_root, input_tars)
+    if fsio.is_local(out_fs) and out_fs.isfile(out_root):
+        raise NotADirectoryError(f"{out_root} is a file: the output must be a directory")
     if not fsio.is_local(out_fs):  # a missing bucket: say so before any partition is read
         fsio.makedirs(out_fs, out_root)
     summary = ExportSummary(path=fsio.qualify(out_fs, out_root))
     frame = dataset.metadata
+    needed = [dataset.id_col, "_members", "_shard"]
+    missing = [c for c in needed if c not in column_names(frame)]
+    if missing:
+        raise KeyError(
+            f"the metadata has no column {missing[0]!r} (dropped or renamed?): an export "
+            f"needs the id column {dataset.id_col!r} and the bookkeeping columns '_members' "
+            f"and '_shard' that from_webdataset adds"
+        )
     if filter_column is not None:
         _check_filter_column(frame, filter_column)
     reading = PartitionProgress("export: reading", frame.npartitions, verbose)
@@ -644,8 +663,10 @@ def _count(name: str, value) -> int:
     return int(value)
 
 
-def _user_columns(rows: pa.Table) -> pa.Table:
-    return rows.select([c for c in rows.column_names if not is_bookkeeping(c)])
+def _user_columns(rows: pa.Table, id_col: str) -> pa.Table:
+    """The columns written to Parquet, the id column first."""
+    others = [c for c in rows.column_names if not is_bookkeeping(c) and c != id_col]
+    return rows.select([id_col, *others])
 
 
 def to_webdataset(
@@ -684,7 +705,7 @@ def to_webdataset(
         return [f"{base + i:0{width}d}" for i in range(rows.num_rows)]
 
     def parquet_of(n: int, rows: pa.Table, new_keys: list[str]) -> pa.Table:
-        table = _user_columns(rows)
+        table = _user_columns(rows, id_col)
         old = table.column(id_col)
         table = table.set_column(table.column_names.index(id_col), id_col, pa.array(new_keys))
         if old_id_col:
@@ -783,7 +804,7 @@ def write_images(
         return f"images-{prefix[0]}-{n:06d}"
 
     def parquet_of(n: int, rows: pa.Table, new_keys: list[str]) -> pa.Table:
-        table = _user_columns(rows).drop_columns(replaced)
+        table = _user_columns(rows, id_col).drop_columns(replaced)
         tar_name = f"{name_of(n)}.tar"
         table = table.add_column(1, "tar_file", pa.array([tar_name] * rows.num_rows, pa.string()))
         return table.add_column(2, "member_name", rows.column("_image_member"))

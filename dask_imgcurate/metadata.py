@@ -190,7 +190,10 @@ def _align(
             f"have no record in the tar (e.g. {extra[:_MAX_LISTED]})"
         )
         if on_mismatch != "drop":
-            raise MetadataMismatchError(what + "; pass on_mismatch='drop' to keep the intersection")
+            raise MetadataMismatchError(
+                what
+                + "; pass on_mismatch='drop' (command line: --on-mismatch drop) to keep the intersection"
+            )
         warnings.warn(f"{what}; dropped {len(missing) + len(extra)} rows", stacklevel=3)
     kept = [i for i, k in enumerate(keys) if k in position]
     user = user.take(pa.array([position[keys[i]] for i in kept], pa.int64()))

@@ -23,13 +23,16 @@ from dask_imgcurate import write_dali_index
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="directory of the *.tar shards")
+    parser.add_argument("path", help="a directory of *.tar shards, or one .tar")
     parser.add_argument("--force", action="store_true", help="rewrite existing .idx files")
     parser.add_argument("--threads", type=int, default=8, help="shards indexed at once")
     args = parser.parse_args(argv)
 
     fs, root = fsspec.core.url_to_fs(args.path)
-    tars = sorted(fs.glob(root.rstrip("/") + "/*.tar"))
+    if root.endswith(".tar") and fs.isfile(root):
+        tars = [root]
+    else:
+        tars = sorted(fs.glob(root.rstrip("/") + "/*.tar"))
     if not tars:
         print(f"no .tar shards found in {args.path}", file=sys.stderr)
         return 1

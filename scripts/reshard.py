@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         meta = dataset.metadata
         query = args.query
         keep = meta.map_partitions(  # a null (a record without .json) is not True
-            lambda df: df.eval(query).fillna(False).astype(bool), meta=("keep", bool)
+            lambda df: df.eval(query).fillna(False).astype(bool), meta=("_keep", bool)
         )
-        dataset.metadata = meta.assign(keep=keep)
-        filter_column = "keep"
+        # a bookkeeping name ("_"): not written to the output's Parquet
+        dataset.metadata = meta.assign(_keep=keep)
+        filter_column = "_keep"
     with dask_client(args.scheduler_address, args.n_workers, quiet=True):
         summary = dataset.to_webdataset(
             args.output,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +30,7 @@ from readers import tar_records
 
 from dask_imgcurate import ImageTextPairDataset, cli, write_dali_index
 from dask_imgcurate.cli import main
-from dask_imgcurate.cluster import cluster_kind
+from dask_imgcurate.cluster import cluster_kind, quiet_third_party
 from dask_imgcurate.demo import make_demo_dataset
 from dask_imgcurate.models.builtin import TINY_MODEL, make_demo_models
 
@@ -476,7 +478,20 @@ BAD_INPUT = {
                       ["--min-aesthetic must be a number, not nan"]),
     "corrupt shard": (["inspect", "{corrupt}"], ["00001.tar", "byte offset"]),
     "corrupt shard (export)": (["export", "{corrupt}", "{out}"], ["00001.tar", "byte offset"]),
+    "output is a file": (["export", "{source}", "{afile}"], ["{afile} is a file", "directory"]),
+    "query fails on the data": (["export", "{source}", "{out}", "--query", "caption.astype('int64') > 0"],
+                                ["--query", "failed on", "{source}/0000", "int"]),
+    "sidecar lists other ids": (["export", "{mismatch}", "{out}"],
+                                ["00000.tar: sidecar Parquet and tar disagree", "--on-mismatch drop"]),
 }  # fmt: skip
+
+
+def with_a_sidecar_row_missing(source: Path, root: Path) -> Path:
+    """A copy of ``source`` whose first sidecar lacks its first record's row."""
+    shutil.copytree(source, root)
+    table = pq.read_table(root / "00000.parquet")
+    pq.write_table(table.slice(1), root / "00000.parquet")
+    return root
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
@@ -487,7 +502,11 @@ def test_bad_input_is_one_line_and_writes_nothing(case, source, corrupt, tmp_pat
     (tmp_path / "typo.yaml").write_text("batch_size: lots\n")
     source_copy = tmp_path / "source-copy"
     shutil.copytree(source, source_copy)
+    (tmp_path / "afile").write_text("not a directory")
+    mismatch = with_a_sidecar_row_missing(source, tmp_path / "mismatch")
     names = dict(
+        afile=str(tmp_path / "afile"),
+        mismatch=str(mismatch),
         missing=str(tmp_path / "does-not-exist"),
         out=str(tmp_path / "out"),
         empty=str(tmp_path / "empty"),
@@ -597,11 +616,15 @@ def test_interrupted_export_then_rerun_finishes(big, tmp_path, workers, signum, 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     deadline = time.monotonic() + 120
     while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    proc.send_signal(signum)
+    if signum == signal.SIGINT:  # a terminal's Ctrl-C reaches the whole group: workers too
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
     expect_one_error_line(stderr, word, "run the same command again")
@@ -694,3 +717,39 @@ def test_download_retries_are_not_logged_without_verbose():
         finally:
             undo()
     assert hub.isEnabledFor(logging.WARNING)  # as it was
+
+
+def test_on_mismatch_drop_keeps_the_records_in_both(source, tmp_path):
+    root = with_a_sidecar_row_missing(source, tmp_path / "data")
+    result = run("export", root, tmp_path / "out", "--n-workers", "0", "--on-mismatch", "drop")
+    assert table(result.stdout)["records in"] == str(SHARDS * PER_SHARD - 1)
+    result = run("inspect", root, "--on-mismatch", "drop")
+    assert table(result.stdout)["records"] == str(SHARDS * PER_SHARD - 1)
+
+
+def test_flags_that_do_not_apply_are_named(source, tmp_path):
+    out = tmp_path / "images"
+    args = ["--layout", "images", "--samples-per-shard", "5", "--n-workers", "0"]
+    with pytest.warns(UserWarning, match="--samples-per-shard is ignored: it does not apply to "):
+        result = run("export", source, out, *args)
+    assert table(result.stdout)["records out"] == str(SHARDS * PER_SHARD)
+    with pytest.warns(UserWarning, match="--images-per-tar is ignored: it does not apply to --l"):
+        run("export", source, tmp_path / "wds", "--images-per-tar", "5", "--n-workers", "0")
+    result = run("inspect", source, "--rows", "-1", ok=False)
+    assert result.exit_code == 2 and "-1 is not in the range x>=0" in result.stderr
+
+
+def test_huggingface_hub_stays_quiet_when_imported_after_the_setup(monkeypatch):
+    """huggingface_hub sets its logger's level when its logging module is first imported
+    (by open_clip's download, after the CLI's setup): offline, every retry was logged."""
+    monkeypatch.delenv("HF_HUB_VERBOSITY", raising=False)
+    undo = quiet_third_party(verbose=False)
+    env = dict(os.environ)
+    undo()
+    assert "HF_HUB_VERBOSITY" not in os.environ
+    code = (
+        "import logging, huggingface_hub.utils.logging; "
+        "print(logging.getLogger('huggingface_hub').getEffectiveLevel())"
+    )
+    level = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert level.stdout.strip() == str(logging.ERROR), level.stderr

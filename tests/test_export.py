@@ -919,3 +919,94 @@ def test_progress_of_reading_and_writing_on_local_schedulers(source, tmp_path, c
     ds.to_webdataset(str(tmp_path / "quiet"), samples_per_shard=6)  # verbose=False: nothing
     captured = capfd.readouterr()
     assert "export" not in captured.err + captured.out
+
+
+def test_a_named_index_is_kept_as_a_column(source, tmp_path):
+    """set_index moves a column into the index: exports and save_metadata keep it (last),
+    as dd.to_parquet does, and an id column moved there still identifies the records."""
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    frame = ds.metadata.compute()
+    by_url = ds.with_metadata(ds.metadata.set_index("url", sort=False))
+    by_url.to_webdataset(str(tmp_path / "wds"), samples_per_shard=100, old_id_col="old")
+    table = pq.read_table(tmp_path / "wds" / "00000.parquet")
+    assert table.column_names[0] == "key" and table.column_names[-1] == "url"
+    assert table.column("url").to_pylist() == frame["url"].tolist()
+    assert table.column("old").to_pylist() == frame["key"].tolist()
+    saved = by_url.save_metadata(str(tmp_path / "meta"))
+    first = pq.read_table(saved["path"].iloc[0])
+    assert first.column_names[0] == "key" and "url" in first.column_names
+    by_key = ds.with_metadata(ds.metadata.set_index("key", sort=False))
+    by_key.write_images(str(tmp_path / "img"), images_per_tar=100)
+    (written,) = (tmp_path / "img").glob("*.parquet")
+    table = pq.read_table(written)
+    assert table.column_names[:3] == ["key", "tar_file", "member_name"]
+    assert table.column("key").to_pylist() == frame["key"].tolist()
+    assert [n.split(".")[0] for n, _ in tar_members(written.with_suffix(".tar"))][::3] == (
+        frame["key"].tolist()
+    )
+
+
+def test_missing_id_or_bookkeeping_columns_are_refused_before_any_work(source, tmp_path):
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    for frame, name in (
+        (ds.metadata.drop(columns=["key"]), "'key'"),
+        (ds.metadata.rename(columns={"key": "id"}), "'key'"),
+        (ds.metadata.drop(columns=["_members"]), "'_members'"),
+    ):
+        with pytest.raises(KeyError, match=f"the metadata has no column {name}"):
+            ds.with_metadata(frame).to_webdataset(str(tmp_path / "out"))
+        with pytest.raises(KeyError, match=f"the metadata has no column {name}"):
+            ds.with_metadata(frame).write_images(str(tmp_path / "out"))
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(KeyError, match="save_metadata: the metadata has no id column 'key'"):
+        ds.with_metadata(ds.metadata.drop(columns=["key"])).save_metadata(str(tmp_path / "m"))
+
+
+def test_rows_a_merge_added_without_a_record_are_an_error(source, tmp_path):
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    keys = ds.metadata["key"].compute().tolist()
+    scores = pd.DataFrame({"key": [*keys, "999999999"], "score": range(len(keys) + 1)})
+    merged = dd.merge(dd.from_pandas(scores, npartitions=2), ds.metadata, on="key", how="left")
+    with pytest.raises(ValueError, match=r"1 rows to export are no record .*\['999999999'\]"):
+        ds.with_metadata(merged).to_webdataset(str(tmp_path / "out"))
+    inner = dd.merge(dd.from_pandas(scores, npartitions=2), ds.metadata, on="key", how="inner")
+    summary = ds.with_metadata(inner).to_webdataset(str(tmp_path / "out"))
+    assert summary.records_out == len(keys)
+
+
+def test_fingerprints_ignore_how_the_rows_are_laid_out(source, tmp_path):
+    """The same records exported from differently cut partitions give the same bytes:
+    Parquet files too, whose footer holds the job's fingerprint (once an Arrow slice's
+    IPC bytes made it differ), and a resume of one with the other skips every shard."""
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    meta = ds.metadata
+    for name, frame in (("whole", meta), ("cut", meta.repartition(npartitions=7))):
+        ds.with_metadata(frame).to_webdataset(str(tmp_path / name), samples_per_shard=4)
+    assert _digest_dir(tmp_path / "whole") == _digest_dir(tmp_path / "cut")
+    again = ds.with_metadata(meta.repartition(npartitions=3)).to_webdataset(
+        str(tmp_path / "whole"), samples_per_shard=4
+    )
+    assert again.shards_written == 0 and again.shards_skipped == math.ceil(35 / 4)
+
+
+def test_job_fingerprint_of_equal_values_in_other_buffers(tmp_path):
+    n = 40
+    table = pa.table(
+        {
+            "_shard": ["a.tar"] * n,
+            "_members": [[{"name": f"{i}.jpg", "offset": 512 * i, "size": i}] for i in range(n)],
+            "f": pa.array([None if i % 7 == 0 else float(i) for i in range(n)], pa.float32()),
+            "s": [None if i % 5 == 0 else "x" * (i % 4) for i in range(n)],
+            "l": pa.array([None if i % 6 == 0 else [1.0] * (i % 3) for i in range(n)]),
+        }
+    )
+    for start in (0, 3, 13):
+        sliced = table.slice(start, 20)
+        fresh = pa.Table.from_pylist(sliced.to_pylist(), schema=table.schema)
+        chunked = pa.concat_tables([sliced.slice(0, 9), sliced.slice(9)])
+        keys = [f"{i:04d}" for i in range(20)]
+        prints = {
+            writer.job_fingerprint(t, keys, {"p": 1}, t.select(["f", "s", "l"]))
+            for t in (sliced, fresh, chunked)
+        }
+        assert len(prints) == 1

@@ -93,6 +93,8 @@ def test_make_idx(copy, tmp_path):
     again = script("make_idx.py", copy)  # existing files are kept unless --force
     assert "indexed 0 of 3" in again.stderr
     assert "indexed 3 of 3" in script("make_idx.py", copy, "--force").stderr
+    one = copy / "00001.tar"
+    assert "indexed 1 of 1" in script("make_idx.py", one, "--force").stderr  # a tar named
 
 
 def test_reshard_with_query_on_a_local_cluster(source, tmp_path):
@@ -113,6 +115,7 @@ def test_reshard_with_query_on_a_local_cluster(source, tmp_path):
         assert len(records) == (5 if n < len(tars) - 1 else len(expected) - 5 * n)
         table = pq.read_table(tar.with_suffix(".parquet"))
         assert table.column("key").to_pylist() == [k for k, _ in records]
+        assert "keep" not in table.column_names and "_keep" not in table.column_names
         assert [k for k, _ in records] == [f"{n * 10 + i:06d}" for i in range(len(records))]
         for old, (_, members) in zip(table.column("old_key").to_pylist(), records, strict=True):
             assert members == originals[old]  # bytes copied unchanged

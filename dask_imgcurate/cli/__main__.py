@@ -1,5 +1,5 @@
 """``python -m dask_imgcurate.cli``: the ``dask-imgcurate`` command line."""
 
-from dask_imgcurate.cli import main
+from dask_imgcurate.cli import run
 
-main()
+run()

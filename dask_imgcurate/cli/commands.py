@@ -20,6 +20,7 @@ from dask_imgcurate.cli.options import (
     with_model_options,
 )
 from dask_imgcurate.cli.output import (
+    EXIT_ERROR,
     _Group,
     _one_line,
     _setup_logging,
@@ -48,6 +49,21 @@ from dask_imgcurate.errors import CurateError, ShardWarning
 def main(ctx: click.Context, verbose: bool) -> None:
     """Curate image-text WebDataset shards: index, embed, score, filter, export."""
     ctx.call_on_close(_setup_logging(verbose))
+
+
+def run(prog_name: str = "dask-imgcurate") -> None:
+    """The console entry point: ``main`` as a process of its own. A command that failed or
+    was interrupted leaves at once, its one line said: tasks still running in this
+    process's threads (dask's local scheduler) would otherwise hold the exit until they end,
+    and speak on the way. (In-process callers, e.g. tests, call ``main``.)"""
+    try:
+        main(prog_name=prog_name)
+    except SystemExit as done:
+        if done.code not in (0, None):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(done.code if isinstance(done.code, int) else EXIT_ERROR)
+        raise
 
 
 def _write_index(job: tuple[str, dict | None]) -> tuple[str | None, str | None, list[str]]:
@@ -124,9 +140,13 @@ def index(path: str, storage_options: str | None) -> None:
 @main.command()
 @click.argument("path")
 @storage_option
-@click.option("--rows", default=5, show_default=True, help="Sample rows to show.")
-@click.option("--lenient", is_flag=True, help="Report damaged shards instead of failing.")
-def inspect(path: str, storage_options: str | None, rows: int, lenient: bool) -> None:
+@click.option(
+    "--rows", type=click.IntRange(min=0), default=5, show_default=True, help="Sample rows to show."
+)
+@lenient_option
+def inspect(
+    path: str, storage_options: str | None, rows: int, lenient: bool, on_mismatch: str
+) -> None:
     """Shards, records, columns, sizes and damage of the dataset at PATH."""
     import dask
 
@@ -135,7 +155,8 @@ def inspect(path: str, storage_options: str | None, rows: int, lenient: bool) ->
     options = _storage_options(storage_options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = _load(path, CurateConfig(storage_options=options), strict=not lenient)
+        config = CurateConfig(storage_options=options, on_mismatch=on_mismatch)
+        ds = _load(path, config, strict=not lenient)
         frame = ds.metadata
         tasks = {
             "per_shard": frame.map_partitions(len),
@@ -333,7 +354,8 @@ def demo(
 
     root = Path(directory)
     source = root / "input"
-    make_demo_dataset(source, n_shards=shards, samples_per_shard=samples_per_shard)
+    # exactly these tars: a re-run with fewer shards leaves the earlier run's others there
+    tars = make_demo_dataset(source, n_shards=shards, samples_per_shard=samples_per_shard)
     models = make_demo_models(root / "models")
     click.echo(
         f"demo dataset: {shards} shards x {samples_per_shard} records in {source}\n"
@@ -351,11 +373,11 @@ def demo(
         scheduler_address=scheduler_address,
         n_workers=n_workers,
     )
-    scored = _scored(_load(str(source), config), config, aesthetic=True, nsfw=True)
+    scored = _scored(_load(tars, config), config, aesthetic=True, nsfw=True)
     with _client(config) as client:
         # embeddings + scores become the shards' Parquet metadata
         scored.save_metadata(verbose=_show_progress())
-        dataset = _load(str(source), config)  # cheap reload: the scores are metadata now
+        dataset = _load(tars, config)  # cheap reload: the scores are metadata now
         meta = dataset.metadata
         low, high = dask.compute(
             meta["aesthetic_score"].quantile(0.3), meta["nsfw_score"].quantile(0.9)

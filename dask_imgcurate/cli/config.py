@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
 from dataclasses import dataclass, fields
 
 import click
@@ -34,6 +35,7 @@ class CurateConfig:
     n_workers: int | None = None
     storage_options: dict | None = None
     lenient: bool = False
+    on_mismatch: str = "raise"
 
     @classmethod
     def from_yaml(cls, path: str) -> CurateConfig:
@@ -71,6 +73,8 @@ class CurateConfig:
         """Raise ValueError naming the setting when a value is out of range."""
         if self.layout not in ("webdataset", "images"):
             raise ValueError(f"layout must be 'webdataset' or 'images', not {self.layout!r}")
+        if self.on_mismatch not in ("raise", "drop"):
+            raise ValueError(f"on_mismatch must be 'raise' or 'drop', not {self.on_mismatch!r}")
         for name in ("batch_size", "num_threads", "samples_per_shard", "max_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -133,4 +137,29 @@ def _settings(ctx: click.Context, config_path: str | None = None) -> CurateConfi
             value = _storage_options(value)
         setattr(config, name, value)
     config.check()
+    _warn_unused(ctx, config)
     return config
+
+
+def _warn_unused(ctx: click.Context, config: CurateConfig) -> None:
+    """Flags given that the other settings make meaningless: said, not silently ignored."""
+    given = {
+        name
+        for name in ctx.params
+        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+    }
+    unused = []
+    if config.layout == "images":
+        unused += [f for f in ("samples_per_shard", "max_shards") if f in given]
+    elif "images_per_tar" in given:
+        unused.append("images_per_tar")
+    if config.scheduler_address and "n_workers" in given:
+        unused.append("n_workers")
+    for name in unused:
+        flag = "--" + name.replace("_", "-")
+        why = (
+            "the running cluster at --scheduler-address has its own workers"
+            if name == "n_workers"
+            else f"it does not apply to --layout {config.layout}"
+        )
+        warnings.warn(f"{flag} is ignored: {why}", UserWarning, stacklevel=2)

@@ -23,11 +23,21 @@ storage_option = click.option(
     help='fsspec storage options as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'.',
 )
 
-lenient_option = click.option(
-    "--lenient",
-    is_flag=True,
-    help="Keep the complete records of damaged (truncated or corrupt) shards, with a warning "
-    "naming each, instead of failing.",
+lenient_option = _options(
+    click.option(
+        "--lenient",
+        is_flag=True,
+        help="Keep the complete records of damaged (truncated or corrupt) shards, with a "
+        "warning naming each, instead of failing.",
+    ),
+    click.option(
+        "--on-mismatch",
+        type=click.Choice(["raise", "drop"]),
+        default=_DEFAULTS.on_mismatch,
+        show_default=True,
+        help="When a sidecar Parquet lists other ids than its tar holds: fail, or keep the "
+        "records in both.",
+    ),
 )
 
 with_cluster_options = _options(

@@ -25,12 +25,15 @@ def _check_output(path: str, output: str) -> None:
         raise ValueError(f"OUTPUT must be another directory than the input: {output}")
 
 
-def _load(path: str, config: CurateConfig, *, strict: bool | None = None):
+def _load(path: str | list[str], config: CurateConfig, *, strict: bool | None = None):
     from dask_imgcurate import ImageTextPairDataset
 
     strict = not config.lenient if strict is None else strict
     return ImageTextPairDataset.from_webdataset(
-        path, storage_options=config.storage_options or None, strict=strict
+        path,
+        storage_options=config.storage_options or None,
+        strict=strict,
+        on_mismatch=config.on_mismatch,
     )
 
 
@@ -207,7 +210,11 @@ def _with_keep(dataset, config: CurateConfig):
 
 
 def _eval_query(frame, query: str):
-    return frame.eval(query).fillna(False).astype(bool)
+    try:
+        return frame.eval(query).fillna(False).astype(bool)
+    except Exception as err:  # checked on the empty frame; the data can still fail it
+        shard = frame["_shard"].iloc[0] if len(frame) and "_shard" in frame else "a partition"
+        raise ValueError(f"--query {query!r} failed on {shard}: {_one_line(err)}") from None
 
 
 def _export(dataset, output: str, config: CurateConfig, filter_column: str | None):

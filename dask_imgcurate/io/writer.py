@@ -420,11 +420,13 @@ def job_fingerprint(
         digest.update("\0".join(strings).encode("utf-8", "surrogateescape") + b"\1")
     for numbers in (flat.field("offset"), flat.field("size"), lists.value_lengths()):
         digest.update(numbers.to_numpy().astype("<i8").tobytes())
-    # Arrow IPC bytes: equal for equal values (bytes under nulls aside, which can only make
-    # an unchanged shard look changed, i.e. rewritten, never the reverse)
+    # Arrow IPC bytes of fresh buffers (``take``): equal for equal values however the rows
+    # were laid out (slices, chunks, a trip between workers); bytes under nulls aside, which
+    # can only make an unchanged shard look changed, i.e. rewritten, never the reverse
+    canonical = parquet.combine_chunks().take(pa.array(np.arange(parquet.num_rows)))
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, parquet.schema) as stream:
-        stream.write_table(parquet.combine_chunks())
+        stream.write_table(canonical)
     digest.update(sink.getvalue())
     return digest.hexdigest()
 
