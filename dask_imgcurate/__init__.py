@@ -25,6 +25,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dask_imgcurate' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "AestheticClassifier",
     "ClipImageEmbedder",

@@ -64,22 +64,26 @@ def to_frame(table: pa.Table, backend: str):
     return table.to_pandas(types_mapper=_pandas_type, ignore_metadata=True)
 
 
+def _index_columns(meta) -> list[str]:
+    """The named index levels written as columns: those not also a column's name."""
+    return [n for n in meta.index.names if n is not None and n not in meta.columns]
+
+
 def column_names(frame) -> list[str]:
-    """The columns ``to_arrow`` gives ``frame`` (pandas, cudf or Dask): its own, then a
-    named index."""
+    """The columns ``to_arrow`` gives ``frame`` (pandas, cudf or Dask): its own, then its
+    named index levels."""
     meta = getattr(frame, "_meta", frame)
-    names = [n for n in meta.index.names if n is not None]
-    own = list(meta.columns)
-    return own + names if names and not set(names) & set(own) else own
+    return [*meta.columns, *_index_columns(meta)]
 
 
 def to_arrow(frame) -> pa.Table:
-    """The inverse of ``to_frame`` for either backend. A named index (``set_index("url")``)
-    is kept as a column, last, as ``to_parquet`` keeps it; an unnamed one is dropped."""
-    names = [n for n in frame.index.names if n is not None]
-    if names and not set(names) & set(frame.columns):
-        frame = frame.reset_index()
-        frame = frame[[*frame.columns[len(names) :], *names]]
+    """The inverse of ``to_frame`` for either backend. Named index levels
+    (``set_index("url")``) are kept as columns, last, as ``to_parquet`` keeps them; unnamed
+    ones (and any named like a column) are dropped."""
+    levels = _index_columns(frame)
+    if levels:
+        own = list(frame.columns)
+        frame = frame.reset_index(level=levels)[[*own, *levels]]
     if hasattr(frame, "to_arrow"):  # cudf
         table = frame.to_arrow()
     else:

@@ -20,11 +20,10 @@ import pyarrow.parquet as pq
 
 from dask_imgcurate import export
 from dask_imgcurate.backend import column_names, resolve_backend, to_arrow, to_frame
-from dask_imgcurate.errors import ShardWarning
 from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.shards import Shard, find_shards
-from dask_imgcurate.metadata import BOOKKEEPING, is_bookkeeping, shard_table, sidecar_schema
+from dask_imgcurate.metadata import is_bookkeeping, shard_table, sidecar_schema
 from dask_imgcurate.progress import PartitionProgress, nested_column_shuffles, tick
 
 log = logging.getLogger(__name__)
@@ -149,11 +148,12 @@ class ImageTextPairDataset:
         """
         frame = self.metadata
         present = column_names(frame)  # a named index (set_index) is written too
-        if self.id_col not in present:
-            raise KeyError(
-                f"save_metadata: the metadata has no id column {self.id_col!r} (dropped or "
-                f"renamed?): every Parquet row needs its record's id"
-            )
+        for needed in (self.id_col, "_shard"):
+            if needed not in present:
+                raise KeyError(
+                    f"save_metadata: the metadata has no column {needed!r} (dropped or "
+                    f"renamed?): every Parquet row needs its record's id and shard ('_shard')"
+                )
         if columns is None:
             columns = [c for c in present if not is_bookkeeping(c)]
         bookkeeping = [c for c in columns if is_bookkeeping(c)]
@@ -209,22 +209,35 @@ class ImageTextPairDataset:
         samples_per_shard: int = 10000,
         max_shards: int = 5,
         old_id_col: str | None = None,
-        **options,
+        *,
+        storage_options: dict | None = None,
+        resume: bool = True,
+        verbose: bool = False,
+        write_idx: bool = True,
     ) -> ExportSummary:
         """Export the kept records as ``{n:0{max_shards}d}.tar`` + ``.parquet`` (+ ``.idx``).
 
         Keeps rows where ``filter_column`` is True (all rows when None) and, when an
         ``error`` column exists, rows without an error. Every output shard but the last holds
-        exactly ``samples_per_shard`` records, in input order. Record ids become
+        exactly ``samples_per_shard`` records, in the metadata frame's order. Record ids become
         ``shard * 10**d + position`` zero-padded to ``max_shards + d`` digits, where
         ``d = ceil(log10(samples_per_shard))``; members are renamed to match and their bytes
         copied unchanged (so a ``key`` inside a ``.json`` member keeps the old id). The old id
-        is kept in ``old_id_col`` when given. Options: ``storage_options`` (of the output),
-        ``resume`` (default True: skip shards already complete from an earlier run),
-        ``verbose``, ``write_idx``.
+        is kept in ``old_id_col`` when given. ``storage_options``: the output's (fsspec);
+        ``resume``: skip shards an earlier run of the same export completed; ``verbose``:
+        progress bars; ``write_idx``: a DALI ``.idx`` beside each tar.
         """
         return export.to_webdataset(
-            self, path, filter_column, samples_per_shard, max_shards, old_id_col, **options
+            self,
+            path,
+            filter_column,
+            samples_per_shard,
+            max_shards,
+            old_id_col,
+            storage_options=storage_options,
+            resume=resume,
+            verbose=verbose,
+            write_idx=write_idx,
         )
 
     def write_images(
@@ -235,7 +248,10 @@ class ImageTextPairDataset:
         deterministic_name: bool = True,
         remove_image_data: bool = False,
         verbose: bool = False,
-        **options,
+        *,
+        storage_options: dict | None = None,
+        resume: bool = True,
+        write_idx: bool = True,
     ) -> ExportSummary:
         """Export in the ImageWriter layout: ``images-{hash}-{NNNNNN}.tar`` + ``.parquet``.
 
@@ -244,6 +260,8 @@ class ImageTextPairDataset:
         names and bytes on every run; otherwise it is random. Each Parquet holds the id, the
         ``tar_file`` (relative name), the image's ``member_name`` and every metadata column.
         ``remove_image_data`` is accepted for compatibility: image bytes are never held.
+        ``verbose``, ``storage_options``, ``resume`` and ``write_idx`` as for
+        ``to_webdataset``.
         """
         return export.write_images(
             self,
@@ -253,7 +271,9 @@ class ImageTextPairDataset:
             deterministic_name,
             remove_image_data,
             verbose,
-            **options,
+            storage_options=storage_options,
+            resume=resume,
+            write_idx=write_idx,
         )
 
 
@@ -301,8 +321,8 @@ def _infer_schema(loader: _ShardLoader, shards: list[Shard]) -> pa.Schema:
         schema = sidecar_schema(loader.fs, shard, loader.id_col)
         if schema is not None:
             break
-        with warnings.catch_warnings():  # the compute reports them, once
-            warnings.simplefilter("ignore", ShardWarning)
+        with warnings.catch_warnings():  # the compute reports them (and per-record ones:
+            warnings.simplefilter("ignore")  # invalid .json, huge ints), once
             table = loader.table(shard)
         schema = table.schema
         if table.num_rows:
@@ -339,6 +359,11 @@ def _conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
             columns.append(pa.nulls(table.num_rows, field.type))
             continue
         column = table.column(field.name)
+        if column.null_count < len(column) and _changes_kind(column.type, field.type):
+            raise TypeError(  # Arrow would cast 2 -> True, True -> 1: values changing meaning
+                f"{source}: column {field.name!r} is {column.type}, the dataset has "
+                f"{field.type} (from its first shard): make the field one type in every shard"
+            )
         try:
             columns.append(column.cast(field.type) if column.type != field.type else column)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
@@ -347,6 +372,16 @@ def _conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
                 f"{field.type}: {err}"
             ) from None
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _changes_kind(source: pa.DataType, target: pa.DataType) -> bool:
+    """Whether casting ``source`` values to ``target`` changes what they mean: booleans to or
+    from numbers. (Numbers widen; anything becomes text in a string column, losslessly.)"""
+    is_bool, is_number = (
+        pa.types.is_boolean,
+        (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)),
+    )
+    return (is_bool(source) and is_number(target)) or (is_number(source) and is_bool(target))
 
 
 class _MetadataWriter:
@@ -389,7 +424,7 @@ class _MetadataWriter:
                 }
             )
         columns = ["shard", "path", "fragment", "rows"]
-        tick(self.progress, table.num_rows)
+        tick(self.progress, number, table.num_rows)
         return pd.DataFrame(rows, columns=columns).astype({"rows": "int64"})
 
     def _path_for(self, source: str) -> str:
@@ -452,4 +487,4 @@ def _merge_fragments(fs, fragments: list[str], path: str) -> None:
         fsio.retry(fs, fragment, lambda fragment=fragment: fs.rm_file(fragment), action="write")
 
 
-__all__ = ["ImageTextPairDataset", "BOOKKEEPING"]
+__all__ = ["ImageTextPairDataset"]

@@ -15,7 +15,7 @@ null) and ``error`` (string; null when fine, else ``"no image"``, ``"read: ..."`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,9 @@ import pyarrow as pa
 from dask_imgcurate.io.image_reader import MAX_IMAGE_PIXELS, DaliImageReader
 from dask_imgcurate.models.classifiers import EmbeddingClassifier
 from dask_imgcurate.models.clip import clip_embed_dim, load_clip
+
+if TYPE_CHECKING:
+    from dask_imgcurate.dataset import ImageTextPairDataset
 
 EMBEDDING_DTYPE = pd.ArrowDtype(pa.list_(pa.float32()))
 """dtype of embedding columns: pyarrow ``list<float32>``."""
@@ -92,7 +95,7 @@ class ClipImageEmbedder:
 
     # ---- Dask
 
-    def __call__(self, dataset: Any) -> Any:
+    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """A copy of ``dataset`` whose metadata has the embedding, score and error columns."""
         self.check_embedding_dim()
         ddf = dataset.metadata

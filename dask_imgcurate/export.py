@@ -119,7 +119,13 @@ class _Selection:
 
 
 def _select(
-    frame, filter_column: str | None, digest: bool, key_bytes_of, progress: str | None = None
+    frame,
+    filter_column: str | None,
+    digest: bool,
+    key_bytes_of,
+    id_col: str,
+    progress: str | None = None,
+    partition_info: dict | None = None,
 ) -> _Selection:
     table = to_arrow(frame)
     n_in = table.num_rows
@@ -135,15 +141,16 @@ def _select(
     kept = table.filter(pa.array(keep))
     orphans = kept.column("_members").is_null()
     if kept.column("_members").null_count:  # dd.merge(scores, metadata, how="left")
-        ids = kept.filter(orphans).column(0).to_pylist()[:5]
+        ids = kept.filter(orphans).column(id_col).to_pylist()[:5]
         raise ValueError(
-            f"{kept.column('_members').null_count} rows to export are no record of the dataset's tars (no "
-            f"'_members': rows a merge or concat added), e.g. {ids}; merge the other table "
-            f"into the dataset's metadata (how='left' or 'inner'), or filter those rows out"
+            f"rows to export are no record of the dataset's tars (no '_members': rows a "
+            f"merge or concat added), e.g. the ids {ids}; merge "
+            f"the other table into the dataset's metadata (how='left' or 'inner'), or filter "
+            f"those rows out"
         )
     spans = record_spans(kept, key_bytes_of(kept))
     sources = tuple(pc.unique(table.column("_shard")).drop_null().to_pylist())
-    tick(progress, n_in)
+    tick(progress, (partition_info or {}).get("number", 0), n_in)
     return _Selection(kept, spans, n_in, errors, _digest(kept) if digest else "", sources)
 
 
@@ -297,14 +304,17 @@ def _export(
     if filter_column is not None:
         _check_filter_column(frame, filter_column)
     reading = PartitionProgress("export: reading", frame.npartitions, verbose)
-    select = (filter_column, name_prefix is not None, layout.key_bytes_of, reading.topic)
+    select = (filter_column, name_prefix is not None, layout.key_bytes_of, dataset.id_col)
     if "resources" in dask.get_annotations() or not isinstance(frame._meta, pd.DataFrame):
         # GPU tasks are annotated by their keys (stages.gpu_annotations): keep them intact;
         # other backends (cudf) get the same plain tasks
-        selecting = [dask.delayed(_select)(part, *select) for part in frame.to_delayed()]
+        selecting = [
+            dask.delayed(_select)(part, *select, reading.topic, {"number": i})
+            for i, part in enumerate(frame.to_delayed())
+        ]
     else:  # one fused task per partition (read + select), whose result is not a frame
         selected = frame.map_partitions(
-            _select, *select, meta=("selection", object), enforce_metadata=False
+            _select, *select, reading.topic, meta=("selection", object), enforce_metadata=False
         )
         selecting = selected.to_delayed()
     job = _Job(out_fs, out_root, dataset.fs, layout, write_idx)
@@ -436,9 +446,11 @@ def _refuse_input_directory(out_fs, out_root: str, input_tars) -> None:
 
 
 def _check_filter_column(frame, column: str) -> None:
-    if column not in frame.columns:
+    if column not in column_names(frame):
         raise KeyError(f"filter column {column!r} is not in the metadata")
-    dtype = frame.dtypes[column]
+    meta = frame._meta
+    in_index = column not in meta.columns  # a named index is exported as a column
+    dtype = meta.index.get_level_values(column).dtype if in_index else meta.dtypes[column]
     if not pd.api.types.is_bool_dtype(dtype):
         raise TypeError(
             f"filter column {column!r} must be boolean (True keeps a record, False or null "
@@ -691,7 +703,7 @@ def to_webdataset(
             f"old_id_col={old_id_col!r} is the id column, which holds the new ids; name "
             f"another column for the old ones"
         )
-    if old_id_col and old_id_col in dataset.metadata.columns:
+    if old_id_col and old_id_col in column_names(dataset.metadata):
         warnings.warn(
             f"old_id_col={old_id_col!r} replaces the metadata column of that name in the "
             f"exported Parquet",
@@ -765,7 +777,8 @@ def write_images(
     images_per_tar = _count("images_per_tar", images_per_tar)
     id_col = dataset.id_col
     prefix = [] if deterministic_name else [uuid.uuid4().hex[:16]]
-    replaced = [c for c in ("tar_file", "member_name") if c in dataset.metadata.columns]
+    present = column_names(dataset.metadata)
+    replaced = [c for c in ("tar_file", "member_name") if c in present]
     if replaced:  # e.g. metadata loaded from an earlier write_images output
         warnings.warn(
             f"write_images replaces the metadata columns {replaced} in the Parquet it writes "

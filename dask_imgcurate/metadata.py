@@ -239,6 +239,9 @@ def _table_from_members(
         if not isinstance(obj, dict):
             continue
         for k, v in obj.items():
+            if k == "caption" and captions[r] is None and isinstance(v, str):
+                captions[r] = v  # no .txt member: the .json's caption stands in
+                continue
             if k in columns or is_bookkeeping(k) or isinstance(v, (dict, list)):
                 continue
             fields.setdefault(k, [None] * n)[r] = v

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 from dask_imgcurate.stages import (
     FilePartitioningStage,
@@ -14,6 +15,9 @@ from dask_imgcurate.stages import (
     Stage,
     _ScoreFilterStage,
 )
+
+if TYPE_CHECKING:
+    import distributed
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ class Pipeline:
             self.add_stage(stage)
 
     def add_stage(self, stage: Stage) -> Pipeline:
+        """Append ``stage``; returns the pipeline (calls chain)."""
         if not isinstance(stage, Stage):
             raise TypeError(f"not a stage: {stage!r}")
         self.stages.append(stage)
@@ -79,7 +84,7 @@ class Pipeline:
                     f"(it computes and writes); stages: {names}"
                 )
 
-    def run(self, client=None) -> PipelineState:
+    def run(self, client: distributed.Client | None = None) -> PipelineState:
         """Apply every stage; with ``client`` (a ``distributed.Client``) compute on it.
 
         Without ``client`` Dask's current scheduler is used (a default ``Client`` if one

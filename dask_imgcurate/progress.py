@@ -11,8 +11,9 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 import dask
+import dask.multiprocessing
 
-_LOCAL_BARS: dict[str, Callable[[int], None]] = {}  # topic -> update, for tasks run here
+_LOCAL_BARS: dict[str, Callable[[int, int], None]] = {}  # topic -> update, tasks run here
 
 
 def current_client():
@@ -38,6 +39,7 @@ def compute_with_progress(tasks: Sequence, verbose: bool, label: str) -> list:
         from distributed import progress
 
         futures = client.compute(list(tasks), optimize_graph=False)
+        print(f"{label}:", flush=True)
         progress(futures)
         return client.gather(futures)
     from dask.diagnostics import ProgressBar
@@ -59,8 +61,8 @@ def nested_column_shuffles() -> Iterator[None]:
         yield
 
 
-def tick(topic: str | None, records: int) -> None:
-    """Called by a task when it has done one partition of ``records`` rows: advances the
+def tick(topic: str | None, partition: int, records: int) -> None:
+    """Called by a task when it has done ``partition`` (``records`` rows): advances the
     ``PartitionProgress`` of ``topic`` (distributed's events from a worker; a callback in
     this process on local schedulers). Nothing when ``topic`` is None."""
     if topic is None:
@@ -72,25 +74,38 @@ def tick(topic: str | None, records: int) -> None:
     except (ImportError, ValueError):  # not in a distributed worker
         worker = None
     if worker is not None:
-        worker.log_event(topic, records)
-    elif topic in _LOCAL_BARS:
-        _LOCAL_BARS[topic](records)
+        worker.log_event(topic, (partition, records))
+        return
+    update = _LOCAL_BARS.get(topic)
+    if update is not None:
+        update(partition, records)
 
 
 class PartitionProgress:
     """A progress bar (stderr) over ``total`` partitions, advanced by tasks calling
-    ``tick(progress.topic, rows)``; shows the records done too. Use as a context around the
-    compute. Disabled: ``topic`` is None and nothing is shown."""
+    ``tick(progress.topic, partition, rows)``; shows the records done too, each partition
+    counted once (a task run again after a worker died ticks again). Use as a context around
+    the compute. Disabled: ``topic`` is None and nothing is shown. Under the multiprocessing
+    scheduler (tasks in other processes, which cannot call back) dask's task progress bar
+    is shown instead."""
 
     def __init__(self, label: str, total: int, enabled: bool = True):
         self.label, self.total = label, total
         self.topic = f"dask-imgcurate-progress-{uuid.uuid4().hex}" if enabled else None
         self.records = 0
-        self._bar = self._client = None
+        self._done: set[int] = set()
+        self._bar = self._client = self._tasks = None
         self._lock = threading.Lock()
 
     def __enter__(self) -> PartitionProgress:
-        if self.topic is None:
+        if self.topic is None or self._bar is not None or self._tasks is not None:
+            return self
+        if dask.base.get_scheduler() is dask.multiprocessing.get:
+            from dask.diagnostics import ProgressBar
+
+            print(f"{self.label}:", file=sys.stderr, flush=True)
+            self._tasks = ProgressBar(out=sys.stderr)
+            self._tasks.__enter__()
             return self
         from tqdm import tqdm
 
@@ -98,11 +113,14 @@ class PartitionProgress:
         _LOCAL_BARS[self.topic] = self._update
         self._client = current_client()
         if self._client is not None:
-            self._client.subscribe_topic(self.topic, lambda event: self._update(event[1]))
+            self._client.subscribe_topic(self.topic, lambda event: self._update(*event[1]))
         return self
 
-    def _update(self, records: int) -> None:
+    def _update(self, partition: int, records: int) -> None:
         with self._lock:  # threaded scheduler: tasks tick from several threads
+            if self._bar is None or partition in self._done:  # closed, or a rerun
+                return
+            self._done.add(partition)
             self.records += records
             self._bar.set_postfix_str(f"records={self.records}", refresh=False)
             self._bar.update(1)
@@ -113,15 +131,21 @@ class PartitionProgress:
     def close(self, failed: bool = False) -> None:
         """Stop showing (again: nothing); unless ``failed``, first wait a moment for the
         workers' last reports."""
+        if self._tasks is not None:
+            self._tasks.__exit__(None, None, None)
+            self._tasks = None
         if self._bar is None:
             return
         _LOCAL_BARS.pop(self.topic, None)
         if self._client is not None:
             if not failed:  # the workers' last events may still be on their way
                 deadline = time.monotonic() + 2.0
-                while self._bar.n < self.total and time.monotonic() < deadline:
+                while len(self._done) < self.total and time.monotonic() < deadline:
                     time.sleep(0.01)
             with contextlib.suppress(Exception):  # a client closed meanwhile
                 self._client.unsubscribe_topic(self.topic)
-        self._bar.close()
-        self._bar = None
+            # unsubscribe_topic only tells the scheduler: drop the client's handler too
+            getattr(self._client, "_event_handlers", {}).pop(self.topic, None)
+        with self._lock:
+            bar, self._bar = self._bar, None
+        bar.close()

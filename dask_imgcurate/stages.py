@@ -30,6 +30,7 @@ from typing import Any
 
 import dask
 
+from dask_imgcurate.backend import column_names
 from dask_imgcurate.dataset import ImageTextPairDataset
 from dask_imgcurate.device import GPU_RESOURCE, worker_resources
 from dask_imgcurate.export import ExportSummary
@@ -80,12 +81,15 @@ def _check_options(stage: str, target, options: dict, exclude: tuple[str, ...] =
 
 def _require_dataset(state: PipelineState, stage: Stage) -> ImageTextPairDataset:
     if state.dataset is None:
-        raise RuntimeError(f"{type(stage).__name__} needs a FilePartitioningStage before it")
+        raise ValueError(f"{type(stage).__name__} needs a FilePartitioningStage before it")
     return state.dataset
 
 
 class FilePartitioningStage(Stage):
-    """Find the input shards: one partition per ``files_per_partition`` tar files."""
+    """Find the input shards: one partition per ``files_per_partition`` tar files.
+
+    ``strict``, ``on_mismatch`` and ``backend`` go to ``ImageTextPairDataset.from_webdataset``
+    (damaged shards, sidecars that disagree with their tars, pandas or cudf)."""
 
     def __init__(
         self,
@@ -94,6 +98,10 @@ class FilePartitioningStage(Stage):
         file_extensions: Sequence[str] = (".tar",),
         storage_options: dict | None = None,
         id_col: str = "key",
+        *,
+        strict: bool = True,
+        on_mismatch: str = "raise",
+        backend: str = "auto",
     ):
         unsupported = [e for e in file_extensions if e.lower() != ".tar"]
         if unsupported:
@@ -105,6 +113,7 @@ class FilePartitioningStage(Stage):
         self.file_extensions = list(file_extensions)
         self.storage_options = storage_options
         self.id_col = id_col
+        self.strict, self.on_mismatch, self.backend = strict, on_mismatch, backend
 
     def apply(self, state: PipelineState) -> PipelineState:
         state.dataset = ImageTextPairDataset.from_webdataset(
@@ -112,6 +121,9 @@ class FilePartitioningStage(Stage):
             id_col=self.id_col,
             storage_options=self.storage_options,
             files_per_partition=self.files_per_partition,
+            backend=self.backend,
+            strict=self.strict,
+            on_mismatch=self.on_mismatch,
         )
         return state
 
@@ -237,11 +249,11 @@ class _ScoreFilterStage(Stage):
         elif embedding:
             score = True  # scores saved earlier belong to other embeddings (or heads)
         else:
-            score = self.column not in dataset.metadata.columns  # else: saved scores
+            score = self.column not in column_names(dataset.metadata)  # else: saved scores
         if score:
             column = embedding.get("column", "image_embedding")
-            if column not in dataset.metadata.columns:
-                raise RuntimeError(
+            if column not in column_names(dataset.metadata):
+                raise ValueError(
                     f"{type(self).__name__} needs an ImageEmbeddingStage before it (or a "
                     f"{self.column!r} column in the metadata)"
                 )
@@ -256,7 +268,7 @@ class _ScoreFilterStage(Stage):
         verdict = self.passes(meta[self.column]).fillna(False).astype(bool)
         if state.filtered:  # an earlier filter stage of this pipeline
             verdict = verdict & meta[KEEP_COLUMN]
-        elif KEEP_COLUMN in meta.columns:
+        elif KEEP_COLUMN in column_names(meta):
             warnings.warn(
                 f"{type(self).__name__} replaces the {KEEP_COLUMN!r} column the metadata was "
                 f"loaded with (an earlier run's verdict?): this pipeline keeps what its own "
@@ -320,7 +332,7 @@ class ImageWriterStage(Stage):
 
     def apply(self, state: PipelineState) -> PipelineState:
         dataset = _require_dataset(state, self)
-        if not state.filtered and KEEP_COLUMN in dataset.metadata.columns:
+        if not state.filtered and KEEP_COLUMN in column_names(dataset.metadata):
             warnings.warn(
                 f"the metadata was loaded with a {KEEP_COLUMN!r} column but no filter stage "
                 f"ran: writing every record (to apply it: dataset.write_images(..., "
@@ -448,7 +460,4 @@ __all__ = [
     "ImageWriterStage",
     "PipelineState",
     "Stage",
-    "gpu_annotations",
-    "gpu_task_keys",
-    "gpu_task_resources",
 ]

@@ -146,13 +146,16 @@ def test_json_fields_scalars_only(tmp_path):
         ("a.json", json.dumps({"n": 1, "tags": ["x"], "nested": {"k": 1}, "s": "hi"}).encode()),
         ("b.jpg", b"B"),
         ("b.txt", "caption b ✓".encode()),
-        ("b.json", json.dumps({"n": 2, "flag": True}).encode()),
+        ("b.json", json.dumps({"n": 2, "flag": True, "caption": "not this"}).encode()),
+        ("c.jpg", b"C"),
+        ("c.json", json.dumps({"caption": "from the json"}).encode()),  # no .txt
     ]
     frame = load(write_tar(tmp_path / "00000.tar", members)).metadata.compute()
     assert list(frame.columns) == ["key", "caption", "n", "s", "flag"] + BOOK
     rows = frame.set_index("key")
     assert pd.isna(rows.loc["a", "caption"]) and rows.loc["b", "caption"] == "caption b ✓"
-    assert rows["n"].tolist() == [1, 2] and rows.loc["a", "s"] == "hi"
+    assert rows.loc["c", "caption"] == "from the json"  # the .txt wins where there is one
+    assert rows["n"].tolist()[:2] == [1, 2] and rows.loc["a", "s"] == "hi"
     assert pd.isna(rows.loc["a", "flag"]) and bool(rows.loc["b", "flag"]) is True
 
 

@@ -958,8 +958,12 @@ def test_missing_id_or_bookkeeping_columns_are_refused_before_any_work(source, t
         with pytest.raises(KeyError, match=f"the metadata has no column {name}"):
             ds.with_metadata(frame).write_images(str(tmp_path / "out"))
         assert not (tmp_path / "out").exists()
-    with pytest.raises(KeyError, match="save_metadata: the metadata has no id column 'key'"):
-        ds.with_metadata(ds.metadata.drop(columns=["key"])).save_metadata(str(tmp_path / "m"))
+    for dropped in ("key", "_shard"):  # without _shard a repartitioned frame wrote nothing
+        frame = ds.metadata.drop(columns=[dropped]).repartition(npartitions=2)
+        with pytest.raises(
+            KeyError, match=f"save_metadata: the metadata has no column '{dropped}'"
+        ):
+            ds.with_metadata(frame).save_metadata(str(tmp_path / "m"))
 
 
 def test_rows_a_merge_added_without_a_record_are_an_error(source, tmp_path):
@@ -967,7 +971,7 @@ def test_rows_a_merge_added_without_a_record_are_an_error(source, tmp_path):
     keys = ds.metadata["key"].compute().tolist()
     scores = pd.DataFrame({"key": [*keys, "999999999"], "score": range(len(keys) + 1)})
     merged = dd.merge(dd.from_pandas(scores, npartitions=2), ds.metadata, on="key", how="left")
-    with pytest.raises(ValueError, match=r"1 rows to export are no record .*\['999999999'\]"):
+    with pytest.raises(ValueError, match=r"rows to export are no record .*\['999999999'\]"):
         ds.with_metadata(merged).to_webdataset(str(tmp_path / "out"))
     inner = dd.merge(dd.from_pandas(scores, npartitions=2), ds.metadata, on="key", how="inner")
     summary = ds.with_metadata(inner).to_webdataset(str(tmp_path / "out"))
@@ -998,15 +1002,33 @@ def test_job_fingerprint_of_equal_values_in_other_buffers(tmp_path):
             "f": pa.array([None if i % 7 == 0 else float(i) for i in range(n)], pa.float32()),
             "s": [None if i % 5 == 0 else "x" * (i % 4) for i in range(n)],
             "l": pa.array([None if i % 6 == 0 else [1.0] * (i % 3) for i in range(n)]),
+            "c": pa.array(["ab"[i % 2] for i in range(n)]).dictionary_encode(),
         }
     )
     for start in (0, 3, 13):
         sliced = table.slice(start, 20)
         fresh = pa.Table.from_pylist(sliced.to_pylist(), schema=table.schema)
         chunked = pa.concat_tables([sliced.slice(0, 9), sliced.slice(9)])
+        values = sliced.column("c").combine_chunks().dictionary_decode()
+        reencoded = sliced.set_column(5, "c", values.dictionary_encode())  # its own dictionary
         keys = [f"{i:04d}" for i in range(20)]
         prints = {
-            writer.job_fingerprint(t, keys, {"p": 1}, t.select(["f", "s", "l"]))
-            for t in (sliced, fresh, chunked)
+            writer.job_fingerprint(t, keys, {"p": 1}, t.select(["f", "s", "l", "c"]))
+            for t in (sliced, fresh, chunked, reencoded)
         }
         assert len(prints) == 1
+
+
+def test_a_partition_computed_again_is_counted_once(capfd):
+    """A task run again (its worker died) ticks again: the bar counts each partition once,
+    and a late tick after the bar closed is ignored."""
+    from dask_imgcurate.progress import PartitionProgress, tick
+
+    with dask.config.set(scheduler="synchronous"), PartitionProgress("reading", 3) as bar:
+        for partition, records in ((0, 5), (1, 7), (0, 5), (2, 1)):
+            tick(bar.topic, partition, records)
+    tick(bar.topic, 1, 7)  # after close: nothing, no error
+    assert bar.records == 13
+    err = capfd.readouterr().err.replace("\r", "\n")
+    assert "reading: 100%" in err and "3/3" in err and "records=13" in err
+    assert "4/3" not in err

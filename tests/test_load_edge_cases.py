@@ -203,6 +203,23 @@ def test_json_integer_beyond_64_bits_is_kept_as_text(tmp_path):
     assert str(big) in message and "kept as JSON text" in message
 
 
+def test_json_field_types_across_shards(tmp_path):
+    """Another shard's values convert to the first shard's type where their meaning stays
+    (numbers widen, anything is text in a string column); booleans and numbers do not mix."""
+
+    def dataset(name, first, second):
+        for n, value in enumerate((first, second)):
+            fields = json.dumps({"v": value}).encode()
+            write_tar(tmp_path / name / f"0000{n}.tar", records([f"{n}"], [("json", fields)]))
+        return ImageTextPairDataset.from_webdataset(str(tmp_path / name)).metadata
+
+    assert list(dataset("widen", 640.5, 640)["v"].compute()) == [640.5, 640.0]
+    assert list(dataset("text", "cc-by", 3)["v"].compute()) == ["cc-by", "3"]
+    for name, first, second in (("bool-int", True, 2), ("int-bool", 7, True)):
+        with pytest.raises(TypeError, match=f"{name}/00001.tar: column 'v' is"):
+            dataset(name, first, second).compute()
+
+
 # --- paths -------------------------------------------------------------------------------------
 
 

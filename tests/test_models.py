@@ -299,6 +299,9 @@ def test_classifier_needs_weights_or_permission(tmp_path: Path, monkeypatch) -> 
         AestheticClassifier()
     with pytest.raises(ValueError, match="allow_download=True"):
         NsfwClassifier()
+    missing = tmp_path / "typo.pth"  # said when built, not on a worker after the CLIP model
+    with pytest.raises(FileNotFoundError, match=f"AestheticClassifier: model_path {missing}"):
+        AestheticClassifier(model_path=str(missing))
     # a file already in the cache directory is used without downloading
     save_random_head(NsfwClassifier, tmp_path / NsfwClassifier.filename, embedding_dim=768)
     clf = NsfwClassifier(device="cpu")

@@ -382,13 +382,17 @@ def test_stage_order_errors(data, models) -> None:
     with pytest.raises(TypeError, match="not a stage"):
         Pipeline("p").add_stage("FilePartitioningStage")
     # stages used on their own say what is missing
-    with pytest.raises(RuntimeError, match="needs a FilePartitioningStage before it"):
+    with pytest.raises(ValueError, match="needs a FilePartitioningStage before it"):
         ImageEmbeddingStage(models.clip_model, None).apply(PipelineState())
-    with pytest.raises(RuntimeError, match="needs an ImageEmbeddingStage before it"):
+    with pytest.raises(ValueError, match="needs an ImageEmbeddingStage before it"):
         Pipeline(
             "p",
             [FilePartitioningStage(str(root)), ImageNSFWFilterStage(model_path=str(models.nsfw))],
         ).run()
+    # loading options reach from_webdataset
+    stage = FilePartitioningStage(str(root), strict=False, on_mismatch="nope")
+    with pytest.raises(ValueError, match="on_mismatch must be 'raise' or 'drop'"):
+        stage.apply(PipelineState())
     with pytest.raises(ValueError, match="only .tar shards"):
         FilePartitioningStage(str(root), file_extensions=[".zip"])
     with pytest.raises(ValueError, match="num_gpus_per_worker"):

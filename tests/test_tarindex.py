@@ -560,12 +560,19 @@ def test_image_member_detection(tmp_path):
         ("c.webp", b"img-c"),
         ("c.png", b"second image"),
         ("d.seg.png", b"img-d"),
+        ("e.depth.png", b"a depth map"),
+        ("e.jpg", b"img-e"),
+        ("f.0.jpg", b"img-f0"),
+        ("f.1.JPG", b"img-f1"),
+        ("g.HEIC.jpg", b"img-g"),
+        ("h.jpg.txt", b"a caption"),
     ]
     index = scan_tar(write_tar(tmp_path / "x.tar", members).read_bytes(), "x")
     records = group_records(index)
-    assert records.keys == ["a", "b", "c", "d"]
+    assert records.keys == ["a", "b", "c", "d", "e", "f", "g", "h"]
     images = [index.names[i] if i >= 0 else None for i in records.image_member.tolist()]
-    assert images == ["a.JPG", None, "c.webp", None]  # "seg.png" is not an image extension
+    # an extension ending in an image's counts (as webdataset decodes "0.jpg"), after plain ones
+    assert images == ["a.JPG", None, "c.webp", "d.seg.png", "e.jpg", "f.0.jpg", "g.HEIC.jpg", None]
 
 
 def test_duplicate_key_not_adjacent(tmp_path):

@@ -97,10 +97,17 @@ def group_records(index: TarIndex, *, strict: bool = True) -> RecordIndex:
     new_record[1:] = member_keys[1:] != member_keys[:-1]
     starts = np.flatnonzero(new_record).tolist()
     keys = member_keys[starts].tolist()
+    # the image: the first member whose extension is an image's (jpg), else the first whose
+    # last part is (0.jpg, HEIC.jpg); an extension with more parts (seg.png) is not picked
+    # over a plain one
     lower = pc.utf8_lower(ext_array)
-    is_image = pc.is_in(lower, value_set=pa.array(IMAGE_EXTENSIONS)).to_numpy(zero_copy_only=False)
-    candidates = np.where(is_image, np.arange(count), count)
+    plain = pc.is_in(lower, value_set=pa.array(IMAGE_EXTENSIONS)).to_numpy(zero_copy_only=False)
+    last = pc.replace_substring_regex(lower, pattern=r"^.*\.", replacement="")
+    suffixed = pc.is_in(last, value_set=pa.array(IMAGE_EXTENSIONS)).to_numpy(zero_copy_only=False)
+    position = np.arange(count)
+    candidates = np.where(plain, position, np.where(suffixed, count + position, 2 * count))
     images = np.minimum.reduceat(candidates, starts) if starts else np.zeros(0, np.int64)
+    images = np.where(images >= count, images - count, images)  # a suffixed one's position
     bounds = np.append(starts, count)
     images = np.where(images < bounds[1:], images, -1).tolist()
     if len(set(keys)) != len(keys) or len(set(names)) != len(names):

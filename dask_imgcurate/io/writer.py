@@ -424,8 +424,12 @@ def job_fingerprint(
     # were laid out (slices, chunks, a trip between workers); bytes under nulls aside, which
     # can only make an unchanged shard look changed, i.e. rewritten, never the reverse
     canonical = parquet.combine_chunks().take(pa.array(np.arange(parquet.num_rows)))
+    for i, column in enumerate(canonical.columns):  # categoricals: values, not dictionaries
+        if pa.types.is_dictionary(column.type):
+            decoded = pa.chunked_array([c.dictionary_decode() for c in column.chunks])
+            canonical = canonical.set_column(i, canonical.field(i).name, decoded)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, parquet.schema) as stream:
+    with pa.ipc.new_stream(sink, canonical.schema) as stream:
         stream.write_table(canonical)
     digest.update(sink.getvalue())
     return digest.hexdigest()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import urllib.request
 import zipfile
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ from torch import nn
 
 from dask_imgcurate.device import resolve_device
 from dask_imgcurate.models.cache import ProcessCache
+
+if TYPE_CHECKING:
+    from dask_imgcurate.dataset import ImageTextPairDataset
 
 AESTHETIC_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
@@ -145,6 +148,10 @@ class EmbeddingClassifier:
         self.allow_download = allow_download
         self.device = device
         self.batch_size = int(batch_size)
+        if model_path is not None and not os.path.isfile(model_path):  # say so now, not on
+            raise FileNotFoundError(  # a worker after the CLIP model has run
+                f"{type(self).__name__}: model_path {model_path}: no such file"
+            )
         if model_path is None and not allow_download and not os.path.isfile(self._cached_path()):
             raise ValueError(
                 f"{type(self).__name__}: no model_path given and {self._cached_path()} does not "
@@ -262,7 +269,7 @@ class EmbeddingClassifier:
                 result[valid] = self.score(emb[valid])
         return df.assign(**{self.output_column: pd.Series(result, index=df.index)})
 
-    def __call__(self, dataset: Any) -> Any:
+    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """Add :attr:`output_column` to a dataset whose metadata has embeddings."""
         ddf = dataset.metadata
         if self.embedding_column not in ddf.columns:
