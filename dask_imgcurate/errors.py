@@ -31,6 +31,18 @@ class IndexFileError(CurateError, ValueError):
     """A DALI ``.idx`` file is malformed or does not describe its tar."""
 
 
+class StorageAccessDenied(CurateError, PermissionError):
+    """The credentials may not read (or write) an object-store path; names URL and bucket."""
+
+
+class StorageNotFound(CurateError, FileNotFoundError):
+    """An object-store bucket or key does not exist; names URL and bucket."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model runs with random weights: its embeddings and scores are meaningless."""
+
+
 class ShardWarning(UserWarning):
     """A shard is damaged or suspect (truncated, cut between records, data after its end);
     the records that could be read are kept."""

@@ -26,7 +26,7 @@ from typing import TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dask_imgcurate.errors import CurateError
+from dask_imgcurate.errors import CurateError, StorageAccessDenied, StorageNotFound
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ _PERMANENT = (
     NotADirectoryError,
     FileExistsError,
 )
-
-
-class StorageAccessDenied(CurateError, PermissionError):
-    """The credentials may not read (or write) an object-store path; names URL and bucket."""
-
-
-class StorageNotFound(CurateError, FileNotFoundError):
-    """An object-store bucket or key does not exist; names URL and bucket."""
 
 
 def url_to_fs(

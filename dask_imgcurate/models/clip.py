@@ -23,16 +23,13 @@ from typing import Any
 import torch
 
 from dask_imgcurate.device import resolve_device
+from dask_imgcurate.errors import RandomWeightsWarning  # noqa: F401 (its old home)
 from dask_imgcurate.io.image_reader import PreprocessSpec
 from dask_imgcurate.models.builtin import register_builtin_configs
 from dask_imgcurate.models.cache import ProcessCache
 
 RANDOM_WEIGHTS_SEED = 0
 """Seed for models built with ``pretrained=None``, identical in every process."""
-
-
-class RandomWeightsWarning(UserWarning):
-    """A model runs with random weights: its embeddings and scores are meaningless."""
 
 
 @dataclass
