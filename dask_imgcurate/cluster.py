@@ -113,6 +113,19 @@ class QuietWorkers(_WorkerPluginBase):
         logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
+class IgnoreSigint(_WorkerPluginBase):
+    """Worker plugin: the worker process ignores SIGINT, as those a local cluster starts do
+    (``_workers_ignore_sigint``); also a worker its nanny restarts, which would not inherit
+    it. Ctrl-C in a terminal reaches the whole process group: the client closes the
+    cluster."""
+
+    name = "dask-imgcurate-ignore-sigint"
+
+    def setup(self, worker) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def describe(client) -> str:
     """A short description of the client's cluster for summaries (``"none (threads)"``)."""
     if client is None:
@@ -198,6 +211,7 @@ def dask_client(
                 silence_logs=silence,
             )
     with cluster, Client(cluster) as client:
+        client.register_plugin(IgnoreSigint())
         if quiet:
             client.register_plugin(QuietWorkers())
         log.info(

@@ -753,3 +753,19 @@ def test_huggingface_hub_stays_quiet_when_imported_after_the_setup(monkeypatch):
     )
     level = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert level.stdout.strip() == str(logging.ERROR), level.stderr
+
+
+def _sigint_ignored() -> bool:
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_local_cluster_workers_ignore_sigint_also_after_a_restart():
+    """Ctrl-C reaches a terminal's whole process group: workers leave it to the client,
+    which closes the cluster (they printed a traceback each); a restarted worker too."""
+    from dask_imgcurate.cluster import dask_client
+
+    with dask_client(n_workers=1, quiet=True) as client:
+        assert all(client.run(_sigint_ignored).values())
+        client.restart()
+        assert all(client.run(_sigint_ignored).values())
+    assert not _sigint_ignored()  # this process handles it
