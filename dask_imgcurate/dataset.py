@@ -188,7 +188,7 @@ class ImageTextPairDataset:
                 "rows": pd.Series([], dtype="int64"),
             }
         )
-        directories = writer.directories(export._input_tars(self)[0])
+        directories = writer.directories(export.guards.input_tars(self)[0])
         with contextlib.ExitStack() as held:
             for directory in directories:  # no other writer there meanwhile
                 held.enter_context(fsio.writing_to(out_fs, directory))

@@ -367,7 +367,9 @@ def test_missing_bucket_or_key_names_it(url, match, remote_data, so):
 
 def test_export_to_missing_bucket_is_an_error_not_a_new_bucket(remote_data, so, s3, monkeypatch):
     dataset = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so)
-    monkeypatch.setattr(export, "_select", None)  # said before any partition is read
+    monkeypatch.setattr(
+        export.selection, "select_partition", None
+    )  # said before any partition is read
     with pytest.raises(FileNotFoundError, match=r"^s3://typo-bucket-9/out: no such bucket"):
         dataset.to_webdataset("s3://typo-bucket-9/out", storage_options=so)
     s3.invalidate_cache()

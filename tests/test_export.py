@@ -422,27 +422,29 @@ def test_too_many_shards_for_max_shards(source, tmp_path):
 )
 def test_shard_sizes_are_checked_before_any_work(source, tmp_path, monkeypatch, options, error):
     ds = ImageTextPairDataset.from_webdataset(str(source))
-    monkeypatch.setattr(export, "_select", None)  # nothing may be read
+    monkeypatch.setattr(export.selection, "select_partition", None)  # nothing may be read
     method = ds.write_images if "images_per_tar" in options else ds.to_webdataset
     with pytest.raises((TypeError, ValueError), match=error):
         method(str(tmp_path / "o"), **options)
-    assert export._count("n", np.int64(3)) == 3  # numpy integers are integers
+    assert export.guards.positive_int("n", np.int64(3)) == 3  # numpy integers are integers
 
 
 @pytest.mark.parametrize("per_shard", [1, 3, 7, 50])
 def test_streamed_planning_equals_planning_at_once(per_shard, monkeypatch):
     """Shards planned as partitions arrive (in batches of any size) are the ones planned
     from all of them, and each call looks only at partitions not yet fully planned."""
-    monkeypatch.setattr(export, "PIECE_BYTES", 40)
+    monkeypatch.setattr(export.planning, "PIECE_BYTES", 40)
     rng = np.random.default_rng(per_shard)
     counts = rng.integers(0, 12, size=400)
     counts[[3, 4, 17, 18, 19]] = 0  # partitions filtered out entirely
     stats = [(rng.integers(1, 30, size=c), c, 0, "") for c in counts]
-    whole = export._plan(stats, per_shard)
-    planner, streamed, known, windows = export._Planner(per_shard), [], 0, []
-    real_plan = export._plan
+    whole = export.planning.plan_pieces(stats, per_shard)
+    planner, streamed, known, windows = export.planning.Planner(per_shard), [], 0, []
+    real_plan = export.planning.plan_pieces
     monkeypatch.setattr(
-        export, "_plan", lambda s, *a, **k: windows.append(len(s)) or real_plan(s, *a, **k)
+        export.planning,
+        "plan_pieces",
+        lambda s, *a, **k: windows.append(len(s)) or real_plan(s, *a, **k),
     )
     while known < len(stats):
         known = min(len(stats), known + int(rng.integers(1, 5)))
@@ -463,9 +465,11 @@ def test_pieces_of_any_size_give_identical_bytes(source, tmp_path, monkeypatch):
     with dask.config.set(scheduler="synchronous"):
         ds.to_webdataset(str(tmp_path / "whole"), filter_column="keep", samples_per_shard=10)
     plans = []
-    real = export._plan
-    monkeypatch.setattr(export, "PIECE_BYTES", 1)
-    monkeypatch.setattr(export, "_plan", lambda *a: plans.append(real(*a)) or plans[-1])
+    real = export.planning.plan_pieces
+    monkeypatch.setattr(export.planning, "PIECE_BYTES", 1)
+    monkeypatch.setattr(
+        export.planning, "plan_pieces", lambda *a: plans.append(real(*a)) or plans[-1]
+    )
     with dask.config.set(scheduler="threads", num_workers=4):
         ds.to_webdataset(str(tmp_path / "pieces"), filter_column="keep", samples_per_shard=10)
     first = plans[0][0]
@@ -499,8 +503,8 @@ def test_pieces_written_into_different_files_never_make_one_tar(source, tmp_path
     ds = load_with_keep(source)
     with dask.config.set(scheduler="synchronous"):
         ds.to_webdataset(str(tmp_path / "clean"), filter_column="keep", samples_per_shard=10)
-    monkeypatch.setattr(export, "PIECE_BYTES", 1)  # a piece per record
-    real = export._write_piece
+    monkeypatch.setattr(export.planning, "PIECE_BYTES", 1)  # a piece per record
+    real = export.run._write_piece
     gone = []
 
     def piece(part, start, stop, n, position, span, tar_tmp, job):
@@ -510,7 +514,7 @@ def test_pieces_written_into_different_files_never_make_one_tar(source, tmp_path
             gone.append(tar_tmp)
         return result
 
-    monkeypatch.setattr(export, "_write_piece", piece)
+    monkeypatch.setattr(export.run, "_write_piece", piece)
     with dask.config.set(scheduler="synchronous"):
         ds.to_webdataset(str(tmp_path / "out"), filter_column="keep", samples_per_shard=10)
     assert gone
@@ -568,16 +572,18 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
         ds.to_webdataset(str(tmp_path / "single"), filter_column="keep", samples_per_shard=6)
         ds.write_images(str(tmp_path / "single-img"), images_per_tar=6, filter_column="keep")
         ranked.to_webdataset(str(tmp_path / "single-ranked"), samples_per_shard=6)
-    monkeypatch.setattr(export, "PIECE_BYTES", 1)  # a shard's pieces spread over both workers
+    monkeypatch.setattr(
+        export.planning, "PIECE_BYTES", 1
+    )  # a shard's pieces spread over both workers
     early = []  # shards planned while partitions were still being selected
-    real_complete = export._Planner.complete
+    real_complete = export.planning.Planner.complete
 
     def complete(*args):
         shards = real_complete(*args)
         early.extend(shards)
         return shards
 
-    monkeypatch.setattr(export._Planner, "complete", complete)
+    monkeypatch.setattr(export.planning.Planner, "complete", complete)
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as c:
@@ -678,9 +684,11 @@ def test_write_images_of_its_own_output(source, tmp_path):
     assert reloaded["key"].tolist() == [f"{i:09d}" for i in range(35)]
 
 
-@pytest.mark.parametrize("piece_bytes", [export.PIECE_BYTES, 1])  # 1: a piece per record
+@pytest.mark.parametrize("piece_bytes", [export.planning.PIECE_BYTES, 1])  # 1: a piece per record
 def test_members_of_any_kind_and_long_names_survive(tmp_path, monkeypatch, piece_bytes):
-    monkeypatch.setattr(export, "PIECE_BYTES", piece_bytes)  # pax headers move later pieces
+    monkeypatch.setattr(
+        export.planning, "PIECE_BYTES", piece_bytes
+    )  # pax headers move later pieces
     src = tmp_path / "src"
     src.mkdir()
     records = make_shard_records(0, 3, seed=1)
@@ -885,8 +893,8 @@ def test_record_without_json_keeps_int_columns_and_exports(tmp_path):
 
 def test_a_piece_that_disagrees_with_the_plan_is_never_published(source, tmp_path, monkeypatch):
     """Offsets come from metadata (record_spans); a piece ending elsewhere is an error."""
-    real = export.record_spans
-    monkeypatch.setattr(export, "record_spans", lambda rows, keys: real(rows, keys) + 512)
+    real = export.selection.record_spans
+    monkeypatch.setattr(export.selection, "record_spans", lambda rows, keys: real(rows, keys) + 512)
     ds = load_with_keep(source)
     out = tmp_path / "out"
     with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="plan said"):
@@ -895,11 +903,11 @@ def test_a_piece_that_disagrees_with_the_plan_is_never_published(source, tmp_pat
 
 
 def test_piece_cuts(monkeypatch):
-    monkeypatch.setattr(export, "PIECE_BYTES", 25)
+    monkeypatch.setattr(export.planning, "PIECE_BYTES", 25)
     ends = np.cumsum([10] * 10)
-    assert export._piece_cuts(ends) == [0, 3, 6, 8, 10]  # each piece passes 25 bytes once
-    assert export._piece_cuts(np.cumsum([100, 1])) == [0, 1, 2]  # a record over the size
-    assert export._piece_cuts(np.cumsum([5, 5])) == [0, 2]  # all under the size: one piece
+    assert export.planning.piece_cuts(ends) == [0, 3, 6, 8, 10]  # each piece passes 25 bytes once
+    assert export.planning.piece_cuts(np.cumsum([100, 1])) == [0, 1, 2]  # a record over the size
+    assert export.planning.piece_cuts(np.cumsum([5, 5])) == [0, 2]  # all under the size: one piece
 
 
 def test_progress_of_reading_and_writing_on_local_schedulers(source, tmp_path, capfd):

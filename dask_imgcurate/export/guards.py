@@ -1,0 +1,102 @@
+"""Checks before an export writes: the output is not among the inputs, the filter column is
+boolean, counts are positive integers; and what else is in the output directory."""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import os
+import posixpath
+
+import pandas as pd
+
+from dask_imgcurate.backend import column_names
+from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.writer import ShardResult
+
+
+def names_in(fs, directory: str) -> set[str]:
+    """File names in ``directory`` (none when it does not exist: on object stores, a prefix
+    with no objects)."""
+    try:
+        return {fsio.basename(p) for p in fs.ls(directory, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def other_shard_files(out_fs, out_root: str, results: list[ShardResult]) -> list[str]:
+    """``.tar`` / ``.parquet`` / ``.idx`` files in the output directory that are not this
+    export's (temporary files of running writers are hidden: never listed; an ``.idx``
+    beside one of its tars describes that tar: written shards remove any other)."""
+    ours = set()
+    for r in results:
+        stem = fsio.basename(r.tar)[: -len(".tar")]
+        ours.update((stem + ".tar", stem + ".parquet", stem + ".idx"))
+    return [
+        fsio.qualify(out_fs, fsio.join(out_root, name))
+        for name in sorted(names_in(out_fs, out_root) - ours)
+        if name.endswith((".tar", ".parquet", ".idx")) and not name.startswith(".")
+    ]
+
+
+def input_tars(dataset) -> tuple[set[str], bool]:
+    """The tars the metadata frame reads (``fsio.qualify``-ed): the dataset's own and those
+    of every shard loader in the frame's expression (``dd.concat`` of datasets), and whether
+    that is all of them (False when a leaf is something else: a persisted or pandas frame,
+    whose ``_shard`` values are only known once computed)."""
+    from dask_imgcurate.dataset import _ShardLoader
+
+    tars = {fsio.qualify(dataset.fs, s.tar) for s in dataset.shards}
+    complete = True
+    for node in dataset.metadata.expr.walk():
+        if node.dependencies():
+            continue
+        loader = node.operand("func") if "func" in node._parameters else None
+        if isinstance(loader, _ShardLoader):
+            for group in node.operand("iterables")[0]:
+                tars.update(fsio.qualify(loader.fs, s.tar) for s in group)
+        else:
+            complete = False
+    return tars, complete
+
+
+@functools.lru_cache(maxsize=4096)
+def real_directory(directory: str) -> str:
+    """A directory of ``fsio.qualify``-ed paths, with symlinks resolved when local (cached
+    within an export: on a cluster each partition's directories are checked as they come)."""
+    return (directory if "://" in directory else os.path.realpath(directory)).rstrip("/")
+
+
+def refuse_input_directory(out_fs, out_root: str, input_tars) -> None:
+    """Outputs are named like shards (``00000.tar``): never write among the input's own."""
+    local = fsio.is_local(out_fs)
+    target = real_directory(out_root) if local else fsio.qualify(out_fs, out_root).rstrip("/")
+    for directory in {posixpath.dirname(t) for t in input_tars}:
+        if real_directory(directory) == target:
+            raise ValueError(
+                f"{target} holds this dataset's input shards: exporting there could replace "
+                f"them while they are read; write to another directory"
+            )
+
+
+def check_filter_column(frame, column: str) -> None:
+    if column not in column_names(frame):
+        raise KeyError(f"filter column {column!r} is not in the metadata")
+    meta = frame._meta
+    in_index = column not in meta.columns  # a named index is exported as a column
+    dtype = meta.index.get_level_values(column).dtype if in_index else meta.dtypes[column]
+    if not pd.api.types.is_bool_dtype(dtype):
+        raise TypeError(
+            f"filter column {column!r} must be boolean (True keeps a record, False or null "
+            f"drops it), not {dtype}; make one first, e.g. "
+            f"metadata.assign(keep=metadata[{column!r}] > threshold)"
+        )
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as a positive int, checked before any work (numpy ints are fine)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, not {value}")
+    return int(value)
