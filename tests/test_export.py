@@ -1040,3 +1040,28 @@ def test_a_partition_computed_again_is_counted_once(capfd):
     err = capfd.readouterr().err.replace("\r", "\n")
     assert "reading: 100%" in err and "3/3" in err and "records=13" in err
     assert "4/3" not in err
+
+
+def test_selections_hold_only_what_pieces_need(source, tmp_path):
+    """A held selection keeps the id and bookkeeping columns; the rest (captions,
+    embeddings, scores: export memory would grow with them) waits in a hidden Arrow file
+    until its shards are committed, then goes."""
+    import fsspec.implementations.local
+
+    from dask_imgcurate.export import selection
+
+    ds = load_with_keep(source)
+    part = ds.metadata.partitions[1].compute()
+    fs = fsspec.implementations.local.LocalFileSystem()
+    spill = (fs, str(tmp_path), "run0")
+    chosen = selection.select_partition(
+        part, "keep", False, lambda t: np.full(t.num_rows, 9), "key", spill, None, {"number": 1}
+    )
+    assert set(chosen.table.column_names) == {"key"} | {c for c in part if c.startswith("_")}
+    assert chosen.spilled.path == str(tmp_path / f".rows-000001.arrow{fsio.TEMP_MARK}run0")
+    whole = selection.select_partition(part, "keep", False, lambda t: np.full(t.num_rows, 9), "key")
+    assert chosen.rows(1, 4).equals(whole.table.slice(1, 3))
+    assert chosen.rows(0, chosen.table.num_rows).column_names == whole.table.column_names
+    out = tmp_path / "out"
+    ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=4)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and "rows-" in p.name]

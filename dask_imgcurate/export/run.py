@@ -30,7 +30,6 @@ from dask_imgcurate.io.writer import (
     finished,
     job_fingerprint,
     plan_members,
-    stack_slices,
     write_piece,
     write_shard,
 )
@@ -125,7 +124,9 @@ def run_export(
     if filter_column is not None:
         guards.check_filter_column(frame, filter_column)
     reading = PartitionProgress("export: reading", frame.npartitions, verbose)
-    select = (filter_column, name_prefix is not None, layout.key_bytes_of, dataset.id_col)
+    run = uuid.uuid4().hex[:8]  # names this export's temporary files
+    spill = (out_fs, out_root, run)
+    select = (filter_column, name_prefix is not None, layout.key_bytes_of, dataset.id_col, spill)
     if "resources" in dask.get_annotations() or not isinstance(frame._meta, pd.DataFrame):
         # GPU tasks are annotated by their keys (stages.gpu_annotations): keep them intact;
         # other backends (cudf) get the same plain tasks
@@ -149,22 +150,29 @@ def run_export(
         guards.refuse_input_directory(out_fs, out_root, stats[4])  # (directories: cached)
 
     with fsio.writing_to(out_fs, out_root), reading:  # no other export there meanwhile
-        with dask.annotate(priority=_in_partition_order):  # on a cluster, for _stream
-            selections = dask.persist(*selecting, optimize_graph=False)  # local: computed
-        stats_tasks = [dask.delayed(selection.Selection.stats)(s) for s in selections]
-        submit = _Submitter(job, selections, resume, shard_count_check)
-        # Stream only when every tar the frame reads is known up front (checked above)
-        if client is not None and name_prefix is None and inputs_known:
-            stats, results = _stream(client, stats_tasks, per_shard, submit, reading, check_sources)
-        else:  # all counts first (and, for deterministic names, every partition's digest)
-            stats = list(dask.compute(*stats_tasks, optimize_graph=False))
-            reading.close()
-            guards.refuse_input_directory(out_fs, out_root, {t for s in stats for t in s[4]})
-            if name_prefix is not None:
-                name_prefix([s[3] for s in stats])
-            shards = planning.plan_pieces(stats, per_shard)
-            tasks = submit(shards) if shards else []
-            results = compute_with_progress(tasks, verbose, "export: writing")
+        if fsio.remove_stale_temps(out_fs, out_root):  # before this run writes any
+            log.info("%s: removed temporary files of an interrupted earlier run", out_root)
+        try:
+            with dask.annotate(priority=_in_partition_order):  # on a cluster, for _stream
+                selections = dask.persist(*selecting, optimize_graph=False)  # local: computed
+            stats_tasks = [dask.delayed(selection.Selection.stats)(s) for s in selections]
+            submit = _Submitter(job, selections, resume, shard_count_check, run)
+            # Stream only when every tar the frame reads is known up front (checked above)
+            if client is not None and name_prefix is None and inputs_known:
+                stats, results = _stream(
+                    client, stats_tasks, per_shard, submit, reading, check_sources
+                )
+            else:  # all counts first (and, for deterministic names, every partition's digest)
+                stats = list(dask.compute(*stats_tasks, optimize_graph=False))
+                reading.close()
+                guards.refuse_input_directory(out_fs, out_root, {t for s in stats for t in s[4]})
+                if name_prefix is not None:
+                    name_prefix([s[3] for s in stats])
+                shards = planning.plan_pieces(stats, per_shard)
+                tasks = submit(shards) if shards else []
+                results = compute_with_progress(tasks, verbose, "export: writing")
+        finally:  # the selections' spilled columns
+            fsio.remove_stale_temps(out_fs, out_root, mark=fsio.TEMP_MARK + run)
     summary.records_in = sum(s[1] for s in stats)
     summary.dropped_for_errors = sum(s[2] for s in stats)
     summary.records_out = sum(len(s[0]) for s in stats)
@@ -255,10 +263,10 @@ class _Submitter:
     """Turns planned output shards into tasks (a finished ``ShardResult`` for a shard an
     earlier run completed); prepares the output directory before the first."""
 
-    def __init__(self, job: _Job, selections: Sequence, resume: bool, shard_count_check):
+    def __init__(self, job: _Job, selections: Sequence, resume: bool, shard_count_check, run: str):
         self.job, self.selections, self.resume = job, selections, resume
         self.shard_count_check = shard_count_check
-        self.run = uuid.uuid4().hex[:8]
+        self.run = run
         self.shared = dask.delayed(job, name=f"export-job-{self.run}")  # shipped once
         self.prepared = False
         self.existing: set[str] = set()  # file names in the output directory at the start
@@ -268,8 +276,6 @@ class _Submitter:
         self.shard_count_check(shards[-1].n + 1)
         if not self.prepared:
             fsio.makedirs(job.out_fs, job.out_root)  # object stores: the bucket must exist
-            if fsio.remove_stale_temps(job.out_fs, job.out_root):
-                log.info("%s: removed temporary files of an interrupted earlier run", job.out_root)
             # one listing, not a request per shard: what an earlier run may have finished
             self.existing = guards.names_in(job.out_fs, job.out_root) if self.resume else set()
             self.prepared = True
@@ -337,7 +343,10 @@ class _Job:
 
     def shard(self, parts: list[selection.Selection], slices, n: int) -> tuple:
         """Output shard ``n``'s rows, new keys, Parquet table and fingerprint."""
-        rows = stack_slices([s.table for s in parts], slices)
+        rows = pa.concat_tables(
+            [parts[i].rows(start, stop) for i, start, stop in slices],
+            promote_options="permissive",
+        )
         keys = self.layout.new_keys_of(n, 0, rows)
         table = self.layout.parquet_of(n, rows, keys)
         params = dict(self.layout.params, shard=n, write_idx=self.write_idx)

@@ -1,11 +1,18 @@
 """Each partition's kept rows, selected in the task that reads it: metadata only, with the
-bytes each record will take in an output tar (``record_spans``)."""
+bytes each record will take in an output tar (``record_spans``).
+
+A selection is held (persisted) until the export ends, so it keeps in memory only what the
+piece tasks need (the id and bookkeeping columns); the other metadata columns (captions,
+embeddings, scores: most of the bytes) go to a hidden Parquet fragment in the output
+directory (Arrow IPC), which the commit of each output shard reads back for its rows. Memory then
+grows with the records' member lists, not with their metadata."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -13,6 +20,7 @@ import pyarrow.compute as pc
 from dask_imgcurate.backend import to_arrow
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.writer import record_spans
+from dask_imgcurate.metadata import is_bookkeeping
 from dask_imgcurate.progress import tick
 
 
@@ -27,10 +35,36 @@ class Selection:
     dropped_for_errors: int
     digest: str
     sources: tuple[str, ...]  # the tars its rows come from (``_shard``)
+    spilled: Spilled | None = None  # the other columns, when there are any
+
+    def rows(self, start: int, stop: int) -> pa.Table:
+        """Rows ``start:stop`` with every column, in the frame's order."""
+        held = self.table.slice(start, stop - start)
+        if self.spilled is None:
+            return held
+        with self.spilled.fs.open(self.spilled.path, "rb") as f:
+            other = pa.ipc.open_stream(f).read_all().slice(start, stop - start)
+        columns = {name: held.column(name) for name in held.column_names}
+        columns.update({name: other.column(name) for name in other.column_names})
+        return pa.table({name: columns[name] for name in self.spilled.order})
 
     def stats(self) -> tuple:
         """What the planner needs: everything but the rows."""
         return self.spans, self.records_in, self.dropped_for_errors, self.digest, self.sources
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """Where a selection's other columns are, and the frame's column order."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+    order: tuple[str, ...]
+
+
+def spill_path(directory: str, run: str, partition: int) -> str:
+    """A hidden temporary name (``remove_stale_temps`` sweeps it after a crash)."""
+    return fsio.join(directory, f".rows-{partition:06d}.arrow{fsio.TEMP_MARK}{run}")
 
 
 def select_partition(
@@ -39,9 +73,11 @@ def select_partition(
     digest: bool,
     key_bytes_of,
     id_col: str,
+    spill: tuple | None = None,
     progress: str | None = None,
     partition_info: dict | None = None,
 ) -> Selection:
+    """``spill``: ``(fs, directory, run)`` to hold only the id and bookkeeping columns."""
     table = to_arrow(frame)
     n_in = table.num_rows
     keep = np.ones(n_in, dtype=bool)
@@ -65,8 +101,19 @@ def select_partition(
         )
     spans = record_spans(kept, key_bytes_of(kept))
     sources = tuple(pc.unique(table.column("_shard")).drop_null().to_pylist())
-    tick(progress, (partition_info or {}).get("number", 0), n_in)
-    return Selection(kept, spans, n_in, errors, digest_rows(kept) if digest else "", sources)
+    number = (partition_info or {}).get("number", 0)
+    digested = digest_rows(kept) if digest else ""
+    other = [c for c in kept.column_names if c != id_col and not is_bookkeeping(c)]
+    spilled = None
+    if spill is not None and other and kept.num_rows:
+        fs, directory, run = spill
+        spilled = Spilled(fs, spill_path(directory, run, number), tuple(kept.column_names))
+        rest = kept.select(other)
+        with fs.open(spilled.path, "wb") as f, pa.ipc.new_stream(f, rest.schema) as stream:
+            stream.write_table(rest)  # Arrow IPC: no encoding, every type as it is
+        kept = kept.drop_columns(other)
+    tick(progress, number, n_in)
+    return Selection(kept, spans, n_in, errors, digested, sources, spilled)
 
 
 def digest_rows(kept: pa.Table) -> str:
