@@ -65,8 +65,9 @@ def to_webdataset(
     def check(count: int) -> None:
         if count > 10**max_shards:
             raise run.TooManyShards(
-                f"{count} output shards do not fit in max_shards={max_shards} digits; "
-                f"raise max_shards or samples_per_shard"
+                f"the records need at least {count} output shards, more than "
+                f"max_shards={max_shards} digits can number; raise max_shards or "
+                f"samples_per_shard"
             )
 
     return run.run_export(
