@@ -404,7 +404,9 @@ def test_source_changed_since_indexing_is_an_error(tmp_path):
 
 def test_too_many_shards_for_max_shards(source, tmp_path):
     ds = ImageTextPairDataset.from_webdataset(str(source))
-    with pytest.raises(ValueError, match="need at least 35 output shards, more than max_shards=1 digits"):
+    with pytest.raises(
+        ValueError, match="need at least 35 output shards, more than max_shards=1 digits"
+    ):
         ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=1, max_shards=1)
     assert not (tmp_path / "o").exists()
 
@@ -1065,3 +1067,32 @@ def test_selections_hold_only_what_pieces_need(source, tmp_path):
     out = tmp_path / "out"
     ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=4)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") and "rows-" in p.name]
+
+
+def test_a_crash_between_renames_never_pairs_a_tar_with_another_exports_parquet(
+    source, tmp_path, monkeypatch
+):
+    """Export A, then a different export B into the same directory dies right after
+    publishing a tar: A's Parquet (its completion mark) must not vouch for B's tar, or
+    re-running A would keep it (same size, other bytes)."""
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    ds.to_webdataset(str(clean), samples_per_shard=7)
+    ds.to_webdataset(str(out), samples_per_shard=7)
+    meta = ds.metadata
+    k = meta["key"].astype(int)  # the same records per output shard, in reverse: same sizes
+    reversed_ = ds.with_metadata(meta.assign(rank=k // 7 * 7 + 6 - k % 7).sort_values("rank"))
+    real = fsio.publish
+
+    def dies_after_a_tar(fs, tmp, final):
+        real(fs, tmp, final)
+        if final.endswith(".tar"):
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(fsio, "publish", dies_after_a_tar)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(KeyboardInterrupt):
+        reversed_.to_webdataset(str(out), samples_per_shard=7)
+    monkeypatch.setattr(fsio, "publish", real)
+    again = ds.to_webdataset(str(out), samples_per_shard=7)
+    assert again.shards_written >= 1
+    assert _digest_dir(out) == _digest_dir(clean)

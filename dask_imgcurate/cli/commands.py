@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -63,6 +64,7 @@ def run(prog_name: str = "dask-imgcurate") -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(done.code if isinstance(done.code, int) else EXIT_ERROR)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late Ctrl-C changes nothing
         raise
 
 

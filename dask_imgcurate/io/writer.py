@@ -330,6 +330,10 @@ def commit_shard(
             schema_meta[IDX_SIZE_KEY] = str(len(text.encode())).encode()
         staged.append((fsio.temp_path(out_fs, parquet_path), parquet_path))
         pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
+        # an earlier export's Parquet marks its own tar complete: gone before this tar
+        # replaces that one, so a crash in between leaves the shard to be written again
+        with contextlib.suppress(FileNotFoundError):
+            out_fs.rm_file(parquet_path)
         for tmp, final in staged:
             fsio.publish(out_fs, tmp, final)
     finally:
