@@ -21,7 +21,6 @@ from dask_imgcurate.errors import DuplicateKeyError, TarFormatError
 from dask_imgcurate.io.tarindex import TarIndex
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_IMAGE_SET = frozenset(IMAGE_EXTENSIONS)
 _KEY_DOT_EXT = r"(?s)^(?P<key>(?:.*/)?[^/.][^/.]*)\.(?P<ext>[^/]*)$"  # split_key's rule
 
 

@@ -467,14 +467,6 @@ def finished(
     )
 
 
-def stack_slices(parts: Sequence[pa.Table], pieces: Sequence[tuple[int, int, int]]) -> pa.Table:
-    """Concatenate ``parts[i][start:stop]`` for each ``(i, start, stop)`` in ``pieces``."""
-    tables = [parts[i].slice(start, stop - start) for i, start, stop in pieces]
-    if not tables:
-        return parts[0].slice(0, 0)
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
 def plan_shards(
     counts: Sequence[int],
     per_shard: int,
