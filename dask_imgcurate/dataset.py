@@ -377,11 +377,12 @@ def _conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
 def _changes_kind(source: pa.DataType, target: pa.DataType) -> bool:
     """Whether casting ``source`` values to ``target`` changes what they mean: booleans to or
     from numbers. (Numbers widen; anything becomes text in a string column, losslessly.)"""
-    is_bool, is_number = (
-        pa.types.is_boolean,
-        (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)),
-    )
-    return (is_bool(source) and is_number(target)) or (is_number(source) and is_bool(target))
+
+    def is_number(t: pa.DataType) -> bool:
+        return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+    boolean = pa.types.is_boolean
+    return (boolean(source) and is_number(target)) or (is_number(source) and boolean(target))
 
 
 class _MetadataWriter:

@@ -90,8 +90,8 @@ def select_partition(
         errors = int((~ok).sum())  # says (its scores are NaN: a score filter drops it)
         keep &= ok
     kept = table.filter(pa.array(keep))
-    orphans = kept.column("_members").is_null()
     if kept.column("_members").null_count:  # dd.merge(scores, metadata, how="left")
+        orphans = kept.column("_members").is_null()
         ids = kept.filter(orphans).column(id_col).to_pylist()[:5]
         raise ValueError(
             f"rows to export are no record of the dataset's tars (no '_members': rows a "
