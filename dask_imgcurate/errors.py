@@ -31,6 +31,11 @@ class IndexFileError(CurateError, ValueError):
     """A DALI ``.idx`` file is malformed or does not describe its tar."""
 
 
+class ShardChangedError(CurateError, RuntimeError):
+    """A tar changed after it was indexed: the metadata's byte offsets may point at other
+    bytes now (names the tar, its version then and now)."""
+
+
 class StorageAccessDenied(CurateError, PermissionError):
     """The credentials may not read (or write) an object-store path; names URL and bucket."""
 

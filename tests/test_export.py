@@ -24,7 +24,7 @@ import pytest
 
 from dask_imgcurate import ImageTextPairDataset, export
 from dask_imgcurate.demo import make_demo_dataset, make_shard_records, write_shard
-from dask_imgcurate.errors import CurateError, DuplicateKeyError
+from dask_imgcurate.errors import CurateError, DuplicateKeyError, ShardChangedError
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io import writer
 from dask_imgcurate.io.writer import MAX_GAP, MAX_READ, MemberPlan, merged_reads, plan_shards
@@ -390,7 +390,7 @@ def test_pwrite_all_batches_and_resumes_short_writes(tmp_path, monkeypatch):
     assert max(batches) == 3 and len(batches) > 3
 
 
-def test_source_changed_since_indexing_is_an_error(tmp_path):
+def test_source_truncated_since_indexing_is_an_error_without_versions_too(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     write_shard(src / "00000.tar", make_shard_records(0, 3, seed=1))
@@ -398,7 +398,10 @@ def test_source_changed_since_indexing_is_an_error(tmp_path):
     ds.metadata = ds.metadata.persist()  # indexed now: the tar then shrinks
     with open(src / "00000.tar", "r+b") as f:
         f.truncate(4096)
-    with pytest.raises(OSError, match="short read at byte offset"):
+    with pytest.raises(ShardChangedError, match="changed after it was indexed"):
+        ds.to_webdataset(str(tmp_path / "out"))
+    ds.metadata = ds.metadata.drop(columns="_shard_version")  # no version to check: reads
+    with pytest.raises(OSError, match="short read at byte offset"):  # come up short
         ds.to_webdataset(str(tmp_path / "out"))
 
 
@@ -496,6 +499,53 @@ def test_a_full_disk_names_the_file_and_publishes_nothing(source, tmp_path, monk
     assert err.value.errno == errno.ENOSPC
     assert f"No space left on device: writing {out}/.00000.tar.tmp-" in str(err.value)
     assert not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "images"])
+@pytest.mark.parametrize("change", ["rewritten", "touched"])
+def test_a_tar_changed_after_indexing_is_refused(source, tmp_path, layout, change):
+    """Persisted metadata holds byte offsets: when a tar is rewritten afterwards (another
+    run of the tool that made it), copying at those offsets would put other bytes under the
+    old names. The export refuses that tar, naming it; after a reload it exports the new
+    bytes. A tar only touched (same bytes, new mtime) is refused too: the check cannot tell."""
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    other = tmp_path / "other"
+    make_demo_dataset(other, n_shards=5, samples_per_shard=7, seed=4)  # same keys, new bytes
+    before = input_members(data)
+    ds = ImageTextPairDataset.from_webdataset(str(data))
+    ds = ds.with_metadata(ds.metadata.persist())
+    changed = data / "00002.tar"
+    if change == "rewritten":
+        shutil.copyfile(other / "00002.tar", changed)  # not the same size: other images
+        assert changed.stat().st_size != (source / "00002.tar").stat().st_size
+    else:
+        os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 1))
+
+    def export(dataset, out):
+        if layout == "webdataset":
+            return dataset.to_webdataset(str(out), samples_per_shard=3)
+        return dataset.write_images(str(out), images_per_tar=3)
+
+    out = tmp_path / "out"
+    with dask.config.set(scheduler="synchronous"), pytest.raises(ShardChangedError) as err:
+        export(ds, out)
+    assert isinstance(err.value, CurateError)
+    assert str(err.value).startswith(f"{changed} changed after it was indexed (")
+    old = {digest for members in before.values() for _, digest in members}
+    for tar in out.glob("*.tar"):  # shards published before the error hold old bytes only
+        assert {digest for _, digest in tar_members(tar)} <= old
+    # loaded again: the new bytes, at their new offsets
+    summary = export(ImageTextPairDataset.from_webdataset(str(data)), tmp_path / "again")
+    assert summary.records_out == 35
+    now = input_members(data)
+    copied = {}
+    for tar in sorted((tmp_path / "again").glob("*.tar")):
+        for name, digest in tar_members(tar):
+            copied.setdefault(name.partition(".")[0], []).append(digest)
+    assert sorted(d for digests in copied.values() for d in digests) == sorted(
+        d for members in now.values() for _, d in members
+    )
 
 
 def test_pieces_written_into_different_files_never_make_one_tar(source, tmp_path, monkeypatch):

@@ -359,3 +359,23 @@ def test_decoded_values_are_exact_for_uniform_image(tmp_path: Path) -> None:
     want = (np.array(color) / 255.0 - np.array(SPEC.mean)) / np.array(SPEC.std)
     got = batch.images[0].mean(dim=(1, 2)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["range", "webdataset"])
+def test_a_tar_changed_after_indexing_gives_per_row_errors(tmp_path: Path, source: str) -> None:
+    """Rows indexed before their tar was rewritten are not decoded from whatever now lies at
+    their offsets: each gets a read error naming the tar; other shards' rows decode."""
+    from dask_imgcurate import ImageTextPairDataset
+    from dask_imgcurate.demo import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "data", n_shards=2, samples_per_shard=4, seed=0)
+    make_demo_dataset(tmp_path / "other", n_shards=2, samples_per_shard=6, seed=1)
+    frame = ImageTextPairDataset.from_webdataset(str(tmp_path / "data")).metadata.compute()
+    changed = tmp_path / "data" / "00001.tar"
+    changed.write_bytes((tmp_path / "other" / "00001.tar").read_bytes())
+    batch = reader(source=source).read(frame)
+    stale = frame.loc[frame["_shard"] == str(changed), "key"].tolist()
+    assert len(stale) == 4 and sorted(batch.errors) == sorted(stale)
+    for key in stale:
+        assert batch.errors[key].startswith(f"read: {changed} changed after it was indexed (")
+    assert sorted(batch.keys) == sorted(set(frame["key"]) - set(stale))

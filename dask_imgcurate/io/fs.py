@@ -195,6 +195,19 @@ def retry(
 # ---------------------------------------------------------------- reading
 
 
+def file_version(fs: fsspec.AbstractFileSystem, path: str, fd: int | None = None) -> str | None:
+    """A local file's size and modification time (of the open file ``fd`` when given):
+    equal strings, the same bytes as far as the file system can tell. None on object stores
+    (their objects are written once; a fresh HEAD per read would cost a request, and s3fs
+    answers a throttled one with a wrong size)."""
+    if not is_local(fs):
+        return None
+    st = os.fstat(fd) if fd is not None else os.stat(path)
+    seconds, nanoseconds = divmod(st.st_mtime_ns, 10**9)
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{st.st_size} bytes, modified {when}.{nanoseconds:09d}Z"
+
+
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """The whole file (retried on transient errors when remote)."""
     return retry(fs, path, lambda: fs.cat_file(path))

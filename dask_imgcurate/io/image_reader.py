@@ -57,8 +57,10 @@ import pandas as pd
 import torch
 
 from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_device
+from dask_imgcurate.errors import ShardChangedError
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.image_header import ImageTooLarge, image_dimensions
+from dask_imgcurate.io.shards import check_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -439,12 +441,35 @@ class DaliImageReader:
         for i in range(n):
             if i not in missing:
                 by_shard.setdefault(str(shards[i]), []).append(i)
+        versions = (
+            partition["_shard_version"].astype(object).to_numpy()
+            if "_shard_version" in partition
+            else np.full(n, None, dtype=object)
+        )
         for shard, rows in by_shard.items():
+            changed = self._changed(shard, {versions[i] for i in rows} - {None} - {pd.NA})
+            if changed:  # the offsets may point at other bytes now
+                yield [], [], {i: f"read: {changed}" for i in rows}
+                continue
             rows.sort(key=lambda i: offsets[i])  # sequential reads
             if self.source == "webdataset":
                 yield from self._webdataset_batches(shard, rows, offsets, sizes, members)
             else:
                 yield from self._range_batches(shard, rows, offsets, sizes)
+
+    def _changed(self, shard: str, indexed: set) -> str | None:
+        """Why ``shard`` (a local tar) cannot be read at the offsets of rows indexed at
+        ``indexed`` versions, or None."""
+        if not indexed:
+            return None
+        try:
+            fs, path = fsio.url_to_fs(shard, self.storage_options)
+            check_unchanged(shard, indexed, fsio.file_version(fs, path))
+        except ShardChangedError as err:
+            return _short(str(err), 400)
+        except OSError:  # e.g. gone: reading says so, per row
+            return None
+        return None
 
     def _range_batches(
         self, shard: str, rows: list[int], offsets: np.ndarray, sizes: np.ndarray

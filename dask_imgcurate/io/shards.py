@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections import Counter
@@ -10,7 +11,13 @@ from dataclasses import dataclass
 
 import fsspec
 
-from dask_imgcurate.errors import CompressedTarError, IndexFileError, ShardNotice, ShardWarning
+from dask_imgcurate.errors import (
+    CompressedTarError,
+    IndexFileError,
+    ShardChangedError,
+    ShardNotice,
+    ShardWarning,
+)
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.dali_index import (
     TAIL_READ,
@@ -158,13 +165,14 @@ def index_shard(
     """Records of a shard, from its ``.idx`` when present and consistent with the tar,
     else by scanning the tar (an ``.idx`` not used is reported as a ``ShardNotice``)."""
     source = fsio.qualify(fs, shard.tar)
+    version = fsio.file_version(fs, shard.tar)  # before reading: a later change shows
     if use_idx and shard.idx is not None:
         try:
             text = fsio.read_bytes(fs, shard.idx).decode("utf-8")
             tar_size = fs.size(shard.tar)
             members = parse_dali_index(text, source, tar_size=tar_size)
             members = _checked_against_tar(fs, shard.tar, members, tar_size)
-            return group_records(members, strict=strict)
+            return dataclasses.replace(group_records(members, strict=strict), version=version)
         except (IndexFileError, UnicodeDecodeError) as err:
             why = str(err).removeprefix(f"{source}: ")
             warnings.warn(
@@ -175,7 +183,20 @@ def index_shard(
                 stacklevel=2,
             )
     with fsio.open_buffer(fs, shard.tar) as buffer:
-        return group_records(scan_tar(buffer, source, strict=strict), strict=strict)
+        records = group_records(scan_tar(buffer, source, strict=strict), strict=strict)
+    return dataclasses.replace(records, version=version)
+
+
+def check_unchanged(source: str, indexed: Sequence[str] | None, now: str | None) -> None:
+    """Raise ``ShardChangedError`` unless ``source`` is still at every version in
+    ``indexed`` (its rows' ``_shard_version`` s; nothing to check when empty)."""
+    changed = sorted(v for v in indexed or () if v != now)
+    if changed and now is not None:
+        raise ShardChangedError(
+            f"{source} changed after it was indexed ({changed[0]} then, {now} now): the "
+            f"metadata's byte offsets may point at other bytes; load the dataset again "
+            f"(from_webdataset) and redo the work based on the old one"
+        )
 
 
 def _checked_against_tar(

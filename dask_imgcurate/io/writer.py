@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.dali_index import VERSION as DALI_VERSION
 from dask_imgcurate.io.records import split_keys
+from dask_imgcurate.io.shards import check_unchanged
 from dask_imgcurate.io.tarindex import BLOCK
 from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE, header_lengths, member_headers
 
@@ -64,6 +65,7 @@ class MemberPlan:
     offsets: np.ndarray  # payload offset in the source tar
     sizes: np.ndarray
     names: pa.Array  # output member names
+    versions: Sequence[frozenset] = ()  # per source: its versions the rows were indexed at
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -88,7 +90,21 @@ def plan_members(rows: pa.Table, new_keys: Sequence[str]) -> MemberPlan:
         offsets=flat.field("offset").to_numpy(),
         sizes=flat.field("size").to_numpy(),
         names=names,
+        versions=_source_versions(rows, shards),
     )
+
+
+def _source_versions(rows: pa.Table, shards: pa.DictionaryArray) -> list[frozenset]:
+    """Per source tar (``shards``' dictionary), the ``_shard_version`` s of its rows (none
+    without that column, or on object stores)."""
+    versions: list[set] = [set() for _ in range(len(shards.dictionary))]
+    if "_shard_version" not in rows.column_names:
+        return [frozenset()] * len(versions)
+    pairs = pa.table({"tar": shards.indices, "version": rows.column("_shard_version")})
+    distinct = pairs.group_by(["tar", "version"]).aggregate([]).drop_null()
+    for tar, version in zip(*(c.to_pylist() for c in distinct.columns)):
+        versions[tar].add(version)
+    return [frozenset(v) for v in versions]
 
 
 def merged_reads(plan: MemberPlan) -> Iterator[tuple[int, int, int, int]]:
@@ -139,12 +155,15 @@ def _read_buffer(size: int) -> memoryview:
 
 class _RangeReader:
     """Reads byte ranges of source tars: locally with ``preadv`` into this thread's reused
-    buffer, elsewhere with ranged GETs (retried on transient errors, see ``fsio.retry``)."""
+    buffer, elsewhere with ranged GETs (retried on transient errors, see ``fsio.retry``).
+    ``versions``: per source, the versions it was indexed at; a local tar that is not at
+    them when opened raises ``ShardChangedError``."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem):
+    def __init__(self, fs: fsspec.AbstractFileSystem, versions: dict | None = None):
         self.fs = fs
         self.local = fsio.is_local(fs)
         self.files: dict[str, int] = {}
+        self.versions = versions or {}
 
     def read(self, source: str, start: int, end: int) -> memoryview | bytes:
         """Bytes ``[start, end)`` of ``source``; a local read is a view of the reused
@@ -155,6 +174,9 @@ class _RangeReader:
             fd = self.files.get(path)
             if fd is None:
                 fd = self.files[path] = os.open(path, os.O_RDONLY)
+                check_unchanged(
+                    source, self.versions.get(source), fsio.file_version(self.fs, path, fd)
+                )
             data = _read_buffer(want)
             got = _pread_all(fd, data, start)
         else:
@@ -222,7 +244,7 @@ def write_piece(
     (created if missing; other pieces may be writing elsewhere in it) from byte ``offset``.
     Returns the offset after them."""
     offsets, sizes = plan.offsets.tolist(), plan.sizes.tolist()
-    reader = _RangeReader(source_fs)
+    reader = _RangeReader(source_fs, dict(zip(plan.sources, plan.versions)))
     fd = os.open(tar, os.O_WRONLY | os.O_CREAT, 0o644)
     at = offset
     batch = batch_end = 0  # headers are made for HEADER_BATCH members at a time
