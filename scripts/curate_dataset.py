@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from _common import positive_int, reported_errors
+
 from dask_imgcurate import (
     AestheticClassifier,
     ClipImageEmbedder,
@@ -48,19 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nsfw-model", required=True, help="NSFW head weights")
     parser.add_argument("--min-aesthetic", type=float, default=None, help="keep score >= this")
     parser.add_argument("--max-nsfw", type=float, default=None, help="keep nsfw_score < this")
-    parser.add_argument("--samples-per-shard", type=int, default=10000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--samples-per-shard", type=positive_int, default=10000)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument(
         "--n-workers", type=int, default=None, help="local worker processes (0: threads)"
     )
     parser.add_argument("--scheduler-address", default=None, help="a running Dask cluster")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks, Dask logs")
     args = parser.parse_args(argv)
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-    dim = clip_embed_dim(args.model) or 768  # the heads must match the CLIP embedding size
 
-    with dask_client(args.scheduler_address, args.n_workers, quiet=True):
-        # 1. embed and score (lazy), then save: NNNNN.parquet beside every NNNNN.tar
+    with reported_errors(args.verbose):  # bad input: one line `error: ...`, exit 1
+        # the shards and the heads' weights are checked here, before a cluster starts
         dataset = ImageTextPairDataset.from_webdataset(args.input)
+        dim = clip_embed_dim(args.model) or 768  # the heads must match the CLIP embedding size
         embedder = ClipImageEmbedder(
             model_name=args.model,
             pretrained=pretrained,
@@ -70,21 +73,23 @@ def main(argv: list[str] | None = None) -> int:
                 NsfwClassifier(args.nsfw_model, embedding_dim=dim),
             ],
         )
-        written = embedder(dataset).save_metadata()
-        print(f"scored {int(written['rows'].sum())} records in {len(written)} shards")
+        with dask_client(args.scheduler_address, args.n_workers, quiet=not args.verbose):
+            # 1. embed and score (lazy), then save: NNNNN.parquet beside every NNNNN.tar
+            written = embedder(dataset).save_metadata()
+            print(f"scored {int(written['rows'].sum())} records in {len(written)} shards")
 
-        # 2. reload (cheap: the scores are metadata now), filter, export
-        dataset = ImageTextPairDataset.from_webdataset(args.input)
-        meta = dataset.metadata
-        keep = meta["error"].isna()
-        if args.min_aesthetic is not None:
-            keep &= meta["aesthetic_score"] >= args.min_aesthetic
-        if args.max_nsfw is not None:
-            keep &= meta["nsfw_score"] < args.max_nsfw
-        dataset.metadata = meta.assign(keep=keep)
-        summary = dataset.to_webdataset(
-            args.output, filter_column="keep", samples_per_shard=args.samples_per_shard
-        )
+            # 2. reload (cheap: the scores are metadata now), filter, export
+            dataset = ImageTextPairDataset.from_webdataset(args.input)
+            meta = dataset.metadata
+            keep = meta["error"].isna()
+            if args.min_aesthetic is not None:
+                keep &= meta["aesthetic_score"] >= args.min_aesthetic
+            if args.max_nsfw is not None:
+                keep &= meta["nsfw_score"] < args.max_nsfw
+            dataset.metadata = meta.assign(keep=keep)
+            summary = dataset.to_webdataset(
+                args.output, filter_column="keep", samples_per_shard=args.samples_per_shard
+            )
     print(summary)
     return 0
 

@@ -17,30 +17,36 @@ except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from dask_imgcurate.demo import IMAGE_EXTENSIONS, make_demo_dataset
 
+from _common import positive_int, reported_errors
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="directory to write 00000.tar, 00000.parquet, ... into")
-    parser.add_argument("--shards", type=int, default=4, help="number of tar shards (default 4)")
     parser.add_argument(
-        "--samples-per-shard", type=int, default=64, help="records per shard (default 64)"
+        "--shards", type=positive_int, default=4, help="number of tar shards (default 4)"
+    )
+    parser.add_argument(
+        "--samples-per-shard", type=positive_int, default=64, help="records per shard (default 64)"
     )
     parser.add_argument("--no-parquet", action="store_true", help="skip the sidecar Parquet files")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--image-format", choices=sorted(IMAGE_EXTENSIONS), default="jpeg", help="image encoding"
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    tars = make_demo_dataset(
-        args.out_dir,
-        n_shards=args.shards,
-        samples_per_shard=args.samples_per_shard,
-        with_parquet=not args.no_parquet,
-        seed=args.seed,
-        image_format=args.image_format,
-    )
+    with reported_errors(args.verbose):  # bad input: one line `error: ...`, exit 1
+        tars = make_demo_dataset(
+            args.out_dir,
+            n_shards=args.shards,
+            samples_per_shard=args.samples_per_shard,
+            with_parquet=not args.no_parquet,
+            seed=args.seed,
+            image_format=args.image_format,
+        )
     size = sum(os.path.getsize(p) for p in tars)
     for path in tars:
         print(path)

@@ -17,6 +17,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
+from _common import reported_errors
 
 from dask_imgcurate import write_dali_index
 
@@ -26,19 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", help="a directory of *.tar shards, or one .tar")
     parser.add_argument("--force", action="store_true", help="rewrite existing .idx files")
     parser.add_argument("--threads", type=int, default=8, help="shards indexed at once")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
 
-    fs, root = fsspec.core.url_to_fs(args.path)
-    if root.endswith(".tar") and fs.isfile(root):
-        tars = [root]
-    else:
-        tars = sorted(fs.glob(root.rstrip("/") + "/*.tar"))
-    if not tars:
-        print(f"no .tar shards found in {args.path}", file=sys.stderr)
-        return 1
-    todo = [t for t in tars if args.force or not fs.exists(t[: -len(".tar")] + ".idx")]
-    with ThreadPoolExecutor(max_workers=max(1, args.threads)) as pool:
-        written = list(pool.map(lambda tar: write_dali_index(fs.unstrip_protocol(tar)), todo))
+    with reported_errors(args.verbose):  # bad input: one line `error: ...`, exit 1
+        fs, root = fsspec.core.url_to_fs(args.path)
+        if root.endswith(".tar") and fs.isfile(root):
+            tars = [root]
+        else:
+            tars = sorted(fs.glob(root.rstrip("/") + "/*.tar"))
+        if not tars:
+            raise FileNotFoundError(f"no .tar shards found in {args.path}")
+        todo = [t for t in tars if args.force or not fs.exists(t[: -len(".tar")] + ".idx")]
+        with ThreadPoolExecutor(max_workers=max(1, args.threads)) as pool:
+            written = list(pool.map(lambda tar: write_dali_index(fs.unstrip_protocol(tar)), todo))
     for path in written:
         print(path)
     print(

@@ -28,7 +28,7 @@ SHARDS, PER_SHARD = 3, 8
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
 
 
-def script(name: str, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def script(name: str, *args, cwd: Path | None = None, code: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *[str(a) for a in args]],
         cwd=cwd,
@@ -36,8 +36,15 @@ def script(name: str, *args, cwd: Path | None = None) -> subprocess.CompletedPro
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == code, proc.stderr
     return proc
+
+
+def error_line(name: str, *args, code: int = 1) -> str:
+    """Run a script that must fail: exit ``code``, no traceback; its last stderr line."""
+    proc = script(name, *args, code=code)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
 
 
 def parquet_frame(directory: Path):
@@ -182,3 +189,59 @@ def test_curate_dataset(copy, tmp_path):
     np.testing.assert_array_equal(
         out_table.column("aesthetic_score").to_numpy(), passing["aesthetic_score"].to_numpy()
     )
+
+
+# Bad input: one line ``error: ...`` naming the path or value and exit 1 (argparse's usage
+# errors: exit 2), as the dask-imgcurate CLI does; no traceback unless -v.
+
+
+@pytest.fixture(scope="module")
+def bad(source, tmp_path_factory) -> Path:
+    """``not-a-tar/00000.tar`` (text), ``truncated/00000.tar`` (cut inside a record),
+    ``a-file`` (a regular file). Read-only."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "not-a-tar").mkdir()
+    (root / "not-a-tar" / "00000.tar").write_text("not a tar\n")
+    (root / "truncated").mkdir()
+    (root / "truncated" / "00000.tar").write_bytes((source / "00000.tar").read_bytes()[:3000])
+    (root / "a-file").write_text("x\n")
+    return root
+
+
+def test_make_demo_dataset_bad_input(bad):
+    line = error_line("make_demo_dataset.py", bad / "a-file", "--shards", 1)
+    assert line.startswith("error: ") and str(bad / "a-file") in line
+    # a usage error: argparse's exit 2
+    line = error_line("make_demo_dataset.py", bad / "out", "--samples-per-shard", -1, code=2)
+    assert "argument --samples-per-shard: must be >= 1, not -1" in line
+    assert not (bad / "out").exists()
+
+
+def test_make_idx_bad_input(bad):
+    for name in ("not-a-tar", "truncated"):
+        line = error_line("make_idx.py", bad / name)
+        assert line.startswith(f"error: {bad / name / '00000.tar'}: ")
+    verbose = script("make_idx.py", bad / "truncated", "-v", code=1)  # -v: the traceback
+    assert "Traceback" in verbose.stderr and "TarFormatError" in verbose.stderr
+
+
+def test_reshard_bad_input(copy, bad, tmp_path):
+    out = tmp_path / "out"
+    line = error_line("reshard.py", bad / "missing", out)
+    assert line == f"error: no such file or directory: {bad / 'missing'}"
+    line = error_line("reshard.py", copy, copy)  # would replace the shards it reads
+    assert line.startswith(f"error: {copy} holds this dataset's input shards")
+    for query in ("no_such_column > 1", "width + 1"):  # checked before any work
+        line = error_line("reshard.py", copy, out, "--query", query)
+        assert line.startswith(f"error: bad --query {query!r}: ")
+    assert not out.exists()
+
+
+def test_curate_dataset_bad_input(source, bad, tmp_path):
+    models = ["--aesthetic-model", tmp_path / "a.pt", "--nsfw-model", tmp_path / "n.pt"]
+    fast = ["--model", TINY_MODEL, "--pretrained", "none", "--n-workers", 0]
+    line = error_line("curate_dataset.py", bad / "missing", tmp_path / "out", *models, *fast)
+    assert line == f"error: no such file or directory: {bad / 'missing'}"
+    line = error_line("curate_dataset.py", source, tmp_path / "out", *models, *fast)
+    assert line.startswith("error: AestheticClassifier: ") and str(tmp_path / "a.pt") in line
+    assert not (tmp_path / "out").exists()
