@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 from importlib import import_module
-
-from dask_imgcurate.dataset import ImageTextPairDataset
-from dask_imgcurate.export import ExportSummary
-from dask_imgcurate.io import write_dali_index
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# Compute classes import torch, DALI and open_clip: load them on first use.
+# Loaded on first use: importing the package stays instant (the command line catches a
+# Ctrl-C from its first milliseconds), and torch, DALI and open_clip load only when needed.
 _LAZY = {
-    "ClipImageEmbedder": "dask_imgcurate.embed",
     "AestheticClassifier": "dask_imgcurate.models.classifiers",
+    "ClipImageEmbedder": "dask_imgcurate.embed",
+    "ExportSummary": "dask_imgcurate.export",
+    "ImageTextPairDataset": "dask_imgcurate.dataset",
     "NsfwClassifier": "dask_imgcurate.models.classifiers",
     "Pipeline": "dask_imgcurate.pipeline",
+    "write_dali_index": "dask_imgcurate.io",
 }
+
+if TYPE_CHECKING:
+    from dask_imgcurate.dataset import ImageTextPairDataset
+    from dask_imgcurate.embed import ClipImageEmbedder
+    from dask_imgcurate.export import ExportSummary
+    from dask_imgcurate.io import write_dali_index
+    from dask_imgcurate.models.classifiers import AestheticClassifier, NsfwClassifier
+    from dask_imgcurate.pipeline import Pipeline
 
 
 def __getattr__(name: str):

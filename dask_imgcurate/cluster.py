@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -164,6 +165,31 @@ def _workers_ignore_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _forkserver_ignoring_sigint() -> bool:
+    """Start multiprocessing's fork server (with distributed's preloads) while SIGINT is
+    ignored, unless it runs already: each worker it forks restores the handlers the server
+    started with, so it ignores SIGINT too, and Ctrl-C is ignored here only for the
+    milliseconds the server takes to be spawned, not for the cluster's whole start. False
+    where local workers are not forked by it."""
+    if dask.config.get("distributed.worker.multiprocessing-method") != "forkserver":
+        return False
+    from multiprocessing import forkserver
+
+    from distributed.utils import get_mp_context
+
+    get_mp_context()  # its preloads, set before the server starts
+    # it starts the resource tracker too: with a Ctrl-C during the cluster's start (this
+    # process then leaves at once) that would warn of "leaked semaphore objects" it cleans up
+    quiet_tracker = "ignore::UserWarning:multiprocessing.resource_tracker"
+    sys.warnoptions.append(quiet_tracker)  # the -W options its command line gets
+    try:
+        with _workers_ignore_sigint():
+            forkserver.ensure_running()
+    finally:
+        sys.warnoptions.remove(quiet_tracker)
+    return True
+
+
 @contextlib.contextmanager
 def dask_client(
     scheduler_address: str | None = None,
@@ -202,14 +228,16 @@ def dask_client(
                 n_workers=n_workers, dashboard_address=":0", silence_logs=silence
             )
     else:
-        with dask.config.set(_fast_exit()), _workers_ignore_sigint():
-            cluster = LocalCluster(
-                n_workers=n_workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",
-                silence_logs=silence,
-            )
+        with dask.config.set(_fast_exit()):
+            forked = _forkserver_ignoring_sigint()
+            with contextlib.nullcontext() if forked else _workers_ignore_sigint():
+                cluster = LocalCluster(
+                    n_workers=n_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=":0",
+                    silence_logs=silence,
+                )
     with cluster, Client(cluster) as client:
         client.register_plugin(IgnoreSigint())
         if quiet:

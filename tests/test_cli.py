@@ -637,6 +637,70 @@ def test_interrupted_export_then_rerun_finishes(big, tmp_path, workers, signum, 
     assert digest_dir(out) == expected  # finished, byte-identical, no temporary files left
 
 
+def test_ctrl_c_while_a_local_cluster_starts_stops_the_command(big, tmp_path):
+    """Ctrl-C to the process group once the workers' fork server runs (the cluster is
+    starting): one line, exit 130, soon; no process of the group is left."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [EXE, "export", str(big), str(out), "--samples-per-shard", "1", "--max-shards", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+    def group() -> list[str]:
+        found = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
+        return found.stdout.split()
+
+    deadline = time.monotonic() + 60
+    while len(group()) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # this process, the resource tracker, the fork server: starting
+    assert proc.poll() is None and not list(out.glob("*.tar"))
+    interrupted = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert time.monotonic() - interrupted < 20  # not after the whole export
+    expect_one_error_line(stderr, "interrupted")
+    deadline = time.monotonic() + 10
+    while group() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group()
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line():
+    """SIGINT while the command's modules are imported (before any command runs)."""
+    code = (
+        "import os, signal, threading; import dask_imgcurate.cli as cli; "
+        "threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start(); cli.run()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted\n" and not done.stdout
+
+
+def test_importing_the_package_loads_no_heavy_modules():
+    code = (
+        "import sys, dask_imgcurate, dask_imgcurate.cli; "
+        "print(sorted({'dask', 'pandas', 'pyarrow', 'torch', 'click'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stderr
+    names = subprocess.run(  # every public name resolves
+        [
+            sys.executable,
+            "-c",
+            "import dask_imgcurate as d; print([getattr(d, n) for n in d.__all__])",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert names.returncode == 0 and "ImageTextPairDataset" in names.stdout, names.stderr
+
+
 def test_scheduler_address_gives_identical_bytes(scored, scores, tmp_path):
     from distributed import LocalCluster
 
