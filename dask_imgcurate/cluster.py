@@ -43,7 +43,7 @@ def cluster_kind(scheduler_address: str | None = None, n_workers: int | None = N
     return "local"
 
 
-class _OpenClipInfo(logging.Filter):
+class OpenClipNotices(logging.Filter):
     """Drops open_clip's informational messages (it logs on the root logger), e.g. "No
     pretrained weights loaded"; its errors still pass."""
 
@@ -65,8 +65,8 @@ def quiet_third_party(verbose: bool = False) -> Callable[[], None]:
     warnings.filterwarnings("ignore", message=RANDOM_WEIGHTS_MESSAGE)
     root = logging.getLogger()
     added = None
-    if not verbose and not any(isinstance(f, _OpenClipInfo) for f in root.filters):
-        added = _OpenClipInfo()
+    if not verbose and not any(isinstance(f, OpenClipNotices) for f in root.filters):
+        added = OpenClipNotices()
         root.addFilter(added)
     # huggingface_hub resets its logger's level when its logging module is first imported
     # (by open_clip's download, after this): it reads HF_HUB_VERBOSITY then

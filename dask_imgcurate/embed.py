@@ -23,7 +23,12 @@ import pyarrow as pa
 
 from dask_imgcurate.io.image_reader import MAX_IMAGE_PIXELS, DaliImageReader
 from dask_imgcurate.models.classifiers import EmbeddingClassifier
-from dask_imgcurate.models.clip import clip_embed_dim, load_clip
+from dask_imgcurate.models.clip import (
+    clip_embed_dim,
+    has_random_weights,
+    load_clip,
+    warn_random_weights,
+)
 
 if TYPE_CHECKING:
     from dask_imgcurate.dataset import ImageTextPairDataset
@@ -69,6 +74,8 @@ class ClipImageEmbedder:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if has_random_weights(model_name, pretrained):  # here, not in each loading task
+            warn_random_weights(model_name, stacklevel=2)
         self.model_name = model_name
         self.pretrained = pretrained
         self.batch_size = int(batch_size)
@@ -148,7 +155,9 @@ class ClipImageEmbedder:
     ) -> pd.DataFrame:
         """Embed and score one pandas partition (the function mapped over the dataset). Rows
         are matched to images by position (``id_col`` is not used: ids may repeat)."""
-        clip = load_clip(self.model_name, self.pretrained, self.device, self.precision)
+        clip = load_clip(
+            self.model_name, self.pretrained, self.device, self.precision, warn_random=False
+        )
         self._check_classifiers(clip.embed_dim)
         n = len(df)
         dim = clip.embed_dim

@@ -290,6 +290,22 @@ def test_embed_saves_embeddings_and_scores_as_parquet(scored):
         assert ((frame["nsfw_score"] >= 0) & (frame["nsfw_score"] <= 1)).all()
 
 
+def test_embed_without_a_head_drops_the_earlier_runs_score(scored, tmp_path, monkeypatch):
+    """Scores saved by an earlier embed belong to its embeddings: an embed that cannot
+    compute one (no weights) removes it, with a warning, rather than keep a stale score."""
+    root = tmp_path / "data"
+    shutil.copytree(scored[0], root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-cache"))  # no cached head weights
+    args = ["--model", TINY_MODEL, "--pretrained", "none", "--n-workers", "0"]
+    with pytest.warns(UserWarning, match="dropped aesthetic_score and nsfw_score from the"):
+        result = run("embed", root, *args)
+    assert table(result.stdout)["columns added"] == "image_embedding, error"
+    for i in range(SHARDS):
+        columns = pq.read_schema(root / f"{i:05d}.parquet").names
+        assert "image_embedding" in columns and "caption" in columns
+        assert "aesthetic_score" not in columns and "nsfw_score" not in columns
+
+
 def test_inspect_reports_counts(scored):
     result = run("inspect", scored[0], "--rows", "2")
     rows = table(result.stdout)
@@ -431,6 +447,25 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     low, high = float(low.compute()), float(high.compute())  # as the demo computes them
     passing = frame[(frame["aesthetic_score"] >= low) & (frame["nsfw_score"] < high)]
     assert kept == passing["key"].tolist()
+
+
+def test_demo_rerun_with_other_options_leaves_only_its_own_output(tmp_path):
+    """The same options again: nothing rewritten. Fewer records: the earlier run's extra
+    curated shard is removed, not left beside the new ones (readers would see it)."""
+    demo = ["demo", "--dir", tmp_path / "d", "--n-workers", "0"]
+    first = run(*demo, "--shards", "3", "--samples-per-shard", "64")
+    assert table(first.stdout)["shards written"] == "2"
+    curated = tmp_path / "d" / "curated"
+    earlier = digest_dir(curated)
+    again = run(*demo, "--shards", "3", "--samples-per-shard", "64")
+    assert table(again.stdout)["shards already complete"] == "2"
+    assert digest_dir(curated) == earlier
+    fewer = run(*demo, "--shards", "1", "--samples-per-shard", "64")
+    assert table(fewer.stdout)["shards written"] == "1"
+    assert f"removed 3 shard files of an earlier demo run from {curated}" in fewer.stdout
+    assert sorted(p.name for p in curated.iterdir()) == ["000.idx", "000.parquet", "000.tar"]
+    kept = int(table(fewer.stdout)["records out"])
+    assert len(exported_old_keys(curated)) == kept < 64
 
 
 # ------------------------------------------------------------------ bad input
@@ -656,6 +691,9 @@ def test_ctrl_c_while_a_local_cluster_starts_stops_the_command(big, tmp_path):
     deadline = time.monotonic() + 60
     while len(group()) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)  # this process, the resource tracker, the fork server: starting
+    # the fork server is spawned with SIGINT ignored (for ~1 ms); then it imports distributed
+    # (~1 s) before the workers fork and the cluster is up
+    time.sleep(0.1)
     assert proc.poll() is None and not list(out.glob("*.tar"))
     interrupted = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from dask_imgcurate.backend import column_names
 from dask_imgcurate.cli.config import CurateConfig, _settings, _storage_options
 from dask_imgcurate.cli.options import (
     lenient_option,
@@ -259,6 +260,19 @@ def embed(ctx: click.Context, path: str, output: str | None, **_) -> None:
     aesthetic, nsfw = _head_available("aesthetic", config), _head_available("nsfw", config)
     fetch = cluster_kind(config.scheduler_address, config.n_workers) != "existing"
     scored = _scored(dataset, config, aesthetic=aesthetic, nsfw=nsfw, fetch=fetch)
+    stale = [  # an earlier run's scores belong to its embeddings, not these
+        column
+        for column, on in (("aesthetic_score", aesthetic), ("nsfw_score", nsfw))
+        if not on and column in column_names(scored.metadata)
+    ]
+    if stale:
+        scored = scored.with_metadata(scored.metadata.drop(columns=stale))
+        warnings.warn(
+            f"dropped {' and '.join(stale)} from the metadata: an earlier run scored other "
+            f"embeddings; give the head's weights (--aesthetic-model / --nsfw-model) to score "
+            f"these",
+            stacklevel=1,
+        )
     with _client(config) as client:
         written = scored.save_metadata(output, verbose=_show_progress())
         cluster = describe(client)
@@ -325,9 +339,19 @@ def curate(ctx: click.Context, input_path: str, output: str, config_path: str | 
 
 
 @main.command()
-@click.option("--dir", "directory", default="demo-output", show_default=True)
-@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--samples-per-shard", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--dir", "directory", default="demo-output", show_default=True, help="Where it all goes."
+)
+@click.option(
+    "--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Input shards."
+)
+@click.option(
+    "--samples-per-shard",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Records per input shard.",
+)
 @click.option(
     "--n-workers",
     type=click.IntRange(min=0),
@@ -347,7 +371,9 @@ def demo(
 
     The steps are the documented workflow: embed and score, save_metadata, filter on the
     scores, export. Random weights give arbitrary score scales, so the demo's thresholds
-    are score quantiles (keep the top 70 % aesthetic, drop the top 10 % NSFW).
+    are score quantiles (keep the top 70 % aesthetic, drop the top 10 % NSFW). DIR/input
+    gets the shards, DIR/models the tiny model's heads, DIR/curated the export (a re-run
+    skips its finished shards and removes those of a run with other options).
     """
     import dask
 
@@ -386,7 +412,16 @@ def demo(
         )
         config.min_aesthetic, config.max_nsfw = float(low), float(high)
         dataset, column = _with_keep(dataset, config)
-        summary = _export(dataset, str(root / "curated"), config, column)
+        with warnings.catch_warnings():  # the demo's own directory: removed below
+            warnings.filterwarnings("ignore", "(?s).*shard files this export did not write")
+            summary = _export(dataset, str(root / "curated"), config, column)
         cluster = describe(client)
+    stale, summary.other_files = summary.other_files, []
+    for path in stale:  # an earlier demo run's, with other options: not this dataset's
+        os.remove(path)
+    if stale:
+        click.echo(
+            f"removed {len(stale)} shard files of an earlier demo run from {root / 'curated'}"
+        )
     click.echo(f"thresholds: aesthetic_score >= {low:.4f}, nsfw_score < {high:.4f}")
     _summary_table(summary, cluster)

@@ -13,6 +13,7 @@ open_clip's (``"ViT-L-14"``) or ``"local-dir:/path"`` / ``"hf-hub:org/repo"`` sc
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import warnings
@@ -90,11 +91,30 @@ def load_clip(
     pretrained: str | None = "openai",
     device: str | torch.device = "auto",
     precision: str = "fp32",
+    *,
+    warn_random: bool = True,
 ) -> ClipModel:
-    """The open_clip model for these arguments, loaded on first call in this process."""
+    """The open_clip model for these arguments, loaded on first call in this process.
+    ``warn_random``: warn of random weights (``pretrained=None``) when loading."""
     dev = resolve_device(device)
     key = _cache_key(model_name, pretrained, dev, precision)
-    return _CACHE.get(key, lambda: _load(model_name, pretrained, dev, precision, key))
+    return _CACHE.get(key, lambda: _load(model_name, pretrained, dev, precision, key, warn_random))
+
+
+def has_random_weights(model_name: str, pretrained: str | None) -> bool:
+    """Whether open_clip builds this model with random weights."""
+    return pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:"))
+
+
+def warn_random_weights(model_name: str, stacklevel: int) -> None:
+    """The ``RandomWeightsWarning`` for ``model_name`` (``stacklevel`` as in
+    ``warnings.warn``, counted from the caller of this function)."""
+    warnings.warn(
+        f"open_clip model {model_name!r} has random weights (pretrained=None): "
+        "its embeddings and any scores computed from them are meaningless",
+        RandomWeightsWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _load(
@@ -103,19 +123,23 @@ def _load(
     device: torch.device,
     precision: str,
     key: tuple[str, str | None, str, str],
+    warn_random: bool,
 ) -> ClipModel:
     global _LOADS
     import open_clip
 
+    from dask_imgcurate.cluster import OpenClipNotices
+
     register_builtin_configs()  # worker processes need the package's configs too
-    if pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:")):
-        warnings.warn(
-            f"open_clip model {model_name!r} has random weights (pretrained=None): "
-            "its embeddings and any scores computed from them are meaningless",
-            RandomWeightsWarning,
-            stacklevel=3,
-        )
-    with torch.random.fork_rng(devices=[]):
+    random = has_random_weights(model_name, pretrained)
+    if random and warn_random:
+        warn_random_weights(model_name, stacklevel=5)  # the caller of load_clip
+    notices = OpenClipNotices() if random else None  # its "No pretrained weights loaded"
+    if notices is not None:  # says what the warning says
+        logging.getLogger().addFilter(notices)
+    with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as undo:
+        if notices is not None:
+            undo.callback(logging.getLogger().removeFilter, notices)
         # random weights are seeded: every worker process builds the same model
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
         try:
