@@ -28,14 +28,36 @@ if TYPE_CHECKING:
     from dask_imgcurate.pipeline import Pipeline
 
 
+# ``dask_imgcurate.errors`` etc. after a bare ``import dask_imgcurate``
+_SUBMODULES = {
+    "backend",
+    "cli",
+    "cluster",
+    "dataset",
+    "demo",
+    "device",
+    "embed",
+    "errors",
+    "export",
+    "io",
+    "metadata",
+    "models",
+    "pipeline",
+    "progress",
+    "stages",
+}
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'dask_imgcurate' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
 
 
 __all__ = [

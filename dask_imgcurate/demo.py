@@ -14,6 +14,7 @@ The image entry is named after its extension (``jpg``, ``png`` or ``webp``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -198,10 +199,13 @@ def write_shard(
     order). Each record's members are ``{key}.{ext}``: the image first, then ``txt``, then
     ``json``, then any other entries in sorted order; ``str`` values are UTF-8 encoded and
     ``dict`` values JSON encoded. ``extra_members`` are ``(name, data)`` pairs appended
-    after the records. Member mtime, mode, owner and group are fixed.
+    after the records. Member mtime, mode, owner and group are fixed. A file already holding
+    these bytes is left as it is (its modification time too: exports resume); another is
+    replaced atomically.
     """
     first = ("jpg", "jpeg", "png", "webp", "txt", "json")
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for rec in records:
             key = rec["__key__"]
             exts = [e for e in first if e in rec]
@@ -210,6 +214,21 @@ def write_shard(
                 _add_member(tar, f"{key}.{ext}", _member_bytes(rec[ext]))
         for name, data in extra_members or ():
             _add_member(tar, name, data)
+    _write_unless_equal(path, buffer.getbuffer())
+
+
+def _write_unless_equal(path: str | os.PathLike[str], data: memoryview) -> None:
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == len(data) and f.read() == data:
+            return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def write_parquet(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:

@@ -34,7 +34,7 @@ BOOKKEEPING = {
     "_image_offset": pa.int64(),
     "_image_size": pa.int64(),
     "_members": MEMBER_TYPE,
-    "_shard_version": pa.string(),  # the tar's when indexed: exports check it is unchanged
+    "_shard_version": pa.int64(),  # the tar's when indexed: exports check it is unchanged
 }
 _MAX_LISTED = 10
 
@@ -113,7 +113,9 @@ def bookkeeping_table(records: RecordIndex, source: str) -> pa.Table:
             "_image_offset": np.where(has_image, members.offsets[image], -1),
             "_image_size": np.where(has_image, members.sizes[image], -1),
             "_members": pa.ListArray.from_arrays(pa.array(list_offsets), structs),
-            "_shard_version": pa.array([records.version] * n, pa.string()),
+            "_shard_version": pa.nulls(n, pa.int64())
+            if records.version is None
+            else pa.array(np.full(n, records.version, dtype=np.int64)),
         },
         schema=pa.schema(BOOKKEEPING),
     )

@@ -737,6 +737,19 @@ def test_importing_the_package_loads_no_heavy_modules():
         text=True,
     )
     assert names.returncode == 0 and "ImageTextPairDataset" in names.stdout, names.stderr
+    import dask_imgcurate
+
+    package = Path(dask_imgcurate.__file__).parent
+    modules = {p.stem for p in package.glob("*.py")} | {
+        p.name for p in package.iterdir() if (p / "__init__.py").exists()
+    }
+    assert dask_imgcurate._SUBMODULES == modules - {"__init__", "__main__"}
+    errors = subprocess.run(  # a submodule after a bare import, as before the lazy imports
+        [sys.executable, "-c", "import dask_imgcurate as d; print(d.errors.ShardNotice)"],
+        capture_output=True,
+        text=True,
+    )
+    assert "dask_imgcurate.errors.ShardNotice" in errors.stdout, errors.stderr
 
 
 def test_scheduler_address_gives_identical_bytes(scored, scores, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -388,6 +389,53 @@ def test_pwrite_all_batches_and_resumes_short_writes(tmp_path, monkeypatch):
     assert end == 4 + len(expected)
     assert (tmp_path / "out").read_bytes() == b"head" + expected
     assert max(batches) == 3 and len(batches) > 3
+
+
+def test_embedding_a_stale_frame_fails_instead_of_dropping_its_records(tmp_path):
+    """embed -> export of a persisted frame whose tar changed: an error naming the tar, not
+    an export that quietly counts that tar's records as errors."""
+    from dask_imgcurate import ClipImageEmbedder
+
+    make_demo_dataset(tmp_path / "data", n_shards=2, samples_per_shard=4, seed=0)
+    make_demo_dataset(tmp_path / "other", n_shards=2, samples_per_shard=6, seed=1)
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "data"))
+    ds = ds.with_metadata(ds.metadata.persist())
+    changed = tmp_path / "data" / "00001.tar"
+    shutil.copyfile(tmp_path / "other" / "00001.tar", changed)
+    with pytest.warns(UserWarning, match="random weights"):
+        embedder = ClipImageEmbedder("dask-imgcurate-tiny", pretrained=None, device="cpu")
+    with (
+        dask.config.set(scheduler="synchronous"),
+        pytest.raises(ShardChangedError, match=str(changed)),
+    ):
+        embedder(ds).to_webdataset(str(tmp_path / "out"))
+
+
+def test_resume_rewrites_shards_of_a_tar_rewritten_with_the_same_layout(tmp_path):
+    """Same member names and sizes, other bytes: the finished shards of the earlier export
+    hold the old bytes, so a resume must not keep them."""
+    src = tmp_path / "src"
+    src.mkdir()
+
+    def shard(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with tarfile.open(src / "00000.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+            for i in range(6):
+                data = rng.bytes(1000)
+                info = tarfile.TarInfo(f"{i:06d}.jpg")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+    shard(1)
+    out = tmp_path / "out"
+    ImageTextPairDataset.from_webdataset(str(src)).to_webdataset(str(out), samples_per_shard=3)
+    shard(2)  # same layout, new bytes (and a new modification time)
+    again = ImageTextPairDataset.from_webdataset(str(src)).to_webdataset(
+        str(out), samples_per_shard=3
+    )
+    assert (again.shards_written, again.shards_skipped) == (2, 0)
+    digests = sorted(d for tar in sorted(out.glob("*.tar")) for _, d in tar_members(tar))
+    assert digests == sorted(d for _, d in tar_members(src / "00000.tar"))
 
 
 def test_source_truncated_since_indexing_is_an_error_without_versions_too(tmp_path):

@@ -57,7 +57,6 @@ import pandas as pd
 import torch
 
 from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_device
-from dask_imgcurate.errors import ShardChangedError
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.image_header import ImageTooLarge, image_dimensions
 from dask_imgcurate.io.shards import check_unchanged
@@ -447,29 +446,25 @@ class DaliImageReader:
             else np.full(n, None, dtype=object)
         )
         for shard, rows in by_shard.items():
-            changed = self._changed(shard, {versions[i] for i in rows} - {None} - {pd.NA})
-            if changed:  # the offsets may point at other bytes now
-                yield [], [], {i: f"read: {changed}" for i in rows}
-                continue
+            self._check_unchanged(shard, {versions[i] for i in rows if not _isnull(versions[i])})
             rows.sort(key=lambda i: offsets[i])  # sequential reads
             if self.source == "webdataset":
                 yield from self._webdataset_batches(shard, rows, offsets, sizes, members)
             else:
                 yield from self._range_batches(shard, rows, offsets, sizes)
 
-    def _changed(self, shard: str, indexed: set) -> str | None:
-        """Why ``shard`` (a local tar) cannot be read at the offsets of rows indexed at
-        ``indexed`` versions, or None."""
+    def _check_unchanged(self, shard: str, indexed: set) -> None:
+        """``ShardChangedError`` when the local tar ``shard`` changed since rows at its
+        ``indexed`` versions were indexed: their offsets may point at other bytes (not a
+        per-row error: the whole frame is stale, and a filter would drop the rows quietly)."""
         if not indexed:
-            return None
+            return
         try:
             fs, path = fsio.url_to_fs(shard, self.storage_options)
-            check_unchanged(shard, indexed, fsio.file_version(fs, path))
-        except ShardChangedError as err:
-            return _short(str(err), 400)
+            now = os.stat(path) if fsio.is_local(fs) else None
         except OSError:  # e.g. gone: reading says so, per row
-            return None
-        return None
+            return
+        check_unchanged(shard, indexed, now)
 
     def _range_batches(
         self, shard: str, rows: list[int], offsets: np.ndarray, sizes: np.ndarray

@@ -67,7 +67,7 @@ class RecordIndex:
     ignored: list[str] = field(default_factory=list)  # members in no record (dot-files, ...)
     undecodable: int = 0  # records not listed (strict=False): a member name is not UTF-8
     undecodable_offset: int | None = None  # data offset of the first such member
-    version: str | None = None  # of the tar when indexed (``fsio.file_version``)
+    version: int | None = None  # of the tar when indexed (``fsio.file_version``)
 
     def __len__(self) -> int:
         return len(self.keys)

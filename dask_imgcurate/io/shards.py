@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -187,13 +188,16 @@ def index_shard(
     return dataclasses.replace(records, version=version)
 
 
-def check_unchanged(source: str, indexed: Sequence[str] | None, now: str | None) -> None:
-    """Raise ``ShardChangedError`` unless ``source`` is still at every version in
-    ``indexed`` (its rows' ``_shard_version`` s; nothing to check when empty)."""
-    changed = sorted(v for v in indexed or () if v != now)
-    if changed and now is not None:
+def check_unchanged(source: str, indexed: Iterable[int], now: os.stat_result | None) -> None:
+    """Raise ``ShardChangedError`` unless the tar ``source`` (``now``: its ``os.stat``, None
+    when not local) is still at every version in ``indexed`` (its rows' ``_shard_version``,
+    nulls left out)."""
+    if now is None:
+        return
+    version = fsio.stat_version(now)
+    if any(v != version for v in indexed):
         raise ShardChangedError(
-            f"{source} changed after it was indexed ({changed[0]} then, {now} now): the "
+            f"{source} changed after it was indexed (now {fsio.describe_stat(now)}): the "
             f"metadata's byte offsets may point at other bytes; load the dataset again "
             f"(from_webdataset) and redo the work based on the old one"
         )

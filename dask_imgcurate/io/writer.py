@@ -174,9 +174,7 @@ class _RangeReader:
             fd = self.files.get(path)
             if fd is None:
                 fd = self.files[path] = os.open(path, os.O_RDONLY)
-                check_unchanged(
-                    source, self.versions.get(source), fsio.file_version(self.fs, path, fd)
-                )
+                check_unchanged(source, self.versions.get(source, ()), os.fstat(fd))
             data = _read_buffer(want)
             got = _pread_all(fd, data, start)
         else:
@@ -439,11 +437,15 @@ def job_fingerprint(
     rows: pa.Table, new_keys: Sequence[str], params: dict, parquet: pa.Table
 ) -> str:
     """A digest of what an output shard will contain, from metadata alone: the source byte
-    ranges and new names of its members, and the schema and values of its Parquet."""
+    ranges (and tar versions) and new names of its members, and the schema and values of
+    its Parquet."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
     lists, flat = _flat_members(rows)
     for strings in (rows.column("_shard").to_pylist(), new_keys, flat.field("name").to_pylist()):
         digest.update("\0".join(strings).encode("utf-8", "surrogateescape") + b"\1")
+    if "_shard_version" in rows.column_names:  # a tar rewritten since: the shard is redone
+        versions = rows.column("_shard_version").cast(pa.int64())
+        digest.update(pc.fill_null(versions, 0).to_numpy().astype("<i8").tobytes())
     for numbers in (flat.field("offset"), flat.field("size"), lists.value_lengths()):
         digest.update(numbers.to_numpy().astype("<i8").tobytes())
     # Arrow IPC bytes of fresh buffers (``take``): equal for equal values however the rows
