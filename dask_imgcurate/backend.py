@@ -84,8 +84,29 @@ def to_arrow(frame) -> pa.Table:
     if levels:
         own = list(frame.columns)
         frame = frame.reset_index(level=levels)[[*own, *levels]]
-    if hasattr(frame, "to_arrow"):  # cudf
-        table = frame.to_arrow()
+    if hasattr(frame, "to_arrow"):  # cudf (its default keeps a non-range index as a column)
+        table = frame.to_arrow(preserve_index=False)
     else:
         table = pa.Table.from_pandas(frame, preserve_index=False)
     return table.replace_schema_metadata(None)  # no pandas dtype notes in our Parquet files
+
+
+def to_pandas(frame) -> pd.DataFrame:
+    """A partition as pandas, for code written for pandas (decoding, scoring): a cudf one is
+    converted through Arrow (dtypes as ``to_frame`` makes them; its index kept)."""
+    if isinstance(frame, pd.DataFrame):
+        return frame
+    result = to_frame(frame.to_arrow(preserve_index=False), "pandas")
+    result.index = frame.index.to_pandas()
+    return result
+
+
+def like(result: pd.DataFrame, model):
+    """``result`` (pandas, from ``to_pandas(model)``) in ``model``'s backend."""
+    if isinstance(model, pd.DataFrame):
+        return result
+    import cudf
+
+    frame = cudf.DataFrame.from_arrow(pa.Table.from_pandas(result, preserve_index=False))
+    frame.index = cudf.from_pandas(result.index)
+    return frame

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from dask_imgcurate.backend import like, to_pandas
 from dask_imgcurate.io.image_reader import MAX_IMAGE_PIXELS, DaliImageReader
 from dask_imgcurate.models.classifiers import EmbeddingClassifier
 from dask_imgcurate.models.clip import (
@@ -120,8 +121,10 @@ class ClipImageEmbedder:
     def __dask_tokenize__(self) -> tuple:
         return (type(self).__name__, repr(sorted(vars(self).items(), key=lambda kv: kv[0])))
 
-    def output_meta(self, meta: pd.DataFrame) -> pd.DataFrame:
-        """Empty frame with ``meta``'s columns plus the columns this stage adds."""
+    def output_meta(self, meta):
+        """Empty frame with ``meta``'s columns plus the columns this stage adds (in
+        ``meta``'s backend)."""
+        model, meta = meta, to_pandas(meta)
         added: dict[str, pd.Series] = {
             self.embedding_column: pd.Series([], dtype=EMBEDDING_DTYPE),
         }
@@ -129,7 +132,7 @@ class ClipImageEmbedder:
             added[clf.output_column] = pd.Series([], dtype=np.float32)
         added[ERROR_COLUMN] = pd.Series([], dtype=ERROR_DTYPE)
         meta = meta.iloc[:0]
-        return meta.assign(**{k: v.set_axis(meta.index) for k, v in added.items()})
+        return like(meta.assign(**{k: v.set_axis(meta.index) for k, v in added.items()}), model)
 
     def check_embedding_dim(self) -> None:
         """Raise ``ValueError`` if a classifier's ``embedding_dim`` differs from the model's.
@@ -219,10 +222,9 @@ class ClipImageEmbedder:
 _ROW = "__dask_imgcurate_row__"  # the reader's key column while embedding: row positions
 
 
-def _embed_partition(
-    df: pd.DataFrame, embedder: ClipImageEmbedder, id_col: str, storage_options: dict
-) -> pd.DataFrame:
-    return embedder.embed_partition(df, id_col, storage_options)
+def _embed_partition(df, embedder: ClipImageEmbedder, id_col: str, storage_options: dict):
+    """``embed_partition`` for a partition of either backend (cudf: through pandas)."""
+    return like(embedder.embed_partition(to_pandas(df), id_col, storage_options), df)
 
 
 def _list_array(matrix: np.ndarray, valid: np.ndarray) -> pa.ListArray:

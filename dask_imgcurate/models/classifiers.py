@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from dask_imgcurate.backend import like, to_pandas
 from dask_imgcurate.device import resolve_device
 from dask_imgcurate.models.cache import ProcessCache
 
@@ -259,15 +260,17 @@ class EmbeddingClassifier:
                 out.append(head(chunk).reshape(-1).float().cpu())
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
-    def score_partition(self, df: pd.DataFrame) -> pd.DataFrame:
-        """``df`` with :attr:`output_column` added (NaN where the embedding is null)."""
+    def score_partition(self, frame):
+        """``frame`` with :attr:`output_column` added (NaN where the embedding is null);
+        either backend (cudf: scored through pandas)."""
+        df = to_pandas(frame)
         column = df[self.embedding_column]
         result = np.full(len(df), np.nan, dtype=np.float32)
         if len(df):
             emb, valid = embeddings_to_numpy(column, self.embedding_dim)
             if valid.any():
                 result[valid] = self.score(emb[valid])
-        return df.assign(**{self.output_column: pd.Series(result, index=df.index)})
+        return like(df.assign(**{self.output_column: pd.Series(result, index=df.index)}), frame)
 
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """Add :attr:`output_column` to a dataset whose metadata has embeddings."""
@@ -276,7 +279,10 @@ class EmbeddingClassifier:
             raise KeyError(
                 f"metadata has no {self.embedding_column!r} column; run ClipImageEmbedder first"
             )
-        meta = ddf._meta.assign(**{self.output_column: pd.Series([], dtype=np.float32)})
+        empty = to_pandas(ddf._meta)
+        meta = like(
+            empty.assign(**{self.output_column: pd.Series([], dtype=np.float32)}), ddf._meta
+        )
         return dataset.with_metadata(ddf.map_partitions(self.score_partition, meta=meta))
 
     def __repr__(self) -> str:
