@@ -435,6 +435,7 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = table(proc.stdout)
     assert rows["records in"] == "24"
+    assert float(rows["total seconds"]) > float(rows["export seconds"])  # scoring came first
     assert "LocalCluster" in rows["cluster"] and "(2 workers)" in rows["cluster"]
     # quiet: no distributed / open_clip logs, the random-weights warning exactly once
     expect_one_error_line(proc.stderr, "RandomWeightsWarning", TINY_MODEL)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -380,6 +381,7 @@ def demo(
     from dask_imgcurate.demo import make_demo_dataset
     from dask_imgcurate.models.builtin import make_demo_models
 
+    started = time.perf_counter()
     root = Path(directory)
     source = root / "input"
     # exactly these tars: a re-run with fewer shards leaves the earlier run's others there
@@ -424,4 +426,4 @@ def demo(
             f"removed {len(stale)} shard files of an earlier demo run from {root / 'curated'}"
         )
     click.echo(f"thresholds: aesthetic_score >= {low:.4f}, nsfw_score < {high:.4f}")
-    _summary_table(summary, cluster)
+    _summary_table(summary, cluster, total=time.perf_counter() - started)

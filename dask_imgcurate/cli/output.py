@@ -141,7 +141,9 @@ def _table(rows: dict) -> None:
         click.echo(f"{key:<{width}}  {value}")
 
 
-def _summary_table(summary, cluster: str | None = None) -> None:
+def _summary_table(summary, cluster: str | None = None, total: float | None = None) -> None:
+    """The export's summary; ``total``: seconds of the whole command, when it did more work
+    before the export (the demo scores and saves first)."""
     rows = {
         "records in": summary.records_in,
         "records out": summary.records_out,
@@ -150,9 +152,11 @@ def _summary_table(summary, cluster: str | None = None) -> None:
         "shards written": summary.shards_written,
         "shards already complete": summary.shards_skipped,
         "bytes written": f"{summary.bytes_written / 1e6:.1f} MB",
-        "seconds": f"{summary.seconds:.1f}",
+        "export seconds": f"{summary.seconds:.1f}",
         "output": summary.path,
     }
+    if total is not None:
+        rows["total seconds"] = f"{total:.1f}"
     if summary.other_files:
         rows["other shard files there"] = f"{len(summary.other_files)} (not from this export)"
     if cluster is not None:
