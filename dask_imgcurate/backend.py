@@ -7,6 +7,7 @@ backend matters, so the rest of the code has a single path.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pandas as pd
 import pyarrow as pa
@@ -24,15 +25,28 @@ def gpu_available() -> bool:
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """``"pandas"`` or ``"cudf"``; ``"auto"`` picks cudf only with a GPU and cudf installed."""
+    """``"pandas"`` or ``"cudf"``; ``"auto"`` picks cudf only with a GPU and a cudf (and
+    dask-cudf) that imports, else pandas (with a warning when cudf is there but fails).
+    Decided where the frame is built: workers need the same backend."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        has_cudf = importlib.util.find_spec("cudf") is not None
-        return "cudf" if has_cudf and gpu_available() else "pandas"
-    if backend == "cudf" and importlib.util.find_spec("cudf") is None:
-        raise ImportError("backend='cudf' needs cudf: pip install 'dask_imgcurate[gpu]'")
-    return backend
+    if backend == "pandas":
+        return backend
+    if backend == "auto" and (importlib.util.find_spec("cudf") is None or not gpu_available()):
+        return "pandas"
+    try:
+        import cudf  # noqa: F401
+        import dask_cudf  # noqa: F401 (dask's cudf backend)
+    except Exception as err:  # noqa: BLE001 - e.g. a driver too old for this cudf
+        why = " ".join(str(err).split())[:200] or type(err).__name__
+        if backend == "cudf":
+            raise ImportError(
+                f"backend='cudf' needs cudf and dask-cudf ({why}): "
+                f"pip install 'dask_imgcurate[gpu]'"
+            ) from err
+        warnings.warn(f"cudf cannot be used ({why}): the metadata uses pandas", stacklevel=3)
+        return "pandas"
+    return "cudf"
 
 
 def _pandas_type(arrow_type: pa.DataType):
@@ -85,10 +99,20 @@ def to_arrow(frame) -> pa.Table:
         own = list(frame.columns)
         frame = frame.reset_index(level=levels)[[*own, *levels]]
     if hasattr(frame, "to_arrow"):  # cudf (its default keeps a non-range index as a column)
-        table = frame.to_arrow(preserve_index=False)
+        table = _typed_nulls(frame.to_arrow(preserve_index=False), frame)
     else:
         table = pa.Table.from_pandas(frame, preserve_index=False)
     return table.replace_schema_metadata(None)  # no pandas dtype notes in our Parquet files
+
+
+def _typed_nulls(table: pa.Table, frame) -> pa.Table:
+    """cudf gives a list or struct column with nothing but nulls (an empty partition's, say)
+    the Arrow type null: its own type back."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_null(field.type) and hasattr(frame[field.name].dtype, "to_arrow"):
+            typed = pa.nulls(table.num_rows, frame[field.name].dtype.to_arrow())
+            table = table.set_column(i, field.name, typed)
+    return table
 
 
 def to_pandas(frame) -> pd.DataFrame:
@@ -96,17 +120,22 @@ def to_pandas(frame) -> pd.DataFrame:
     converted through Arrow (dtypes as ``to_frame`` makes them; its index kept)."""
     if isinstance(frame, pd.DataFrame):
         return frame
-    result = to_frame(frame.to_arrow(preserve_index=False), "pandas")
+    result = to_frame(to_arrow(frame.reset_index(drop=True)), "pandas")
     result.index = frame.index.to_pandas()
     return result
 
 
-def like(result: pd.DataFrame, model):
-    """``result`` (pandas, from ``to_pandas(model)``) in ``model``'s backend."""
+def like(result: pd.DataFrame, model, columns: list[str]):
+    """``model`` with ``result``'s ``columns`` (``result``: pandas, computed from
+    ``to_pandas(model)``, same index) set, in ``model``'s backend; for cudf only those
+    columns cross to the GPU (the others stay as they were, NaN as NaN)."""
     if isinstance(model, pd.DataFrame):
         return result
     import cudf
 
-    frame = cudf.DataFrame.from_arrow(pa.Table.from_pandas(result, preserve_index=False))
-    frame.index = cudf.from_pandas(result.index)
+    frame = model.copy(deep=False)
+    for name in columns:
+        column = cudf.Series.from_arrow(pa.array(result[name], from_pandas=False))
+        column.index = model.index
+        frame[name] = column
     return frame

@@ -23,7 +23,10 @@ RANDOM_WEIGHTS_MESSAGE = r"open_clip model .* has random weights"
 
 def default_n_workers() -> str:
     """How many workers a local cluster gets when ``n_workers`` is None (for help texts)."""
-    return f"one per GPU with dask-cuda, else one per CPU core ({os.cpu_count() or 1} here)"
+    return (
+        f"one per GPU with dask-cuda, one with GPUs but no dask-cuda, else one per CPU core "
+        f"({os.cpu_count() or 1} here)"
+    )
 
 
 def cluster_kind(scheduler_address: str | None = None, n_workers: int | None = None) -> str:
@@ -190,6 +193,38 @@ def _forkserver_ignoring_sigint() -> bool:
     return True
 
 
+def local_workers(kind: str, n_workers: int | None, gpus: int) -> tuple[int | None, str]:
+    """How many workers a local cluster of ``kind`` gets on a machine with ``gpus`` GPUs
+    (None: the cluster's default), and a warning ("" for none). dask-cuda runs one worker
+    per GPU and refuses more; without it every worker process would load its models on the
+    same GPU 0."""
+    if kind == "local-cuda" and n_workers is not None and n_workers > gpus:
+        return gpus, (
+            f"{n_workers} workers asked for, {gpus} GPU{'' if gpus == 1 else 's'} here: "
+            f"{gpus} worker{'' if gpus == 1 else 's'} (one per GPU)"
+        )
+    if kind == "local" and gpus:
+        advice = "install dask-cuda (the gpu extra) for one worker per GPU"
+        if n_workers is None:
+            return 1, f"GPUs but no dask-cuda: one worker process, on GPU 0; {advice}"
+        if n_workers > 1:
+            return n_workers, f"GPUs but no dask-cuda: all {n_workers} workers use GPU 0; {advice}"
+    return n_workers, ""
+
+
+def _gpu_count() -> int:
+    """CUDA devices torch sees (0 without NVIDIA's driver, without importing torch)."""
+    if not os.path.exists("/dev/nvidiactl"):
+        return 0
+    from dask_imgcurate.backend import gpu_available
+
+    if not gpu_available():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 @contextlib.contextmanager
 def dask_client(
     scheduler_address: str | None = None,
@@ -201,8 +236,9 @@ def dask_client(
 
     ``scheduler_address`` connects to a running ``dask-scheduler`` (with ``dask-cuda-worker``
     or ``dask-worker`` processes); otherwise a ``LocalCUDACluster`` is started when GPUs and
-    dask-cuda are present (``n_workers`` GPUs, default all), else a ``LocalCluster`` of
-    ``n_workers`` single-threaded processes (default: one per core), whose workers ignore
+    dask-cuda are present (``n_workers`` GPUs, default all; more are capped, with a warning),
+    else a ``LocalCluster`` of ``n_workers`` single-threaded processes (default: one per
+    core; one, with a warning, where GPUs are seen without dask-cuda), whose workers ignore
     SIGINT (Ctrl-C stops this process, which closes them). ``quiet`` keeps the
     local workers' logs and warnings off stderr (their stderr is this process's; the caller
     reports errors and says once what needs saying).
@@ -220,6 +256,9 @@ def dask_client(
             yield client
         return
     silence = logging.CRITICAL if quiet else logging.WARNING
+    n_workers, advice = local_workers(kind, n_workers, _gpu_count())
+    if advice:
+        warnings.warn(advice, stacklevel=3)  # the caller of the ``with``
     if kind == "local-cuda":
         from dask_cuda import LocalCUDACluster
 

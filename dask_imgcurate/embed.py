@@ -132,7 +132,13 @@ class ClipImageEmbedder:
             added[clf.output_column] = pd.Series([], dtype=np.float32)
         added[ERROR_COLUMN] = pd.Series([], dtype=ERROR_DTYPE)
         meta = meta.iloc[:0]
-        return like(meta.assign(**{k: v.set_axis(meta.index) for k, v in added.items()}), model)
+        result = meta.assign(**{k: v.set_axis(meta.index) for k, v in added.items()})
+        return like(result, model, self.added_columns())
+
+    def added_columns(self) -> list[str]:
+        """The columns this stage adds (or replaces)."""
+        scores = [clf.output_column for clf in self.classifiers]
+        return [self.embedding_column, *scores, ERROR_COLUMN]
 
     def check_embedding_dim(self) -> None:
         """Raise ``ValueError`` if a classifier's ``embedding_dim`` differs from the model's.
@@ -224,7 +230,8 @@ _ROW = "__dask_imgcurate_row__"  # the reader's key column while embedding: row 
 
 def _embed_partition(df, embedder: ClipImageEmbedder, id_col: str, storage_options: dict):
     """``embed_partition`` for a partition of either backend (cudf: through pandas)."""
-    return like(embedder.embed_partition(to_pandas(df), id_col, storage_options), df)
+    result = embedder.embed_partition(to_pandas(df), id_col, storage_options)
+    return like(result, df, embedder.added_columns())
 
 
 def _list_array(matrix: np.ndarray, valid: np.ndarray) -> pa.ListArray:

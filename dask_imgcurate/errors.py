@@ -36,6 +36,11 @@ class ShardChangedError(CurateError, RuntimeError):
     bytes now (names the tar, its version then and now)."""
 
 
+class DecoderUnavailable(CurateError, RuntimeError):
+    """DALI cannot build its decoding pipeline here (driver, device): no image could be
+    decoded, so nothing is recorded per record."""
+
+
 class StorageAccessDenied(CurateError, PermissionError):
     """The credentials may not read (or write) an object-store path; names URL and bucket."""
 

@@ -39,6 +39,36 @@ class FakeIndex(_NoHostArrays):
         return self.pandas
 
 
+class FakeListDtype:
+    def __init__(self, arrow_type: pa.DataType):
+        self.arrow_type = arrow_type
+
+    def to_arrow(self) -> pa.DataType:
+        return self.arrow_type
+
+
+class FakeSeries(_NoHostArrays):
+    def __init__(self, series: pd.Series):
+        self.pandas = series
+
+    @classmethod
+    def from_arrow(cls, array: pa.Array) -> FakeSeries:
+        return cls(array.to_pandas(types_mapper=backend._pandas_type))
+
+    @property
+    def dtype(self):
+        kind = self.pandas.dtype
+        return FakeListDtype(kind.pyarrow_dtype) if isinstance(kind, pd.ArrowDtype) else kind
+
+    @property
+    def index(self) -> FakeIndex:
+        return FakeIndex(self.pandas.index)
+
+    @index.setter
+    def index(self, value: FakeIndex) -> None:
+        self.pandas.index = value.pandas
+
+
 class FakeCudfFrame(_NoHostArrays):
     def __init__(self, frame: pd.DataFrame):
         self.pandas = frame
@@ -49,7 +79,25 @@ class FakeCudfFrame(_NoHostArrays):
 
     def to_arrow(self, preserve_index=None) -> pa.Table:
         index = preserve_index is not False and not isinstance(self.pandas.index, pd.RangeIndex)
-        return pa.Table.from_pandas(self.pandas, preserve_index=index)  # cudf's default
+        table = pa.Table.from_pandas(self.pandas, preserve_index=index)  # cudf's default
+        for i, field in enumerate(table.schema):  # as cudf 26.10: nested, all null -> null
+            nested = pa.types.is_list(field.type) or pa.types.is_struct(field.type)
+            if nested and table.column(i).null_count == table.num_rows:
+                table = table.set_column(i, field.name, pa.nulls(table.num_rows))
+        return table
+
+    def reset_index(self, drop: bool = False) -> FakeCudfFrame:
+        return FakeCudfFrame(self.pandas.reset_index(drop=drop))
+
+    def copy(self, deep: bool = True) -> FakeCudfFrame:
+        return FakeCudfFrame(self.pandas.copy(deep=deep))
+
+    def __getitem__(self, name: str) -> FakeSeries:
+        return FakeSeries(self.pandas[name])
+
+    def __setitem__(self, name: str, column: FakeSeries) -> None:
+        assert column.pandas.index.equals(self.pandas.index)  # cudf would align on it
+        self.pandas[name] = column.pandas
 
     @property
     def index(self) -> FakeIndex:
@@ -71,7 +119,8 @@ class FakeCudfFrame(_NoHostArrays):
 def fake_cudf(monkeypatch):
     module = types.ModuleType("cudf")
     module.DataFrame = FakeCudfFrame
-    module.from_pandas = FakeIndex
+    module.Series = FakeSeries
+    module.from_pandas = lambda x: FakeSeries(x) if isinstance(x, pd.Series) else FakeIndex(x)
     monkeypatch.setitem(sys.modules, "cudf", module)
     return module
 
@@ -86,14 +135,22 @@ def partition(tmp_path_factory) -> pd.DataFrame:
 
 
 def test_round_trip_keeps_values_dtypes_and_index(fake_cudf, partition):
-    fake = backend.like(partition, FakeCudfFrame(partition.iloc[:0]))
-    assert isinstance(fake, FakeCudfFrame)
+    fake = FakeCudfFrame(partition.copy())
     pd.testing.assert_frame_equal(backend.to_pandas(fake), partition)
-    assert (
-        backend.to_pandas(partition) is partition
-        and backend.like(partition, partition) is partition
-    )
+    assert backend.to_pandas(partition) is partition
+    assert backend.like(partition, partition, ["key"]) is partition
     assert "__index_level_0__" not in backend.to_arrow(fake).column_names
+    # an empty partition's member lists keep their type (cudf makes them null-typed)
+    empty = backend.to_arrow(FakeCudfFrame(partition.iloc[:0].copy()))
+    assert (
+        empty.schema.field("_members").type
+        == backend.to_arrow(partition).schema.field("_members").type
+    )
+    # only the named columns cross back: the others are the partition's own
+    changed = partition.assign(width=partition["width"] * 2, caption="x")
+    result = backend.like(changed, FakeCudfFrame(partition.copy()), ["width"])
+    assert result.pandas["width"].tolist() == changed["width"].tolist()
+    assert result.pandas["caption"].tolist() == partition["caption"].tolist()
 
 
 def test_embedding_and_scoring_a_cudf_partition(fake_cudf, partition, tmp_path):
@@ -116,3 +173,14 @@ def test_embedding_and_scoring_a_cudf_partition(fake_cudf, partition, tmp_path):
     assert isinstance(scored, FakeCudfFrame)
     rescored = backend.to_pandas(scored)  # the score column comes last now
     pd.testing.assert_frame_equal(rescored, expected[list(rescored.columns)])
+
+
+def test_a_query_runs_on_pandas_for_a_cudf_partition(fake_cudf, partition):
+    """cudf's eval takes numbers only; the CLI's --query is pandas' on every backend."""
+    from dask_imgcurate.cli.work import _eval_query
+
+    query = "caption.str.len() > 30 and width >= 200"
+    verdict = _eval_query(FakeCudfFrame(partition.copy()), query)
+    assert isinstance(verdict, FakeSeries)
+    pd.testing.assert_series_equal(verdict.pandas, _eval_query(partition, query))
+    assert 0 < verdict.pandas.sum() < len(partition)

@@ -885,3 +885,18 @@ def test_local_cluster_workers_ignore_sigint_also_after_a_restart():
         client.restart()
         assert all(client.run(_sigint_ignored).values())
     assert not _sigint_ignored()  # this process handles it
+
+
+def test_local_workers_fit_the_gpus():
+    from dask_imgcurate.cluster import local_workers
+
+    assert local_workers("local", None, 0) == (None, "")  # CPU: one per core
+    assert local_workers("local", 3, 0) == (3, "")
+    assert local_workers("local-cuda", None, 4) == (None, "")  # dask-cuda: one per GPU
+    assert local_workers("local-cuda", 2, 4) == (2, "")
+    n, why = local_workers("local-cuda", 2, 1)  # the demo's default on a 1-GPU machine
+    assert n == 1 and why == "2 workers asked for, 1 GPU here: 1 worker (one per GPU)"
+    n, why = local_workers("local", None, 2)  # GPUs, no dask-cuda: not a worker per core
+    assert n == 1 and "GPUs but no dask-cuda: one worker process, on GPU 0" in why
+    n, why = local_workers("local", 4, 2)
+    assert n == 4 and "all 4 workers use GPU 0" in why

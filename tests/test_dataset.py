@@ -12,7 +12,9 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tarfile
+import types
 from pathlib import Path
 
 import dask
@@ -756,10 +758,23 @@ def fake_gpu(monkeypatch):
         (False, False, "pandas"),
     ],
 )
-def test_auto_backend_logic(fake_find_spec, fake_gpu, has_cudf, has_gpu, expected):
+def test_auto_backend_logic(fake_find_spec, fake_gpu, has_cudf, has_gpu, expected, monkeypatch):
     fake_find_spec(has_cudf)
     fake_gpu(has_gpu)
+    for name in ("cudf", "dask_cudf"):  # stand-ins that import
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     assert backend_mod.resolve_backend("auto") == expected
+
+
+def test_auto_backend_falls_back_when_cudf_fails_to_import(fake_find_spec, fake_gpu, monkeypatch):
+    fake_find_spec(True)
+    fake_gpu(True)
+    monkeypatch.setitem(sys.modules, "cudf", types.ModuleType("cudf"))
+    monkeypatch.setitem(sys.modules, "dask_cudf", None)  # import raises ImportError
+    with pytest.warns(UserWarning, match="cudf cannot be used .*: the metadata uses pandas"):
+        assert backend_mod.resolve_backend("auto") == "pandas"
+    with pytest.raises(ImportError, match="needs cudf and dask-cudf"):
+        backend_mod.resolve_backend("cudf")
 
 
 def test_backend_on_this_machine(demo_dir):
@@ -779,7 +794,9 @@ def test_backend_on_this_machine(demo_dir):
 def test_cudf_requested_but_missing(fake_find_spec, fake_gpu):
     fake_find_spec(False)
     fake_gpu(True)
-    with pytest.raises(ImportError, match=r"backend='cudf' needs cudf: pip install"):
+    with pytest.raises(
+        ImportError, match=r"backend='cudf' needs cudf and dask-cudf .*: pip install"
+    ):
         backend_mod.resolve_backend("cudf")
 
 

@@ -385,3 +385,31 @@ def test_a_tar_changed_after_indexing_is_an_error(tmp_path: Path, source: str) -
         reader(source=source).read(frame)
     fresh = frame[frame["_shard"] != str(changed)]
     assert sorted(reader(source=source).read(fresh).keys) == sorted(fresh["key"])
+
+
+def test_a_machine_failure_is_raised_not_recorded_per_image(shuffled_shard, monkeypatch) -> None:
+    """A pipeline DALI cannot build (an old driver, no device) or an out-of-memory error is
+    no image's fault: recorded per row, every record would be dropped quietly as an error."""
+    import dask_imgcurate.io.image_reader as image_reader
+    from dask_imgcurate.errors import DecoderUnavailable
+
+    path, images = shuffled_shard
+    part = partition_from_tar(path)
+
+    def no_driver(*args, **kwargs):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    image_reader.clear_pipeline_cache()
+    monkeypatch.setattr(image_reader, "_build_pipeline", no_driver)
+    with pytest.raises(DecoderUnavailable, match="cannot build DALI's decoding pipeline on cpu"):
+        reader().read(part)
+    monkeypatch.undo()
+
+    def out_of_memory(self, images):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DaliImageReader, "_to_torch", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        reader().read(part)
+    monkeypatch.undo()
+    assert sorted(reader().read(part).keys) == sorted(images)  # and it recovers

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from dask_imgcurate.backend import column_names
+from dask_imgcurate.backend import column_names, to_pandas
 from dask_imgcurate.cli.config import CurateConfig, _settings, _storage_options
 from dask_imgcurate.cli.options import (
     lenient_option,
@@ -227,7 +227,7 @@ def inspect(
     head = result["head"].head(rows)
     if rows and len(head):
         visible = [c for c in head.columns if not c.startswith("_")]
-        click.echo("\n" + head[visible].to_string(max_colwidth=40))
+        click.echo("\n" + to_pandas(head[visible]).to_string(max_colwidth=40))
 
 
 def _first_rows(part, rows: int):

@@ -191,9 +191,11 @@ def _with_keep(dataset, config: CurateConfig):
     if config.query:
         from pandas.api.types import is_bool_dtype
 
+        from dask_imgcurate.backend import to_pandas
+
         query = config.query
         try:
-            result = meta._meta.eval(query)
+            result = to_pandas(meta._meta).eval(query)  # pandas' eval, on either backend
         except Exception as err:  # noqa: BLE001 - pandas raises many kinds
             raise ValueError(f"bad query {query!r}: {_one_line(err)}") from None
         if getattr(result, "ndim", 0) != 1 or not is_bool_dtype(result.dtype):
@@ -210,8 +212,18 @@ def _with_keep(dataset, config: CurateConfig):
 
 
 def _eval_query(frame, query: str):
+    """The query's verdict on a partition, by pandas' eval (cudf's takes numbers only)."""
+    import pandas as pd
+
+    from dask_imgcurate.backend import to_pandas
+
     try:
-        return frame.eval(query).fillna(False).astype(bool)
+        verdict = to_pandas(frame).eval(query).fillna(False).astype(bool)
+        if isinstance(frame, pd.DataFrame):
+            return verdict
+        import cudf
+
+        return cudf.from_pandas(verdict)
     except Exception as err:  # checked on the empty frame; the data can still fail it
         shard = frame["_shard"].iloc[0] if len(frame) and "_shard" in frame else "a partition"
         raise ValueError(f"--query {query!r} failed on {shard}: {_one_line(err)}") from None

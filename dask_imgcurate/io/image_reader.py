@@ -57,6 +57,7 @@ import pandas as pd
 import torch
 
 from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_device
+from dask_imgcurate.errors import DecoderUnavailable
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.image_header import ImageTooLarge, image_dimensions
 from dask_imgcurate.io.shards import check_unchanged
@@ -157,6 +158,7 @@ def _build_pipeline(
         num_threads=num_threads,
         device_id=device_id,
         prefetch_queue_depth=1,
+        exec_dynamic=True,  # _preprocess reads GPU outputs' shapes (older DALIs: not default)
     )
     with pipe:
         ids = fn.external_source(name="ids", dtype=types.INT64, ndim=1)
@@ -552,7 +554,13 @@ class DaliImageReader:
     def _run(self, ids: Sequence[int], datas: Sequence[np.ndarray], raw: bool) -> torch.Tensor:
         """Run one pipeline batch; raise on any failure (the pipeline is then discarded)."""
         key = self._key(raw)
-        pipe = _POOL.acquire(key)
+        try:
+            pipe = _POOL.acquire(key)
+        except Exception as err:  # not the images': the machine's (driver, device, memory)
+            raise DecoderUnavailable(
+                f"cannot build DALI's decoding pipeline on {self.device} "
+                f"({_short(str(err) or type(err).__name__)})"
+            ) from err
         try:
             pipe.feed_input("data", list(datas))
             pipe.feed_input("ids", [np.array([i], dtype=np.int64) for i in ids])
@@ -579,52 +587,65 @@ class DaliImageReader:
         stream.synchronize()
         return out
 
+    def _attempt(
+        self, ids: Sequence[int], datas: Sequence[np.ndarray], raw: bool
+    ) -> tuple[torch.Tensor | None, str]:
+        """``_run``: its tensor, or None and why its images failed. Failures of the machine
+        (no pipeline, out of memory, CUDA errors) are raised: they are no image's fault, and
+        recorded per record they would drop every record quietly."""
+        try:
+            return self._run(ids, datas, raw), ""
+        except Exception as err:  # noqa: BLE001 - sorted here
+            if _machine_failure(err):
+                raise
+            return None, _dali_reason(err)
+
     def _decode(
         self, ids: list[int], datas: list[np.ndarray]
     ) -> tuple[list[int], torch.Tensor, dict[int, str]]:
         """Decode a batch; on failure decode its samples one by one to isolate bad ones."""
-        try:
-            return ids, self._run(ids, datas, raw=False), {}
-        except Exception as err:  # noqa: BLE001 - any DALI failure is handled per sample
-            batch_error = err
+        images, batch_reason = self._attempt(ids, datas, raw=False)
+        if images is not None:
+            return ids, images, {}
         if len(ids) > 1:
-            log.debug(
-                "DALI batch of %d failed (%s); retrying one by one",
-                len(ids),
-                _dali_reason(batch_error),
-            )
+            log.debug("DALI batch of %d failed (%s); retrying one by one", len(ids), batch_reason)
         ok_ids: list[int] = []
         tensors: list[torch.Tensor] = []
         errors: dict[int, str] = {}
         for i, data in zip(ids, datas):
-            if len(ids) == 1:
-                reason = _dali_reason(batch_error)
-            else:
-                try:
-                    tensors.append(self._run([i], [data], raw=False))
-                    ok_ids.append(i)
-                    continue
-                except Exception as err:  # noqa: BLE001
-                    reason = _dali_reason(err)
-            if self.pil_fallback:
+            tensor, reason = (None, batch_reason)
+            if len(ids) > 1:
+                tensor, reason = self._attempt([i], [data], raw=False)
+            if tensor is None and self.pil_fallback:
                 try:
                     pixels = _pil_decode(data.tobytes())
                 except Exception as pil_err:  # noqa: BLE001
                     message = _OBJ_REPR.sub("", str(pil_err)) or type(pil_err).__name__
                     errors[i] = f"decode: {_short(message)} (DALI: {reason})"
                     continue
-                try:
-                    tensors.append(self._run([i], [pixels], raw=True))
-                    ok_ids.append(i)
-                    continue
-                except Exception as err:  # noqa: BLE001
-                    reason = _dali_reason(err)
-            errors[i] = f"decode: {reason}"
+                tensor, reason = self._attempt([i], [pixels], raw=True)
+            if tensor is None:
+                errors[i] = f"decode: {reason}"
+                continue
+            tensors.append(tensor)
+            ok_ids.append(i)
         images = torch.cat(tensors) if tensors else self._empty()
         return ok_ids, images, errors
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _machine_failure(err: BaseException) -> bool:
+    """Whether a decoding failure is the machine's (no pipeline, memory, CUDA), not an
+    image's."""
+    if isinstance(err, (DecoderUnavailable, MemoryError)) or type(err).__name__ in (
+        "OutOfMemoryError",  # torch.OutOfMemoryError
+        "AcceleratorError",  # torch's CUDA errors
+    ):
+        return True
+    text = str(err).lower()
+    return any(s in text for s in ("out of memory", "cuda error", "cudaerror", "cuda driver"))
 
 
 def _refuse_oversized(

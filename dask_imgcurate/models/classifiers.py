@@ -270,7 +270,8 @@ class EmbeddingClassifier:
             emb, valid = embeddings_to_numpy(column, self.embedding_dim)
             if valid.any():
                 result[valid] = self.score(emb[valid])
-        return like(df.assign(**{self.output_column: pd.Series(result, index=df.index)}), frame)
+        scored = df.assign(**{self.output_column: pd.Series(result, index=df.index)})
+        return like(scored, frame, [self.output_column])
 
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """Add :attr:`output_column` to a dataset whose metadata has embeddings."""
@@ -280,9 +281,8 @@ class EmbeddingClassifier:
                 f"metadata has no {self.embedding_column!r} column; run ClipImageEmbedder first"
             )
         empty = to_pandas(ddf._meta)
-        meta = like(
-            empty.assign(**{self.output_column: pd.Series([], dtype=np.float32)}), ddf._meta
-        )
+        added = empty.assign(**{self.output_column: pd.Series([], dtype=np.float32)})
+        meta = like(added, ddf._meta, [self.output_column])
         return dataset.with_metadata(ddf.map_partitions(self.score_partition, meta=meta))
 
     def __repr__(self) -> str:
