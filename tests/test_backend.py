@@ -39,6 +39,20 @@ class FakeIndex(_NoHostArrays):
         return self.pandas
 
 
+class _Indexed(_NoHostArrays):
+    """A pandas object in disguise, with cudf's ``index`` (a ``FakeIndex``)."""
+
+    pandas: pd.Series | pd.DataFrame
+
+    @property
+    def index(self) -> FakeIndex:
+        return FakeIndex(self.pandas.index)
+
+    @index.setter
+    def index(self, value: FakeIndex) -> None:
+        self.pandas.index = value.pandas
+
+
 class FakeListDtype:
     def __init__(self, arrow_type: pa.DataType):
         self.arrow_type = arrow_type
@@ -47,7 +61,7 @@ class FakeListDtype:
         return self.arrow_type
 
 
-class FakeSeries(_NoHostArrays):
+class FakeSeries(_Indexed):
     def __init__(self, series: pd.Series):
         self.pandas = series
 
@@ -60,16 +74,8 @@ class FakeSeries(_NoHostArrays):
         kind = self.pandas.dtype
         return FakeListDtype(kind.pyarrow_dtype) if isinstance(kind, pd.ArrowDtype) else kind
 
-    @property
-    def index(self) -> FakeIndex:
-        return FakeIndex(self.pandas.index)
 
-    @index.setter
-    def index(self, value: FakeIndex) -> None:
-        self.pandas.index = value.pandas
-
-
-class FakeCudfFrame(_NoHostArrays):
+class FakeCudfFrame(_Indexed):
     def __init__(self, frame: pd.DataFrame):
         self.pandas = frame
 
@@ -98,14 +104,6 @@ class FakeCudfFrame(_NoHostArrays):
     def __setitem__(self, name: str, column: FakeSeries) -> None:
         assert column.pandas.index.equals(self.pandas.index)  # cudf would align on it
         self.pandas[name] = column.pandas
-
-    @property
-    def index(self) -> FakeIndex:
-        return FakeIndex(self.pandas.index)
-
-    @index.setter
-    def index(self, value: FakeIndex) -> None:
-        self.pandas.index = value.pandas
 
     @property
     def columns(self) -> pd.Index:
