@@ -253,7 +253,20 @@ def _close_mapping(mapped: mmap.mmap) -> None:
 
 def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:
     """Bytes ``[start, end)`` of a remote file (one ranged GET, retried when transient)."""
-    return retry(fs, path, lambda: fs.cat_file(path, start=start, end=end))
+    data = retry(fs, path, lambda: fs.cat_file(path, start=start, end=end))
+    return _within(fs, path, start, end, data)
+
+
+def _within(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, data: bytes) -> bytes:
+    """``data``, the answer to a ranged read, unless it is longer than the range: a server
+    that ignores byte ranges sends the whole file (``python -m http.server`` does)."""
+    if len(data) > end - start:
+        raise OSError(
+            f"{qualify(fs, path)}: asked for {end - start} bytes at byte offset {start}, got "
+            f"{len(data)}: the server does not serve byte ranges (HTTP Range requests), "
+            f"which reading members needs"
+        )
+    return data
 
 
 def read_ranges(
@@ -287,7 +300,7 @@ def read_ranges(
             if isinstance(data, BaseException):
                 failed.append((i, data))
             else:
-                out[i] = data
+                out[i] = _within(fs, path, starts[i], ends[i], data)
         if not failed:
             return out  # type: ignore[return-value]
         pending = [i for i, _ in failed]

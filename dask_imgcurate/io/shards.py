@@ -122,13 +122,40 @@ def _parent(path: str) -> str:
 
 
 def _listings(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, dict[str, str]]:
-    """``{directory: {path: type}}`` for the directories of ``paths`` (one listing each)."""
+    """``{directory: {path: type}}`` for the directories of ``paths``: one listing each; a
+    path the listing lacks, or all of them where a directory cannot be listed (an HTTP
+    server, a bucket that allows reads but not listing), is looked up by itself, with the
+    sidecars it may have."""
     listings = {}
     for directory in {_parent(p) for p in paths}:
-        with fsio.storage_errors(fs, directory or "."):
-            entries = fs.ls(directory or ".", detail=True)
-        listings[directory] = {info["name"]: info["type"] for info in entries}
+        named = [p for p in paths if _parent(p) == directory]
+        try:
+            with fsio.storage_errors(fs, directory or "."):
+                entries = fs.ls(directory or ".", detail=True)
+        except Exception as err:  # noqa: BLE001 - whatever the store says, look one by one
+            if fsio.is_local(fs):
+                raise
+            log.debug("cannot list %s (%s): looking up its shards one by one", directory, err)
+            entries = []
+        listing = {info["name"]: info["type"] for info in entries}
+        unlisted = [p for p in named if p not in listing]
+        listings[directory] = {**listing, **_looked_up(fs, unlisted)}
     return listings
+
+
+def _looked_up(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, str]:
+    """``{path: type}`` of those of ``paths``, and of their ``.parquet`` / ``.idx``
+    siblings, that exist (one request each)."""
+    found = {}
+    for path in paths:
+        stem = path[: -len(".tar")] if path.endswith(".tar") else path
+        for candidate in dict.fromkeys((path, stem + ".parquet", stem + ".idx")):
+            try:
+                info = fsio.retry(fs, candidate, lambda c=candidate: fs.info(c))
+            except FileNotFoundError:
+                continue
+            found[candidate] = info.get("type", "file")
+    return found
 
 
 def _check_named(fs: fsspec.AbstractFileSystem, path: str, kind: str | None) -> None:
@@ -141,7 +168,10 @@ def _check_named(fs: fsspec.AbstractFileSystem, path: str, kind: str | None) -> 
     if _compression(path):
         raise _compressed_error(fs, path)
     if not path.endswith(".tar"):
-        raise ValueError(f"{url}: not a .tar shard (shards are uncompressed .tar files)")
+        hint = ""
+        if url.startswith(("http://", "https://")):
+            hint = "; over HTTP there is no directory listing to rely on: list the tars' URLs"
+        raise ValueError(f"{url}: not a .tar shard (shards are uncompressed .tar files{hint})")
 
 
 def _compression(path: str) -> str | None:
