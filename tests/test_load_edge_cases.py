@@ -300,3 +300,32 @@ def test_each_shard_is_indexed_once_per_compute(tmp_path, monkeypatch):
         shards = sorted(str(w.message).split(": ")[0].rsplit("/", 1)[1] for w in caught)
         assert shards == ["00000.tar", "00001.tar", "00002.tar"]
         assert all("ends after 4 members" in str(w.message) for w in caught)
+
+
+def test_webdataset_brace_notation_names_shards(tmp_path):
+    """``shards/{00000..00002}.tar`` as WebDataset users write it: the tars it expands to
+    (sorted, as shards always are); a missing one is an error naming it; an existing path
+    with braces in its name is used as it is."""
+    from dask_imgcurate.demo import make_demo_dataset
+    from dask_imgcurate.io.shards import expand_braces
+
+    make_demo_dataset(tmp_path / "d", n_shards=3, samples_per_shard=2, seed=1)
+    tars = [str(tmp_path / "d" / f"{i:05d}.tar") for i in range(3)]
+    every = ImageTextPairDataset.from_webdataset(str(tmp_path / "d" / "{00000..00002}.tar"))
+    assert every.tar_files == tars and all(s.parquet for s in every.shards)
+    two = ImageTextPairDataset.from_webdataset(str(tmp_path / "d" / "0000{2,0}.tar"))
+    assert two.tar_files == [tars[0], tars[2]]  # sorted, as every way of naming shards
+    assert len(two.metadata.compute()) == 4
+    with pytest.raises(FileNotFoundError, match=r"no such shard: .*00003\.tar"):
+        ImageTextPairDataset.from_webdataset(str(tmp_path / "d" / "{00000..00003}.tar"))
+    odd = tmp_path / "{x}"
+    shutil.copytree(tmp_path / "d", odd)
+    assert len(ImageTextPairDataset.from_webdataset(str(odd)).shards) == 3
+    assert expand_braces("a/{8..10}-{x,y}.tar") == [
+        "a/8-x.tar",
+        "a/8-y.tar",
+        "a/9-x.tar",
+        "a/9-y.tar",
+        "a/10-x.tar",
+        "a/10-y.tar",
+    ]

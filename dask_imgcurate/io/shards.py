@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -77,6 +78,8 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
     (``.tar.gz``, ...) raises ``CompressedTarError`` when named, or when a directory or
     glob finds no other shards; directories named ``*.tar`` are not shards.
     """
+    if isinstance(path, str) and _BRACES.search(path) and not fs.exists(fs._strip_protocol(path)):
+        path = expand_braces(path)  # WebDataset's shard notation: "{00000..00099}.tar"
     if isinstance(path, (list, tuple)):
         tars = [fs._strip_protocol(p) for p in path]
         repeated = sorted(t for t, n in Counter(tars).items() if n > 1)
@@ -115,6 +118,29 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
             )
         )
     return shards
+
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Every path of a brace pattern, as WebDataset (``braceexpand``) reads it, in order:
+    ``{000..012}`` counts (zero-padded to the width given), ``{a,b}`` lists alternatives;
+    several braces combine (``{a,b}-{0..1}`` -> ``a-0 a-1 b-0 b-1``)."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    counted = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if counted:
+        first, last = counted.groups()
+        width = len(first) if first.startswith("0") else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [f"{n:0{width}d}" for n in range(int(first), int(last) + step, step)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [head + choice + rest for choice in choices for rest in expand_braces(tail)]
 
 
 def _parent(path: str) -> str:
