@@ -1,7 +1,9 @@
-"""The cudf backend's partition handling, with a stand-in for cudf (none runs here: it needs
-a GPU). The stand-in has the slice of ``cudf.DataFrame`` the package calls and, like cudf,
-refuses implicit conversion to host arrays, so pandas-only code handed a partition fails as
-it would on a GPU. What it cannot show is cudf's own behaviour: that needs a GPU run."""
+"""The cudf backend's partition handling: with real cudf where it imports (a GPU machine),
+and always with a stand-in. The stand-in has the slice of ``cudf`` the package calls and,
+like cudf, refuses implicit conversion to host arrays (so pandas-only code handed a
+partition fails as it would on a GPU) and gives empty or all-null nested columns the Arrow
+type null, as cudf 26.10 does. What it cannot show is the rest of cudf's behaviour: the
+``cudf`` variant of each test, on a GPU machine, does."""
 
 from __future__ import annotations
 
@@ -69,6 +71,9 @@ class FakeSeries(_Indexed):
     def from_arrow(cls, array: pa.Array) -> FakeSeries:
         return cls(array.to_pandas(types_mapper=backend._pandas_type))
 
+    def to_pandas(self) -> pd.Series:
+        return self.pandas
+
     @property
     def dtype(self):
         kind = self.pandas.dtype
@@ -113,14 +118,23 @@ class FakeCudfFrame(_Indexed):
         return len(self.pandas)
 
 
-@pytest.fixture
-def fake_cudf(monkeypatch):
+@pytest.fixture(params=["stand-in", "cudf"])
+def cudf(request, monkeypatch):
+    if request.param == "cudf":
+        return pytest.importorskip("cudf")
     module = types.ModuleType("cudf")
     module.DataFrame = FakeCudfFrame
     module.Series = FakeSeries
     module.from_pandas = lambda x: FakeSeries(x) if isinstance(x, pd.Series) else FakeIndex(x)
     monkeypatch.setitem(sys.modules, "cudf", module)
     return module
+
+
+def on_gpu(cudf, frame: pd.DataFrame):
+    """``frame`` as a cudf partition (through Arrow: nested columns included)."""
+    out = cudf.DataFrame.from_arrow(pa.Table.from_pandas(frame, preserve_index=False))
+    out.index = cudf.from_pandas(frame.index)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -132,53 +146,52 @@ def partition(tmp_path_factory) -> pd.DataFrame:
     return frame.iloc[[0, 2, 3, 5]]
 
 
-def test_round_trip_keeps_values_dtypes_and_index(fake_cudf, partition):
-    fake = FakeCudfFrame(partition.copy())
-    pd.testing.assert_frame_equal(backend.to_pandas(fake), partition)
+def test_round_trip_keeps_values_dtypes_and_index(cudf, partition):
+    gpu = on_gpu(cudf, partition)
+    pd.testing.assert_frame_equal(backend.to_pandas(gpu), partition)
     assert backend.to_pandas(partition) is partition
     assert backend.like(partition, partition, ["key"]) is partition
-    assert "__index_level_0__" not in backend.to_arrow(fake).column_names
+    assert "__index_level_0__" not in backend.to_arrow(gpu).column_names
     # an empty partition's member lists keep their type (cudf makes them null-typed)
-    empty = backend.to_arrow(FakeCudfFrame(partition.iloc[:0].copy()))
+    empty = backend.to_arrow(on_gpu(cudf, partition.iloc[:0]))
     assert (
         empty.schema.field("_members").type
         == backend.to_arrow(partition).schema.field("_members").type
     )
     # only the named columns cross back: the others are the partition's own
     changed = partition.assign(width=partition["width"] * 2, caption="x")
-    result = backend.like(changed, FakeCudfFrame(partition.copy()), ["width"])
-    assert result.pandas["width"].tolist() == changed["width"].tolist()
-    assert result.pandas["caption"].tolist() == partition["caption"].tolist()
+    result = backend.to_pandas(backend.like(changed, on_gpu(cudf, partition), ["width"]))
+    assert result["width"].tolist() == changed["width"].tolist()
+    assert result["caption"].tolist() == partition["caption"].tolist()
 
 
-def test_embedding_and_scoring_a_cudf_partition(fake_cudf, partition, tmp_path):
+def test_embedding_and_scoring_a_cudf_partition(cudf, partition, tmp_path):
     models = make_demo_models(tmp_path)
     head = AestheticClassifier(models.aesthetic, embedding_dim=models.embedding_dim, device="cpu")
     embedder = ClipImageEmbedder(
         models.clip_model, pretrained=None, device="cpu", batch_size=4, classifiers=[head]
     )
-    fake = FakeCudfFrame(partition.copy())
-    result = _embed_partition(fake, embedder, "key", {})
-    assert isinstance(result, FakeCudfFrame)
+    result = _embed_partition(on_gpu(cudf, partition), embedder, "key", {})
+    assert isinstance(result, cudf.DataFrame)
     expected = embedder.embed_partition(partition, "key", {})
     pd.testing.assert_frame_equal(backend.to_pandas(result), expected)
     assert expected["error"].isna().all() and np.isfinite(expected["aesthetic_score"]).all()
-    meta = embedder.output_meta(FakeCudfFrame(partition.iloc[:0]))
-    assert isinstance(meta, FakeCudfFrame)
+    meta = embedder.output_meta(on_gpu(cudf, partition.iloc[:0]))
+    assert isinstance(meta, cudf.DataFrame)
     assert list(meta.columns) == list(expected.columns)
-    unscored = FakeCudfFrame(backend.to_pandas(result).drop(columns="aesthetic_score"))
+    unscored = on_gpu(cudf, backend.to_pandas(result).drop(columns="aesthetic_score"))
     scored = head.score_partition(unscored)
-    assert isinstance(scored, FakeCudfFrame)
+    assert isinstance(scored, cudf.DataFrame)
     rescored = backend.to_pandas(scored)  # the score column comes last now
     pd.testing.assert_frame_equal(rescored, expected[list(rescored.columns)])
 
 
-def test_a_query_runs_on_pandas_for_a_cudf_partition(fake_cudf, partition):
+def test_a_query_runs_on_pandas_for_a_cudf_partition(cudf, partition):
     """cudf's eval takes numbers only; the CLI's --query is pandas' on every backend."""
     from dask_imgcurate.cli.work import _eval_query
 
     query = "caption.str.len() > 30 and width >= 200"
-    verdict = _eval_query(FakeCudfFrame(partition.copy()), query)
-    assert isinstance(verdict, FakeSeries)
-    pd.testing.assert_series_equal(verdict.pandas, _eval_query(partition, query))
-    assert 0 < verdict.pandas.sum() < len(partition)
+    verdict = _eval_query(on_gpu(cudf, partition), query)
+    assert isinstance(verdict, cudf.Series)
+    pd.testing.assert_series_equal(verdict.to_pandas(), _eval_query(partition, query))
+    assert 0 < verdict.to_pandas().sum() < len(partition)
