@@ -177,6 +177,7 @@ class ImageTextPairDataset:
             out_fs, target = fs, None
         else:
             out_fs, target = fsio.url_to_fs(path, storage_options or self.storage_options)
+        fsio.refuse_read_only(out_fs, target or self.shards[0].tar, "save_metadata (pass path=)")
         progress = PartitionProgress("save_metadata", frame.npartitions, verbose)
         run = uuid.uuid4().hex[:8]
         writer = _MetadataWriter(fs, out_fs, target, list(columns), groups, run, progress.topic)

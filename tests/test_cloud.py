@@ -777,6 +777,13 @@ def test_http_urls_of_tars_load_and_export_like_local_files(local_data, tmp_path
         remote.to_webdataset(str(tmp_path / "remote"), samples_per_shard=5)
         with pytest.raises(ValueError, match="no directory listing to rely on: list the tars"):
             ImageTextPairDataset.from_webdataset(f"{http.url}/00000.parquet")
+        read_only = rf"{re.escape(http.url)}/00000.tar is read-only \(HTTP\): write to"
+        with pytest.raises(ValueError, match=r"save_metadata \(pass path=\): " + read_only):
+            remote.save_metadata()
+        with pytest.raises(ValueError, match=rf"export: {re.escape(http.url)}/out is read-only"):
+            remote.to_webdataset(f"{http.url}/out")
+        saved = remote.save_metadata(str(tmp_path / "meta"))  # elsewhere: fine
+        assert saved["rows"].sum() == len(b)
     local.to_webdataset(str(tmp_path / "local"), samples_per_shard=5)
     for tar in sorted((tmp_path / "local").glob("*.tar")):
         assert (tmp_path / "remote" / tar.name).read_bytes() == tar.read_bytes()

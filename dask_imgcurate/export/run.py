@@ -104,6 +104,7 @@ def run_export(
 ) -> ExportSummary:
     started = time.perf_counter()
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
+    fsio.refuse_read_only(out_fs, out_root, "export")
     inputs, inputs_known = guards.input_tars(dataset)
     guards.real_directory.cache_clear()  # symlinks may have changed since an earlier export
     guards.refuse_input_directory(out_fs, out_root, inputs)

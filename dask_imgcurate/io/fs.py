@@ -311,6 +311,19 @@ def read_ranges(
 
 # ---------------------------------------------------------------- writing
 
+_READ_ONLY = frozenset({"http", "https"})
+
+
+def refuse_read_only(fs: fsspec.AbstractFileSystem, path: str, what: str) -> None:
+    """Raise ``ValueError`` before writing to a store that only reads (HTTP)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & _READ_ONLY:
+        raise ValueError(
+            f"{what}: {qualify(fs, path)} is read-only (HTTP): write to a local directory or "
+            f"an object store instead"
+        )
+
+
 TEMP_MARK = ".tmp-"
 
 
