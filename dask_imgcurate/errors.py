@@ -41,6 +41,11 @@ class DecoderUnavailable(CurateError, RuntimeError):
     decoded, so nothing is recorded per record."""
 
 
+class RangeRequestsUnsupported(CurateError, OSError):
+    """A server answered a byte-range read with the whole file: it does not serve ranges,
+    which reading members needs (names the URL)."""
+
+
 class StorageAccessDenied(CurateError, PermissionError):
     """The credentials may not read (or write) an object-store path; names URL and bucket."""
 

@@ -37,6 +37,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from dask_imgcurate import ImageTextPairDataset, export, write_dali_index
 from dask_imgcurate.demo import make_demo_dataset
 from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.image_reader import DaliImageReader, PreprocessSpec
 from dask_imgcurate.io.writer import _RangeReader
 
 moto_server = pytest.importorskip("moto.server")
@@ -708,15 +709,23 @@ class StaticFiles:
     (``ranges=False``: whole files only, as ``python -m http.server``) and no directory
     listing (a directory is a 404, as on a CDN or the Hugging Face hub)."""
 
-    def __init__(self, root: Path, ranges: bool = True):
+    def __init__(self, root: Path, ranges: bool = True, fail: dict | None = None):
         files = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+        fail = fail if fail is not None else {}  # file name -> statuses to answer first
+        self.requests: list[tuple[str, str]] = []
+        requests = self.requests
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
             def _file(self) -> bytes | None:
-                data = files.get(self.path.lstrip("/"))
+                name = self.path.lstrip("/")
+                requests.append((self.command, name))
+                if fail.get(name):
+                    self.send_error(fail[name].pop(0))
+                    return None
+                data = files.get(name)
                 if data is None:
                     self.send_error(404)
                 return data
@@ -795,3 +804,32 @@ def test_an_http_server_without_byte_ranges_is_named(local_data, tmp_path):
         with pytest.raises(OSError, match="the server does not serve byte ranges"):
             # loading reads captions and .json fields by range: the whole tar came back
             ImageTextPairDataset.from_webdataset(f"{http.url}/00000.tar").metadata.compute()
+
+
+def test_http_errors_are_errors_and_5xx_are_retried(local_data, monkeypatch):
+    """A sidecar the server refuses (403) is an error, not a missing sidecar (its saved
+    metadata would be lost quietly); 5xx answers are retried; a server that ignores byte
+    ranges stops an embedding instead of failing every image."""
+    from dask_imgcurate.errors import RangeRequestsUnsupported, StorageAccessDenied
+
+    monkeypatch.setattr(fsio, "RETRY_DELAY", 0.01)
+    source = local_data["pq"]
+    urls = lambda http: [f"{http.url}/{p.name}" for p in sorted(source.glob("*.tar"))]  # noqa: E731
+    with StaticFiles(source, fail={"00001.parquet": [403] * 20}) as http:
+        with pytest.raises(
+            StorageAccessDenied, match=r"00001\.parquet: access denied \(HTTP 403\)"
+        ):
+            ImageTextPairDataset.from_webdataset(urls(http))
+    flaky = {"00001.parquet": [500, 503], "00002.tar": [500]}
+    with dask.config.set(scheduler="synchronous"), StaticFiles(source, fail=flaky) as http:
+        dataset = ImageTextPairDataset.from_webdataset(urls(http))
+        assert all(s.parquet is not None for s in dataset.shards)
+        assert len(dataset.metadata.compute()) == 24
+        assert not flaky["00001.parquet"] and not flaky["00002.tar"]  # asked for again
+    with dask.config.set(scheduler="synchronous"), StaticFiles(source) as ranged:
+        frame = ImageTextPairDataset.from_webdataset(urls(ranged)).metadata.compute()
+    with StaticFiles(source, ranges=False) as whole:  # the same files, ranges ignored
+        frame["_shard"] = frame["_shard"].str.replace(ranged.url, whole.url)
+        reader = DaliImageReader(PreprocessSpec(size=(32, 32)), device="cpu")
+        with pytest.raises(RangeRequestsUnsupported, match="does not serve byte ranges"):
+            reader.read(frame)  # not 24 per-row errors that an export would drop

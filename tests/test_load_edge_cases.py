@@ -329,3 +329,39 @@ def test_webdataset_brace_notation_names_shards(tmp_path):
         "a/10-x.tar",
         "a/10-y.tar",
     ]
+
+
+def test_brace_patterns_expand_as_braceexpand_does():
+    from braceexpand import braceexpand
+
+    from dask_imgcurate.io.shards import expand_braces
+
+    patterns = [
+        "s/{00000..00003}.tar",
+        "{0000{0,1},00002}.tar",  # nested
+        "{a..c}/{0..4..2}",  # letters, steps
+        "{0..00002}",  # the widest end sets the padding
+        "a{}b{x}c",  # no expansion: kept
+        "{3..1}-{a,{b,c}}",
+        "lit{00000..00001}/x.tar",
+    ]
+    for pattern in patterns:
+        assert expand_braces(pattern) == list(braceexpand(pattern)), pattern
+
+
+def test_a_directory_of_symlinked_tars_loads(tmp_path):
+    """The Hugging Face hub's cache links every file of a snapshot (fsspec lists a link
+    as "other")."""
+    from dask_imgcurate.demo import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "blobs", n_shards=2, samples_per_shard=3, seed=4)
+    links = tmp_path / "snapshot"
+    links.mkdir()
+    for f in sorted((tmp_path / "blobs").iterdir()):
+        (links / f.name).symlink_to(f)
+    real = ImageTextPairDataset.from_webdataset(str(tmp_path / "blobs")).metadata.compute()
+    for path in (links, links / "*.tar", links / "{00000..00001}.tar"):
+        dataset = ImageTextPairDataset.from_webdataset(str(path))
+        assert [s.parquet is not None for s in dataset.shards] == [True, True], path
+        frame = dataset.metadata.compute()
+        assert frame["key"].tolist() == real["key"].tolist()

@@ -122,6 +122,12 @@ def run_export(
             f"needs the id column {dataset.id_col!r} and the bookkeeping columns '_members' "
             f"and '_shard' that from_webdataset adds"
         )
+    if "_shard_version" not in column_names(frame):
+        warnings.warn(
+            "the metadata has no '_shard_version' column (dropped?): a tar rewritten since it "
+            "was indexed cannot be told from an unchanged one; keep the bookkeeping columns",
+            stacklevel=4,
+        )
     if filter_column is not None:
         guards.check_filter_column(frame, filter_column)
     reading = PartitionProgress("export: reading", frame.npartitions, verbose)

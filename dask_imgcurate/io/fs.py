@@ -27,7 +27,12 @@ from typing import TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dask_imgcurate.errors import CurateError, StorageAccessDenied, StorageNotFound
+from dask_imgcurate.errors import (
+    CurateError,
+    RangeRequestsUnsupported,
+    StorageAccessDenied,
+    StorageNotFound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +80,43 @@ def basename(path: str) -> str:
 # ---------------------------------------------------------------- errors and retries
 
 
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status behind an error of fsspec's HTTP filesystem (aiohttp's
+    ``ClientResponseError``, itself or as the cause of the ``FileNotFoundError`` fsspec
+    turns every failed lookup into); None for other errors."""
+    while err is not None:
+        status = getattr(err, "status", None)
+        if isinstance(status, int) and type(err).__module__.startswith("aiohttp"):
+            return status
+        err = err.__cause__
+    return None
+
+
+def _connection_error(err: BaseException) -> bool:
+    """aiohttp's connection and payload errors (not ``OSError`` s)."""
+    while err is not None:
+        if type(err).__module__.startswith("aiohttp") and type(err).__name__ in (
+            "ClientConnectionError",
+            "ClientConnectorError",
+            "ClientOSError",
+            "ServerDisconnectedError",
+            "ClientPayloadError",
+            "ServerTimeoutError",
+        ):
+            return True
+        err = err.__cause__
+    return False
+
+
 def is_transient(err: BaseException) -> bool:
-    """True for errors worth retrying on a remote store: I/O errors and timeouts, except
-    those that say what is there (missing, forbidden, a directory)."""
+    """True for errors worth retrying on a remote store: I/O errors, timeouts, HTTP 5xx and
+    429 answers and dropped connections, except those that say what is there (missing,
+    forbidden, a directory)."""
+    status = http_status(err)
+    if status is not None:
+        return status >= 500 or status == 429
+    if _connection_error(err):
+        return True
     timeouts = (TimeoutError, asyncio.TimeoutError)  # distinct classes before Python 3.11
     return isinstance(err, (OSError, *timeouts)) and not isinstance(err, _PERMANENT)
 
@@ -109,6 +148,13 @@ def explain(
         return err
     url = qualify(fs, path)
     bucket = _bucket(fs, path)
+    status = http_status(err)
+    if status in (401, 403):
+        return StorageAccessDenied(f"{url}: access denied (HTTP {status})")
+    if status is not None and status not in (404, 410):
+        return OSError(f"{url}: the server answered HTTP {status} ({_one_line(err)[:200]})")
+    if status is None and _connection_error(err):
+        return OSError(f"{url}: cannot reach the server ({_one_line(err)[:200]})")
     if isinstance(err, PermissionError):
         what = f"bucket {bucket!r}" if bucket else "it"
         return StorageAccessDenied(
@@ -133,7 +179,7 @@ def storage_errors(
     """Re-raise access-denied and not-found errors of an object store with ``explain``."""
     try:
         yield
-    except (PermissionError, FileNotFoundError) as err:
+    except Exception as err:  # noqa: BLE001 - explained, or raised as it is
         explained = explain(err, fs, path, action)
         if explained is err:
             raise
@@ -261,7 +307,7 @@ def _within(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, data
     """``data``, the answer to a ranged read, unless it is longer than the range: a server
     that ignores byte ranges sends the whole file (``python -m http.server`` does)."""
     if len(data) > end - start:
-        raise OSError(
+        raise RangeRequestsUnsupported(
             f"{qualify(fs, path)}: asked for {end - start} bytes at byte offset {start}, got "
             f"{len(data)}: the server does not serve byte ranges (HTTP Range requests), "
             f"which reading members needs"

@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 
 from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_device
-from dask_imgcurate.errors import DecoderUnavailable
+from dask_imgcurate.errors import DecoderUnavailable, RangeRequestsUnsupported
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.image_header import ImageTooLarge, image_dimensions
 from dask_imgcurate.io.shards import check_unchanged
@@ -480,6 +480,8 @@ class DaliImageReader:
             chunk = rows[start : start + self.batch_size]
             try:
                 blobs = fsio.read_ranges(fs, path, offsets[chunk], sizes[chunk])
+            except RangeRequestsUnsupported:  # the server's, not the rows': stop the run
+                raise
             except Exception as err:  # noqa: BLE001
                 yield [], [], {i: f"read: {_short(str(err) or type(err).__name__)}" for i in chunk}
                 continue

@@ -9,6 +9,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -95,9 +96,9 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
                 _check_named(fs, path, "file")
                 found = {path: "file"}
             elif fs.isdir(path):
-                found = {info["name"]: info["type"] for info in fs.ls(path, detail=True)}
+                found = {info["name"]: _kind(fs, info) for info in fs.ls(path, detail=True)}
             elif any(ch in path for ch in "*?["):
-                found = {name: info["type"] for name, info in fs.glob(path, detail=True).items()}
+                found = {n: _kind(fs, i) for n, i in fs.glob(path, detail=True).items()}
             else:
                 raise FileNotFoundError(f"no such file or directory: {fsio.qualify(fs, path)}")
         files = [name for name, kind in found.items() if kind == "file"]
@@ -120,27 +121,80 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
     return shards
 
 
-_BRACES = re.compile(r"\{([^{}]*)\}")
+_BRACES = re.compile(r"\{[^{}]*(,|\.\.)[^{}]*\}")  # a brace to expand, innermost
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Every path of a brace pattern, as WebDataset (``braceexpand``) reads it, in order:
-    ``{000..012}`` counts (zero-padded to the width given), ``{a,b}`` lists alternatives;
-    several braces combine (``{a,b}-{0..1}`` -> ``a-0 a-1 b-0 b-1``)."""
+    """Every path of a brace pattern, as WebDataset's ``braceexpand`` reads it, in order:
+    ``{000..012}`` counts (zero-padded to the widest end), ``{0..8..2}`` in steps, ``{a..c}``
+    letters, ``{a,b}`` alternatives (which may hold braces); several braces combine
+    (``{a,b}-{0..1}`` -> ``a-0 a-1 b-0 b-1``); ``{}`` and ``{x}`` stay as they are."""
+    start = _outer_brace(pattern)
+    if start is None:
+        return [pattern]
+    end = _closing(pattern, start)
+    body, tail = pattern[start + 1 : end], pattern[end + 1 :]
+    head = pattern[:start]
+    choices = _alternatives(body)
+    if choices is None:  # not an expansion: keep "{...}" and go on after it
+        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
+    return [
+        head + choice + rest
+        for alternative in choices
+        for choice in expand_braces(alternative)
+        for rest in expand_braces(tail)
+    ]
+
+
+def _outer_brace(pattern: str) -> int | None:
+    """Where the first brace that holds an expansion (``,`` or ``..``) opens."""
     match = _BRACES.search(pattern)
     if match is None:
-        return [pattern]
-    body = match.group(1)
-    counted = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if counted:
-        first, last = counted.groups()
-        width = len(first) if first.startswith("0") else 0
-        step = 1 if int(last) >= int(first) else -1
-        choices = [f"{n:0{width}d}" for n in range(int(first), int(last) + step, step)]
-    else:
-        choices = body.split(",")
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [head + choice + rest for choice in choices for rest in expand_braces(tail)]
+        return None
+    depth, start = 0, None
+    for i, ch in enumerate(pattern[: match.start() + 1]):  # the outermost brace around it
+        if ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+    return start
+
+
+def _closing(pattern: str, start: int) -> int:
+    depth = 0
+    for i in range(start, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[i], 0)
+        if depth == 0:
+            return i
+    return len(pattern)  # unbalanced: the rest is the body
+
+
+def _alternatives(body: str) -> list[str] | None:
+    """A brace body's alternatives: its top-level comma parts, or a sequence; None if it
+    is neither."""
+    parts, depth, last = [], 0, 0
+    for i, ch in enumerate(body):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(body[last:i])
+            last = i + 1
+    if parts:
+        return [*parts, body[last:]]
+    numbers = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?", body)
+    if numbers:
+        first, last_, step = numbers.groups()
+        step = abs(int(step or 1)) or 1
+        a, b = int(first), int(last_)
+        width = max(len(first), len(last_)) if first[0] == "0" or last_[0] == "0" else 0
+        values = range(a, b + 1, step) if b >= a else range(a, b - 1, -step)
+        return [f"{n:0{width}d}" for n in values]
+    letters = re.fullmatch(r"([A-Za-z])\.\.([A-Za-z])", body)
+    if letters:
+        a, b = map(ord, letters.groups())
+        return [chr(c) for c in (range(a, b + 1) if b >= a else range(a, b - 1, -1))]
+    return None
 
 
 def _parent(path: str) -> str:
@@ -163,25 +217,44 @@ def _listings(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, dict
                 raise
             log.debug("cannot list %s (%s): looking up its shards one by one", directory, err)
             entries = []
-        listing = {info["name"]: info["type"] for info in entries}
+        listing = {info["name"]: _kind(fs, info) for info in entries}
         unlisted = [p for p in named if p not in listing]
         listings[directory] = {**listing, **_looked_up(fs, unlisted)}
     return listings
 
 
+def _kind(fs: fsspec.AbstractFileSystem, info: dict) -> str:
+    """A listing entry's type, symbolic links followed (fsspec lists a local link as
+    "other"; the Hugging Face hub's cache links every file of a snapshot)."""
+    if info.get("type") == "other" and info.get("islink"):
+        if fs.isfile(info["name"]):
+            return "file"
+        if fs.isdir(info["name"]):
+            return "directory"
+    return info.get("type", "file")
+
+
 def _looked_up(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, str]:
     """``{path: type}`` of those of ``paths``, and of their ``.parquet`` / ``.idx``
-    siblings, that exist (one request each)."""
-    found = {}
+    siblings, that exist (one request each, 16 at a time). Only a real "not found" means
+    absent: a sidecar the server refuses or fails to serve is an error, not a missing
+    sidecar (its metadata would be lost quietly)."""
+    candidates = []
     for path in paths:
         stem = path[: -len(".tar")] if path.endswith(".tar") else path
-        for candidate in dict.fromkeys((path, stem + ".parquet", stem + ".idx")):
-            try:
-                info = fsio.retry(fs, candidate, lambda c=candidate: fs.info(c))
-            except FileNotFoundError:
-                continue
-            found[candidate] = info.get("type", "file")
-    return found
+        candidates += dict.fromkeys((path, stem + ".parquet", stem + ".idx"))
+
+    def kind(candidate: str) -> str | None:
+        try:
+            return fsio.retry(fs, candidate, lambda: fs.info(candidate)).get("type", "file")
+        except FileNotFoundError as err:
+            if fsio.http_status(err) in (None, 404, 410):
+                return None
+            raise fsio.explain(err, fs, candidate) from err
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        kinds = list(pool.map(kind, candidates))
+    return {c: k for c, k in zip(candidates, kinds) if k is not None}
 
 
 def _check_named(fs: fsspec.AbstractFileSystem, path: str, kind: str | None) -> None:
