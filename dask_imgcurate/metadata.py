@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dask_imgcurate.errors import MetadataMismatchError, ShardWarning
+from dask_imgcurate.errors import MetadataMismatchError, RangeRequestsUnsupported, ShardWarning
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.records import RecordIndex, split_key
 from dask_imgcurate.io.shards import Shard, index_shard, shard_notes
@@ -130,9 +130,17 @@ def sidecar_schema(
         return None
 
     def footer() -> tuple[pa.Schema, int]:
-        with fs.open(shard.parquet, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            return parquet.schema_arrow, parquet.metadata.num_rows
+        try:
+            with fs.open(shard.parquet, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                return parquet.schema_arrow, parquet.metadata.num_rows
+        except ValueError as err:  # fsspec's HTTP file, when the server ignores ranges
+            if "Cannot seek streaming" not in str(err):
+                raise
+            raise RangeRequestsUnsupported(
+                f"{fsio.qualify(fs, shard.parquet)}: the server does not serve byte ranges "
+                f"(HTTP Range requests), which reading shards needs"
+            ) from err
 
     schema, rows = fsio.retry(fs, shard.parquet, footer)
     if not rows:

@@ -833,3 +833,6 @@ def test_http_errors_are_errors_and_5xx_are_retried(local_data, monkeypatch):
         reader = DaliImageReader(PreprocessSpec(size=(32, 32)), device="cpu")
         with pytest.raises(RangeRequestsUnsupported, match="does not serve byte ranges"):
             reader.read(frame)  # not 24 per-row errors that an export would drop
+        sidecar = rf"{re.escape(whole.url)}/00000\.parquet: the server does not serve byte"
+        with pytest.raises(RangeRequestsUnsupported, match=sidecar):  # its footer: a seek
+            ImageTextPairDataset.from_webdataset(urls(whole))

@@ -438,6 +438,15 @@ def test_resume_rewrites_shards_of_a_tar_rewritten_with_the_same_layout(tmp_path
     assert digests == sorted(d for _, d in tar_members(src / "00000.tar"))
 
 
+def test_versions_cast_to_float_are_an_error_not_a_change(source, tmp_path):
+    """A 64-bit digest cast to float64 loses bits: every tar would look changed."""
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    meta = ds.metadata
+    ds = ds.with_metadata(meta.assign(_shard_version=meta["_shard_version"].astype("float64")))
+    with pytest.raises(TypeError, match="'_shard_version' column is double, not int64"):
+        ds.to_webdataset(str(tmp_path / "out"))
+
+
 def test_source_truncated_since_indexing_is_an_error_without_versions_too(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -60,7 +60,7 @@ from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_d
 from dask_imgcurate.errors import DecoderUnavailable, RangeRequestsUnsupported
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.image_header import ImageTooLarge, image_dimensions
-from dask_imgcurate.io.shards import check_unchanged
+from dask_imgcurate.io.shards import check_unchanged, version_type_error
 
 log = logging.getLogger(__name__)
 
@@ -442,11 +442,12 @@ class DaliImageReader:
         for i in range(n):
             if i not in missing:
                 by_shard.setdefault(str(shards[i]), []).append(i)
-        versions = (
-            partition["_shard_version"].astype(object).to_numpy()
-            if "_shard_version" in partition
-            else np.full(n, None, dtype=object)
-        )
+        versions = np.full(n, None, dtype=object)
+        if "_shard_version" in partition:
+            column = partition["_shard_version"]
+            if not pd.api.types.is_integer_dtype(column.dtype) and column.notna().any():
+                raise version_type_error(str(column.dtype))
+            versions = column.astype(object).to_numpy()
         for shard, rows in by_shard.items():
             self._check_unchanged(shard, {versions[i] for i in rows if not _isnull(versions[i])})
             rows.sort(key=lambda i: offsets[i])  # sequential reads

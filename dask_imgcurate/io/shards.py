@@ -317,6 +317,16 @@ def index_shard(
     return dataclasses.replace(records, version=version)
 
 
+def version_type_error(type_name: str) -> TypeError:
+    """The error for a ``_shard_version`` column that is no longer int64 (a digest cast to
+    float loses bits: every tar would look changed)."""
+    return TypeError(
+        f"the metadata's '_shard_version' column is {type_name}, not int64 (converted?): the "
+        f"tars' versions cannot be checked; leave bookkeeping columns as they are, or load "
+        f"the dataset again"
+    )
+
+
 def check_unchanged(source: str, indexed: Iterable[int], now: os.stat_result | None) -> None:
     """Raise ``ShardChangedError`` unless the tar ``source`` (``now``: its ``os.stat``, None
     when not local) is still at every version in ``indexed`` (its rows' ``_shard_version``,

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.dali_index import VERSION as DALI_VERSION
 from dask_imgcurate.io.records import split_keys
-from dask_imgcurate.io.shards import check_unchanged
+from dask_imgcurate.io.shards import check_unchanged, version_type_error
 from dask_imgcurate.io.tarindex import BLOCK
 from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE, header_lengths, member_headers
 
@@ -100,7 +100,10 @@ def _source_versions(rows: pa.Table, shards: pa.DictionaryArray) -> list[frozens
     versions: list[set] = [set() for _ in range(len(shards.dictionary))]
     if "_shard_version" not in rows.column_names:
         return [frozenset()] * len(versions)
-    pairs = pa.table({"tar": shards.indices, "version": rows.column("_shard_version")})
+    column = rows.column("_shard_version")
+    if not (pa.types.is_integer(column.type) or pa.types.is_null(column.type)):
+        raise version_type_error(str(column.type))
+    pairs = pa.table({"tar": shards.indices, "version": column})
     distinct = pairs.group_by(["tar", "version"]).aggregate([]).drop_null()
     for tar, version in zip(*(c.to_pylist() for c in distinct.columns)):
         versions[tar].add(version)
