@@ -25,7 +25,10 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any
 
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
+
+from dask_imgcurate.io import fs as fsio
 
 __all__ = [
     "DEFAULT_SIZES",
@@ -214,21 +217,12 @@ def write_shard(
                 _add_member(tar, f"{key}.{ext}", _member_bytes(rec[ext]))
         for name, data in extra_members or ():
             _add_member(tar, name, data)
-    _write_unless_equal(path, buffer.getbuffer())
-
-
-def _write_unless_equal(path: str | os.PathLike[str], data: memoryview) -> None:
+    data = buffer.getbuffer()
     with contextlib.suppress(OSError), open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == len(data) and f.read() == data:
             return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    with fsio.atomic_write(LocalFileSystem(), str(path)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def write_parquet(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:

@@ -80,32 +80,35 @@ def basename(path: str) -> str:
 # ---------------------------------------------------------------- errors and retries
 
 
+def _aiohttp_errors(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and its causes that are aiohttp's (fsspec's HTTP filesystem raises them, or
+    a ``FileNotFoundError`` caused by one for every failed lookup)."""
+    while err is not None:
+        if type(err).__module__.startswith("aiohttp"):
+            yield err
+        err = err.__cause__
+
+
 def http_status(err: BaseException) -> int | None:
     """The HTTP status behind an error of fsspec's HTTP filesystem (aiohttp's
-    ``ClientResponseError``, itself or as the cause of the ``FileNotFoundError`` fsspec
-    turns every failed lookup into); None for other errors."""
-    while err is not None:
-        status = getattr(err, "status", None)
-        if isinstance(status, int) and type(err).__module__.startswith("aiohttp"):
-            return status
-        err = err.__cause__
-    return None
+    ``ClientResponseError``); None for other errors."""
+    statuses = (getattr(e, "status", None) for e in _aiohttp_errors(err))
+    return next((s for s in statuses if isinstance(s, int)), None)
+
+
+_CONNECTION_ERRORS = {
+    "ClientConnectionError",
+    "ClientConnectorError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+    "ServerTimeoutError",
+}
 
 
 def _connection_error(err: BaseException) -> bool:
     """aiohttp's connection and payload errors (not ``OSError`` s)."""
-    while err is not None:
-        if type(err).__module__.startswith("aiohttp") and type(err).__name__ in (
-            "ClientConnectionError",
-            "ClientConnectorError",
-            "ClientOSError",
-            "ServerDisconnectedError",
-            "ClientPayloadError",
-            "ServerTimeoutError",
-        ):
-            return True
-        err = err.__cause__
-    return False
+    return any(type(e).__name__ in _CONNECTION_ERRORS for e in _aiohttp_errors(err))
 
 
 def is_transient(err: BaseException) -> bool:
@@ -129,9 +132,12 @@ BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "
 """Stores whose first path component is a bucket (or container)."""
 
 
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
 def _bucket(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if not protocols & BUCKET_PROTOCOLS:
+    if not _protocols(fs) & BUCKET_PROTOCOLS:
         return None
     return fs._strip_protocol(path).lstrip("/").split("/", 1)[0]
 
@@ -362,8 +368,7 @@ _READ_ONLY = frozenset({"http", "https"})
 
 def refuse_read_only(fs: fsspec.AbstractFileSystem, path: str, what: str) -> None:
     """Raise ``ValueError`` before writing to a store that only reads (HTTP)."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if protocols & _READ_ONLY:
+    if _protocols(fs) & _READ_ONLY:
         raise ValueError(
             f"{what}: {qualify(fs, path)} is read-only (HTTP): write to a local directory or "
             f"an object store instead"

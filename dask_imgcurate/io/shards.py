@@ -245,12 +245,10 @@ def _looked_up(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, str
         candidates += dict.fromkeys((path, stem + ".parquet", stem + ".idx"))
 
     def kind(candidate: str) -> str | None:
-        try:
+        try:  # retry's errors are explained: a refusal or a failure is no FileNotFoundError
             return fsio.retry(fs, candidate, lambda: fs.info(candidate)).get("type", "file")
-        except FileNotFoundError as err:
-            if fsio.http_status(err) in (None, 404, 410):
-                return None
-            raise fsio.explain(err, fs, candidate) from err
+        except FileNotFoundError:
+            return None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         kinds = list(pool.map(kind, candidates))
