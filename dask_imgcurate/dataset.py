@@ -144,7 +144,8 @@ class ImageTextPairDataset:
         but the ``_``-prefixed bookkeeping columns) always gets the id column first.
         ``storage_options`` are those of ``path`` (default: the dataset's). ``verbose`` shows
         a progress bar over the partitions (which compute whatever the metadata holds:
-        embeddings, scores). Returns one row per file written (shard, path, rows).
+        embeddings, scores). Returns one row per file written (shard, path, rows, and
+        ``errors``: its rows with a non-null ``error`` column, 0 without one).
         """
         frame = self.metadata
         present = column_names(frame)  # a named index (set_index) is written too
@@ -187,6 +188,7 @@ class ImageTextPairDataset:
                 "path": pd.Series([], dtype=object),
                 "fragment": pd.Series([], dtype=object),
                 "rows": pd.Series([], dtype="int64"),
+                "errors": pd.Series([], dtype="int64"),
             }
         )
         directories = writer.directories(export.guards.input_tars(self)[0])
@@ -423,11 +425,12 @@ class _MetadataWriter:
                     "path": fsio.qualify(self.out_fs, out),
                     "fragment": fragment,
                     "rows": part.num_rows,
+                    "errors": _error_count(part),
                 }
             )
-        columns = ["shard", "path", "fragment", "rows"]
+        columns = ["shard", "path", "fragment", "rows", "errors"]
         tick(self.progress, number, table.num_rows)
-        return pd.DataFrame(rows, columns=columns).astype({"rows": "int64"})
+        return pd.DataFrame(rows, columns=columns).astype({"rows": "int64", "errors": "int64"})
 
     def _path_for(self, source: str) -> str:
         tar = self.fs._strip_protocol(source)
@@ -455,6 +458,13 @@ class _MetadataWriter:
                 fsio.remove_stale_temps(self.out_fs, directory, f"{fsio.TEMP_MARK}{self.run}-part")
 
 
+def _error_count(table: pa.Table) -> int:
+    """Rows of ``table`` whose ``error`` column is set (0 without that column)."""
+    if "error" not in table.column_names:
+        return 0
+    return len(table) - table.column("error").null_count
+
+
 def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
     """One Parquet per shard from its fragments: a rename for one fragment, a merge (rows
     in partition order) for several."""
@@ -475,9 +485,17 @@ def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
             fsio.move(fs, parts[0], target)
         else:
             merges.append(dask.delayed(_merge_fragments)(fs, parts, target))
-        rows.append({"shard": shard, "path": path, "rows": int(group["rows"].sum())})
+        rows.append(
+            {
+                "shard": shard,
+                "path": path,
+                "rows": int(group["rows"].sum()),
+                "errors": int(group["errors"].sum()),
+            }
+        )
     dask.compute(*merges)
-    return pd.DataFrame(rows, columns=["shard", "path", "rows"]).astype({"rows": "int64"})
+    counts = {"rows": "int64", "errors": "int64"}
+    return pd.DataFrame(rows, columns=["shard", "path", *counts]).astype(counts)
 
 
 def _merge_fragments(fs, fragments: list[str], path: str) -> None:

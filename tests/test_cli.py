@@ -276,6 +276,7 @@ def test_embed_saves_embeddings_and_scores_as_parquet(scored):
     rows = table(result.stdout)
     assert rows["parquet files written"] == str(SHARDS)
     assert rows["records"] == str(SHARDS * PER_SHARD)
+    assert rows["records with errors"] == "0"
     assert "save_metadata: 100%" in result.stderr  # -v shows the progress bar (3 of 3 shards)
     assert "3/3" in result.stderr
     for i in range(SHARDS):
@@ -288,6 +289,24 @@ def test_embed_saves_embeddings_and_scores_as_parquet(scored):
         assert all(len(v) == 64 for v in frame["image_embedding"])
         assert np.isfinite(frame["aesthetic_score"]).all()
         assert ((frame["nsfw_score"] >= 0) & (frame["nsfw_score"] <= 1)).all()
+
+
+def test_embed_counts_the_records_it_could_not_decode(source, model_args, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(source, root)
+    tar = root / "00001.tar"
+    with tarfile.open(tar) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".jpg"))
+    with open(tar, "r+b") as handle:  # same size: the tar stays valid, the JPEG does not
+        handle.seek(member.offset_data)
+        handle.write(b"not a jpeg".ljust(member.size, b"!"))
+    result = run("embed", root, *model_args, "--n-workers", "0")
+    assert table(result.stdout)["records with errors"] == "1"
+    assert "1 records could not be read or decoded" in result.stderr
+    errors = pq.read_table(root / "00001.parquet").column("error").to_pylist()
+    key = member.name.split(".")[0]
+    keys = pq.read_table(root / "00001.parquet").column("key").to_pylist()
+    assert [k for k, e in zip(keys, errors) if e is not None] == [key]
 
 
 def test_embed_without_a_head_drops_the_earlier_runs_score(scored, tmp_path, monkeypatch):

@@ -709,7 +709,9 @@ class StaticFiles:
     (``ranges=False``: whole files only, as ``python -m http.server``) and no directory
     listing (a directory is a 404, as on a CDN or the Hugging Face hub)."""
 
-    def __init__(self, root: Path, ranges: bool = True, fail: dict | None = None):
+    def __init__(
+        self, root: Path, ranges: bool = True, fail: dict | None = None, token: str | None = None
+    ):
         files = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
         fail = fail if fail is not None else {}  # file name -> statuses to answer first
         self.requests: list[tuple[str, str]] = []
@@ -722,6 +724,9 @@ class StaticFiles:
             def _file(self) -> bytes | None:
                 name = self.path.lstrip("/")
                 requests.append((self.command, name))
+                if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                    self.send_error(401)
+                    return None
                 if fail.get(name):
                     self.send_error(fail[name].pop(0))
                     return None
@@ -796,6 +801,31 @@ def test_http_urls_of_tars_load_and_export_like_local_files(local_data, tmp_path
     local.to_webdataset(str(tmp_path / "local"), samples_per_shard=5)
     for tar in sorted((tmp_path / "local").glob("*.tar")):
         assert (tmp_path / "remote" / tar.name).read_bytes() == tar.read_bytes()
+
+
+def test_http_credentials_go_in_headers_not_in_the_url(local_data, tmp_path):
+    """A hub needing a token: given as a header through storage_options, every request
+    (listing sidecars, indexing, exporting) carries it; a signed URL is refused, naming it."""
+    from dask_imgcurate.errors import StorageAccessDenied
+
+    source = local_data["pq"]
+    tars = sorted(p.name for p in source.glob("*.tar"))
+    headers = {"client_kwargs": {"headers": {"Authorization": "Bearer s3cret"}}}
+    with dask.config.set(scheduler="synchronous"), StaticFiles(source, token="s3cret") as http:
+        urls = [f"{http.url}/{name}" for name in tars]
+        with pytest.raises(StorageAccessDenied, match="00000"):
+            ImageTextPairDataset.from_webdataset(urls)
+        signed = f"{urls[0]}?X-Amz-Signature=abc"
+        with pytest.raises(ValueError, match=re.escape(signed) + ": shard URLs with a query"):
+            ImageTextPairDataset.from_webdataset([signed], storage_options=headers)
+        remote = ImageTextPairDataset.from_webdataset(urls, storage_options=headers)
+        assert all(s.parquet is not None for s in remote.shards)
+        summary = remote.to_webdataset(str(tmp_path / "out"), samples_per_shard=5)
+        assert summary.records_out == len(remote.metadata) > 0
+    local = ImageTextPairDataset.from_webdataset(str(source))
+    local.to_webdataset(str(tmp_path / "local"), samples_per_shard=5)
+    for tar in sorted((tmp_path / "local").glob("*.tar")):
+        assert (tmp_path / "out" / tar.name).read_bytes() == tar.read_bytes()
 
 
 def test_an_http_server_without_byte_ranges_is_named(local_data, tmp_path):

@@ -464,6 +464,7 @@ def test_save_metadata_overwrites_own_parquet(demo_dir, copy_dataset):
     result = ds.save_metadata()
     assert result["path"].tolist() == [str(path / f"0000{i}.parquet") for i in range(3)]
     assert result["rows"].tolist() == [12, 12, 12]
+    assert result["errors"].tolist() == [0, 0, 0]  # no error column
     assert sorted(p.name for p in path.iterdir()) == sorted(
         [f"0000{i}.tar" for i in range(3)] + [f"0000{i}.parquet" for i in range(3)]
     )  # no temporary files left
@@ -553,6 +554,8 @@ def test_save_metadata_of_a_reshaped_frame_keeps_every_row(demo_dir, tmp_path, r
     """A shard's rows spread over several partitions all reach its one Parquet file."""
     ds = _with_score(load(demo_dir))
     meta = ds.metadata
+    odd = meta["key"].str.slice(-1).astype(int) % 2 == 1
+    meta = meta.assign(error=meta["key"].where(odd, None))  # counted per shard when saved
     if reshape == "repartition":
         meta = meta.repartition(npartitions=7)  # splits every shard
     else:  # a unique sort key: the same order in every computation
@@ -574,10 +577,11 @@ def test_save_metadata_of_a_reshaped_frame_keeps_every_row(demo_dir, tmp_path, r
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         f"0000{i}.parquet" for i in range(3)
     ]  # one file per shard, no fragments left
-    for tar, path, rows in result.itertuples(index=False):
+    for tar, path, rows, errors in result.itertuples(index=False):
         saved = pq.read_table(path).to_pandas()
         expected = frame[frame["_shard"] == tar]
         assert rows == len(saved) == len(expected) == 12
+        assert errors == saved["error"].notna().sum() == expected["error"].notna().sum() == 6
         assert saved["key"].tolist() == expected["key"].tolist()  # in the frame's order
         assert saved["score"].tolist() == expected["score"].tolist()
 

@@ -280,15 +280,24 @@ def embed(ctx: click.Context, path: str, output: str | None, **_) -> None:
     columns = ["image_embedding"] + [
         c for c, on in (("aesthetic_score", aesthetic), ("nsfw_score", nsfw)) if on
     ]
+    errors = int(written["errors"].sum())
     _table(
         {
             "parquet files written": len(written),
             "records": int(written["rows"].sum()),
+            "records with errors": errors,
             "columns added": ", ".join(columns + ["error"]),
             "output": os.path.dirname(written["path"].iloc[0]) if len(written) else output,
             "cluster": cluster,
         }
     )
+    if errors:
+        click.echo(
+            f"{errors} records could not be read or decoded: their embeddings and scores are "
+            f"null and their reason is in the 'error' column (`dask-imgcurate inspect`); "
+            f"exports leave them out",
+            err=True,
+        )
 
 
 @main.command()

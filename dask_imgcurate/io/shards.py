@@ -258,6 +258,13 @@ def _looked_up(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, str
 def _check_named(fs: fsspec.AbstractFileSystem, path: str, kind: str | None) -> None:
     """Raise unless ``path``, named as a shard, is a ``.tar`` file (``kind``: its type)."""
     url = fsio.qualify(fs, path)
+    if url.startswith(("http://", "https://")) and ".tar?" in url:
+        raise ValueError(
+            f"{url}: shard URLs with a query string (signed or tokenised URLs) are not "
+            f"supported: a shard's sidecars and output names follow from its path; pass "
+            f"credentials as headers (storage_options={{'client_kwargs': {{'headers': "
+            f"...}}}}) or download the shards first"
+        )
     if kind is None:
         raise FileNotFoundError(f"no such shard: {url}")
     if kind != "file":
