@@ -828,6 +828,39 @@ def test_members_of_any_kind_and_long_names_survive(tmp_path, monkeypatch, piece
     ]
 
 
+def test_members_larger_than_a_read_are_copied_in_bounded_reads(tmp_path, monkeypatch):
+    """A member over ``MAX_READ`` (a video, a large PNG) is streamed a read at a time, never
+    held whole; the output is byte-identical to one written with reads that hold it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    records = make_shard_records(0, 4, seed=3)
+    rng = np.random.default_rng(0)
+    records[1]["mp4"] = rng.bytes(50_001)  # not a whole number of reads or blocks
+    records[2]["mp4"] = rng.bytes(4 * 4096)  # exactly four reads
+    write_shard(src / "00000.tar", records)
+    ds = ImageTextPairDataset.from_webdataset(str(src))
+    ds.to_webdataset(str(tmp_path / "held"), samples_per_shard=3)
+    reads = []
+    real_read = writer._RangeReader.read
+
+    def read(self, source, start, end):
+        reads.append(end - start)
+        return real_read(self, source, start, end)
+
+    monkeypatch.setattr(writer, "MAX_READ", 4096)
+    monkeypatch.setattr(writer._RangeReader, "read", read)
+    ds.to_webdataset(str(tmp_path / "streamed"), samples_per_shard=3)
+    assert max(reads) == 4096 and reads.count(4096) >= 12 + 4
+    assert _digest_dir(tmp_path / "streamed") == _digest_dir(tmp_path / "held")
+    out = dict(tar_members(tmp_path / "streamed" / "00000.tar"))
+    assert out["000001.mp4"] == sha(records[1]["mp4"])  # new ids: shard 0, position 1
+    assert out["000002.mp4"] == sha(records[2]["mp4"])
+    listing = subprocess.run(
+        ["tar", "tvf", str(tmp_path / "streamed" / "00000.tar")], capture_output=True, text=True
+    )
+    assert listing.returncode == 0 and "50001" in listing.stdout
+
+
 def test_resume_after_kill(source, tmp_path):
     """kill -9 mid-export leaves no partial file under a final name; a re-run completes it."""
     out = tmp_path / "out"

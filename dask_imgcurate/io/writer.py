@@ -2,8 +2,8 @@
 
 Bytes are copied as they are (no decode, no re-encode), read by byte range from the source
 tars: adjacent member ranges of a source are merged into one read of at most ``MAX_READ``
-bytes (or one member, if larger) into a buffer reused by the thread, so memory stays bounded
-whatever the shard size. The layout of an output tar follows from metadata alone
+bytes into a buffer reused by the thread (a larger member is copied ``MAX_READ`` at a time),
+so memory stays bounded whatever the shard and member sizes. The layout of an output tar follows from metadata alone
 (``record_spans``, ``tar_layout``), so several ``write_piece`` calls, in any processes, can
 fill one temporary tar at known offsets; ``commit_shard`` then ends it and publishes tar,
 ``.idx`` and Parquet, the Parquet last: it carries a fingerprint of the job, so a re-run can
@@ -251,7 +251,11 @@ def write_piece(
     batch = batch_end = 0  # headers are made for HEADER_BATCH members at a time
     try:
         for first, stop, start, end in merged_reads(plan):
-            data = memoryview(reader.read(plan.sources[plan.source[first]], start, end))
+            source = plan.sources[plan.source[first]]
+            if end - start > MAX_READ:  # one large member: copied a MAX_READ at a time
+                at = _copy_large(fd, tar, reader, source, (start, end), plan, first, at)
+                continue
+            data = memoryview(reader.read(source, start, end))
             chunks: list = []
             for i in range(first, stop):
                 if i >= batch_end:
@@ -265,14 +269,31 @@ def write_piece(
                     data[begin : begin + size],
                     _ZEROS[: -size % BLOCK],
                 )
-            try:
-                at = _pwrite_all(fd, chunks, at)
-            except OSError as err:  # say where (a full disk: which one)
-                raise OSError(err.errno, f"{err.strerror}: writing {tar}") from err
+            at = _write(fd, tar, chunks, at)
     finally:
         os.close(fd)
         reader.close()
     return at
+
+
+def _copy_large(
+    fd: int, tar: str, reader: _RangeReader, source: str, span: tuple[int, int], plan, i, at
+) -> int:
+    """Write member ``i`` of ``plan`` (bytes ``span`` of ``source``) with its header and
+    padding at ``at`` in ``tar``, holding at most ``MAX_READ`` of it; the offset after it."""
+    start, end = span
+    at = _write(fd, tar, [member_headers(plan.names.slice(i, 1), plan.sizes[i : i + 1])[0]], at)
+    for offset in range(start, end, MAX_READ):
+        at = _write(fd, tar, [reader.read(source, offset, min(offset + MAX_READ, end))], at)
+    return _write(fd, tar, [_ZEROS[: -(end - start) % BLOCK]], at)
+
+
+def _write(fd: int, tar: str, chunks: list, at: int) -> int:
+    """``_pwrite_all``, its errors naming ``tar`` (a full disk: which one)."""
+    try:
+        return _pwrite_all(fd, chunks, at)
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror}: writing {tar}") from err
 
 
 class MissingPieces(RuntimeError):
