@@ -3,11 +3,12 @@
 Bytes are copied as they are (no decode, no re-encode), read by byte range from the source
 tars: adjacent member ranges of a source are merged into one read of at most ``MAX_READ``
 bytes into a buffer reused by the thread (a larger member is copied ``MAX_READ`` at a time),
-so memory stays bounded whatever the shard and member sizes. The layout of an output tar follows from metadata alone
-(``record_spans``, ``tar_layout``), so several ``write_piece`` calls, in any processes, can
-fill one temporary tar at known offsets; ``commit_shard`` then ends it and publishes tar,
-``.idx`` and Parquet, the Parquet last: it carries a fingerprint of the job, so a re-run can
-tell a finished shard. ``write_shard`` does all of it in one call.
+so memory stays bounded whatever the shard and member sizes. The layout of an output tar
+follows from metadata alone (``record_spans``, ``tar_layout``), so several ``write_piece``
+calls, in any processes, can fill one temporary tar at known offsets; ``commit_shard``
+then ends it and publishes tar, ``.idx`` and Parquet, the Parquet last: it carries a
+fingerprint of the job, so a re-run can tell a finished shard. ``write_shard`` does all of
+it in one call.
 """
 
 from __future__ import annotations
