@@ -160,8 +160,8 @@ class ImageTextPairDataset:
         bookkeeping = [c for c in columns if is_bookkeeping(c)]
         if bookkeeping:
             raise ValueError(
-                f"save_metadata: {bookkeeping} are bookkeeping columns (names starting with "
-                f"'_'), which are never written to Parquet"
+                f"save_metadata: {bookkeeping} are bookkeeping columns (the reader's and "
+                f"writer's own), which are never written to Parquet"
             )
         missing = [c for c in columns if c not in present]
         if missing:

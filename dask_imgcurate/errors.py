@@ -31,6 +31,10 @@ class IndexFileError(CurateError, ValueError):
     """A DALI ``.idx`` file is malformed or does not describe its tar."""
 
 
+class TooManyShards(CurateError, ValueError):
+    """An export needs more output shards than ``max_shards`` digits can number."""
+
+
 class ShardChangedError(CurateError, RuntimeError):
     """A tar changed after it was indexed: the metadata's byte offsets may point at other
     bytes now (names the tar, its version then and now)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import warnings
 
 import fsspec
@@ -18,7 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dask_imgcurate.errors import MetadataMismatchError, RangeRequestsUnsupported, ShardWarning
+from dask_imgcurate.errors import (
+    MetadataMismatchError,
+    RangeRequestsUnsupported,
+    ShardNotice,
+    ShardWarning,
+)
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.records import RecordIndex, split_key
 from dask_imgcurate.io.shards import Shard, index_shard, shard_notes
@@ -39,8 +45,26 @@ BOOKKEEPING = {
 _MAX_LISTED = 10
 
 
+KEEP_COLUMN = "_keep"
+"""The filter column the command line and the example scripts add (never exported)."""
+
+
 def is_bookkeeping(column: str) -> bool:
-    return column.startswith("_")
+    """Whether ``column`` is one of the reader's and writer's own (``BOOKKEEPING``, and
+    ``KEEP_COLUMN``): never read from a sidecar or ``.json``, never written to Parquet.
+    Other names starting with ``_`` (``_id``, say) are the user's."""
+    return column in BOOKKEEPING or column == KEEP_COLUMN
+
+
+def _is_stored_index(column: str) -> bool:
+    """A frame index that pandas or dask stored as a Parquet column (not the user's data)."""
+    return (
+        column == "__null_dask_index__" or re.fullmatch(r"__index_level_\d+__", column) is not None
+    )
+
+
+def _internal(column: str) -> bool:
+    return is_bookkeeping(column) or _is_stored_index(column)
 
 
 def shard_table(
@@ -149,7 +173,7 @@ def sidecar_schema(
     fields = [
         field.with_type(pa.string()) if field.name == id_col else field
         for field in schema
-        if not is_bookkeeping(field.name)
+        if not _internal(field.name)
     ]
     return pa.schema(fields + [pa.field(name, kind) for name, kind in BOOKKEEPING.items()])
 
@@ -159,7 +183,7 @@ def _read_sidecar(fs: fsspec.AbstractFileSystem, shard: Shard, id_col: str) -> p
     _check_id_column(fs, shard, id_col, table.column_names)
     ids = table.column(id_col).cast(pa.string())
     table = table.set_column(table.column_names.index(id_col), id_col, ids)
-    return table.drop_columns([c for c in table.column_names if is_bookkeeping(c)])
+    return table.drop_columns([c for c in table.column_names if _internal(c)])
 
 
 def _check_id_column(fs, shard: Shard, id_col: str, columns: list[str]) -> None:
@@ -236,6 +260,7 @@ def _table_from_members(
     captions = [blobs[txt[r]].decode("utf-8", "replace") if r in txt else None for r in range(n)]
     columns: dict[str, list] = {id_col: list(records.keys), "caption": captions}
     fields: dict[str, list] = {}
+    other_ids = []  # records whose .json holds an id_col field that is not their key
     for r in range(n):
         if r not in jsn:
             continue
@@ -254,9 +279,20 @@ def _table_from_members(
             if k == "caption" and captions[r] is None and isinstance(v, str):
                 captions[r] = v  # no .txt member: the .json's caption stands in
                 continue
+            if k == id_col and str(v) != records.keys[r]:
+                other_ids.append((records.keys[r], v))
             if k in columns or is_bookkeeping(k) or isinstance(v, (dict, list)):
                 continue
             fields.setdefault(k, [None] * n)[r] = v
+    if other_ids:
+        key, value = other_ids[0]
+        warnings.warn(
+            f"{fsio.qualify(fs, shard.tar)}: {len(other_ids)} records' .json field {id_col!r} "
+            f"differs from their key (e.g. record {key!r}: {value!r}); the id column holds the "
+            f"keys (pass another id_col to keep both)",
+            ShardNotice,
+            stacklevel=3,
+        )
     for k, values in fields.items():
         columns[k] = values
     arrays = {}

@@ -36,17 +36,24 @@ def compute_with_progress(tasks: Sequence, verbose: bool, label: str) -> list:
         return list(dask.compute(*tasks, optimize_graph=False))
     client = current_client()
     if client is not None:
-        from distributed import progress
-
         futures = client.compute(list(tasks), optimize_graph=False)
-        print(f"{label}:", flush=True)
-        progress(futures)
+        show_progress(futures, label)
         return client.gather(futures)
     from dask.diagnostics import ProgressBar
 
-    print(f"{label}:", flush=True)
-    with ProgressBar():
+    print(f"{label}:", file=sys.stderr, flush=True)
+    with ProgressBar(out=sys.stderr):
         return list(dask.compute(*tasks, optimize_graph=False))
+
+
+def show_progress(futures: Sequence, label: str) -> None:
+    """``distributed.progress`` of ``futures`` under ``label``, on stderr like every other
+    bar here (its text bar writes to stdout: redirected while it runs), until they finish."""
+    from distributed import progress
+
+    print(f"{label}:", file=sys.stderr, flush=True)
+    with contextlib.redirect_stdout(sys.stderr):
+        progress(futures)
 
 
 @contextlib.contextmanager

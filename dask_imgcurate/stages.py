@@ -318,8 +318,8 @@ class ImageWriterStage(Stage):
         self,
         output_dir: str,
         images_per_tar: int = 1000,
-        remove_image_data: bool = True,
-        verbose: bool = True,
+        remove_image_data: bool = False,
+        verbose: bool = False,
         deterministic_name: bool = True,
         storage_options: dict | None = None,
     ):

@@ -22,6 +22,7 @@ from pandas.api.types import is_bool_dtype
 
 from dask_imgcurate import ImageTextPairDataset
 from dask_imgcurate.cluster import dask_client
+from dask_imgcurate.metadata import KEEP_COLUMN
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             if not is_bool_dtype(getattr(result, "dtype", None)):
                 raise ValueError(f"bad --query {query!r}: not a true/false condition")
             keep = meta.map_partitions(  # a null (a record without .json) is not True
-                lambda df: df.eval(query).fillna(False).astype(bool), meta=("_keep", bool)
+                lambda df: df.eval(query).fillna(False).astype(bool), meta=(KEEP_COLUMN, bool)
             )
-            # a bookkeeping name ("_"): not written to the output's Parquet
-            dataset.metadata = meta.assign(_keep=keep)
-            filter_column = "_keep"
+            # a bookkeeping name (KEEP_COLUMN, "_keep"): not written to the output's Parquet
+            dataset.metadata = meta.assign(**{KEEP_COLUMN: keep})
+            filter_column = KEEP_COLUMN
         with dask_client(args.scheduler_address, args.n_workers, quiet=not args.verbose):
             summary = dataset.to_webdataset(
                 args.output,

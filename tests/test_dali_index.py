@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 import warnings
@@ -234,6 +235,41 @@ def test_index_of_a_rewritten_tar_is_not_trusted(tmp_path):
     assert list(frame["key"]) == ["a0", "a1", "a2", "a3"]
     assert list(frame["caption"]) == [f"new a{i}" for i in range(4)]
     pd.testing.assert_frame_equal(frame, _scanned_frame(tmp_path))
+
+
+def _age(path: Path, seconds: int) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9))
+
+
+def test_index_older_than_its_tar_is_checked_against_every_header(tmp_path, monkeypatch):
+    """A tar rewritten after its .idx with the same layout (one record renamed): every
+    header the usual check samples agrees, so a tar modified after its index has all of
+    its headers checked. An unchanged tar that is merely newer (a copy that did not keep
+    times) is scanned, and loads with no notice."""
+    keys = [f"{i:06d}" for i in range(40)]
+    tar = _records_tar(tmp_path / "00000.tar", keys, "c")
+    idx = Path(write_dali_index(str(tar)))
+    renamed = [*keys[:17], "000071", *keys[18:]]
+    _records_tar(tar, renamed, "c")
+    _age(idx, 5)
+    listed = parse_dali_index(idx.read_text(), str(tar))
+    shards_mod._checked_against_tar(fsspec.filesystem("file"), str(tar), listed, tar.stat().st_size)
+    frame = _load_ignoring_index(tmp_path, "modified after the index was written: member 34 is")
+    assert sorted(frame["key"]) == sorted(renamed)
+
+    write_dali_index(str(tar))
+    expected = _frame(tmp_path)  # index newer than its tar: trusted, no scan
+    _age(idx, 5)
+    scans = []
+    real_scan = shards_mod.scan_tar
+    monkeypatch.setattr(
+        shards_mod, "scan_tar", lambda *a, **k: scans.append(1) or real_scan(*a, **k)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pd.testing.assert_frame_equal(_frame(tmp_path), expected)
+    assert scans  # every header read (loading may index a shard twice: meta, then data)
 
 
 def test_index_of_another_shard_is_not_trusted(tmp_path):

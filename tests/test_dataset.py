@@ -15,6 +15,7 @@ import shutil
 import sys
 import tarfile
 import types
+import warnings
 from pathlib import Path
 
 import dask
@@ -32,6 +33,7 @@ from dask_imgcurate.errors import (
     CompressedTarError,
     DuplicateKeyError,
     MetadataMismatchError,
+    ShardNotice,
     TarFormatError,
 )
 from dask_imgcurate.io.shards import Shard
@@ -160,6 +162,24 @@ def test_json_fields_scalars_only(tmp_path):
     assert rows.loc["c", "caption"] == "from the json"  # the .txt wins where there is one
     assert rows["n"].tolist()[:2] == [1, 2] and rows.loc["a", "s"] == "hi"
     assert pd.isna(rows.loc["a", "flag"]) and bool(rows.loc["b", "flag"]) is True
+
+
+def test_a_json_id_field_other_than_the_key_is_named(tmp_path):
+    """With ``id_col="id"`` the id column holds the tar keys; a ``.json`` ``id`` that says
+    otherwise is not dropped quietly."""
+    members = [
+        ("a.jpg", b"A"),
+        ("a.json", json.dumps({"id": "a", "n": 1}).encode()),
+        ("b.jpg", b"B"),
+        ("b.json", json.dumps({"id": "XYZ", "n": 2}).encode()),
+    ]
+    tar = write_tar(tmp_path / "00000.tar", members)
+    with pytest.warns(ShardNotice, match=r"1 records' .json field 'id' differs .*'b': 'XYZ'"):
+        frame = ImageTextPairDataset.from_webdataset(str(tar), id_col="id").metadata.compute()
+    assert frame["id"].tolist() == ["a", "b"] and frame["n"].tolist() == [1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default id_col: no field of that name
+        assert load(tar).metadata.compute()["key"].tolist() == ["a", "b"]
 
 
 def test_image_range_is_the_image(demo_dir, demo_dir_nopq):
@@ -807,3 +827,32 @@ def test_cudf_requested_but_missing(fake_find_spec, fake_gpu):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         backend_mod.resolve_backend("polars")
+
+
+def test_user_columns_starting_with_an_underscore_are_kept(tmp_path):
+    """Only the reader's own columns are bookkeeping: a sidecar's ``_source`` and a
+    ``.json``'s ``_id`` are data, loaded, saved back and exported; an index pandas stored
+    as a column (``__index_level_0__``) is not data."""
+    src = tmp_path / "src"
+    src.mkdir()
+    records = demo.make_shard_records(0, 4)
+    for i, record in enumerate(records):
+        record["json"] = json.dumps({"_id": f"mongo-{i}", "width": 7}).encode()
+    demo.write_shard(src / "00000.tar", records)
+    shutil.copytree(src, tmp_path / "pq")
+    keys = [r["__key__"] for r in records]
+    sidecar = pd.DataFrame({"key": keys, "_source": list("abcd")}, index=[9, 8, 7, 6])
+    sidecar.to_parquet(tmp_path / "pq" / "00000.parquet")  # index stored as a column
+    assert "__index_level_0__" in pq.read_schema(tmp_path / "pq" / "00000.parquet").names
+
+    from_json = load(src).metadata.compute()
+    assert from_json["_id"].tolist() == [f"mongo-{i}" for i in range(4)]
+    ds = load(tmp_path / "pq")
+    frame = ds.metadata.compute()
+    assert "__index_level_0__" not in frame.columns
+    assert frame["_source"].tolist() == list("abcd")
+    ds.save_metadata()  # beside its tar: the column stays in the sidecar
+    assert pq.read_table(tmp_path / "pq" / "00000.parquet").column_names == ["key", "_source"]
+    ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=10)
+    exported = pq.read_table(tmp_path / "out" / "00000.parquet")
+    assert exported.column("_source").to_pylist() == list("abcd")

@@ -25,7 +25,12 @@ import pytest
 
 from dask_imgcurate import ImageTextPairDataset, export
 from dask_imgcurate.demo import make_demo_dataset, make_shard_records, write_shard
-from dask_imgcurate.errors import CurateError, DuplicateKeyError, ShardChangedError
+from dask_imgcurate.errors import (
+    CurateError,
+    DuplicateKeyError,
+    ShardChangedError,
+    TooManyShards,
+)
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io import writer
 from dask_imgcurate.io.writer import MAX_GAP, MAX_READ, MemberPlan, merged_reads, plan_shards
@@ -277,6 +282,22 @@ def test_export_into_the_input_directory_is_refused(source, tmp_path):
     assert summary.records_out == 35
 
 
+def test_export_beside_the_files_of_symlinked_tars_is_refused(source, tmp_path):
+    """A directory of links to tars elsewhere (the hub cache's layout): exporting into the
+    directory the links point to would replace the real input files."""
+    shutil.copytree(source, tmp_path / "files")
+    (tmp_path / "links").mkdir()
+    for tar in sorted((tmp_path / "files").glob("*.tar")):
+        (tmp_path / "links" / tar.name).symlink_to(tar)
+    before = {p.name: sha(p.read_bytes()) for p in (tmp_path / "files").iterdir()}
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "links"))
+    for export_to in (ds.to_webdataset, ds.write_images):
+        with pytest.raises(ValueError, match=r"files holds this dataset's input shards \(e\.g\."):
+            export_to(str(tmp_path / "files"))
+    assert {p.name: sha(p.read_bytes()) for p in (tmp_path / "files").iterdir()} == before
+    assert ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=5).records_out == 35
+
+
 @pytest.mark.parametrize("persisted", [False, True])
 def test_export_into_the_directory_of_a_concatenated_dataset_is_refused(
     source, tmp_path, persisted
@@ -312,6 +333,37 @@ def test_write_images_refuses_repeated_ids_in_one_tar(source, tmp_path):
     assert renamed.records_out == 2 * per_copy
 
 
+@pytest.mark.parametrize(
+    "bad",
+    ["laion.000000003", "", None, "/abs/3", "a/../3", "dir/", "http://x.org/3.jpg"],
+)
+def test_write_images_refuses_ids_readers_cannot_key_back(source, tmp_path, bad):
+    """``write_images`` names members after ids: an id with a dot in its last part would be
+    split there by WebDataset readers (one record read as another, or as several); an empty
+    one makes dot-files readers skip. Refused before anything is written, naming the record
+    and its shard."""
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    meta = ds.metadata
+    meta = meta.assign(key=meta["key"].where(meta["key"] != "000000003", bad))
+    with pytest.raises(ValueError, match=r"00000\.tar: record id .* write_images names members"):
+        ds.with_metadata(meta).write_images(str(tmp_path / "images"))
+    assert not list((tmp_path / "images").glob("*.tar"))
+    renamed = ds.with_metadata(meta).to_webdataset(str(tmp_path / "wds"))
+    assert renamed.records_out == len(meta)
+
+
+def test_write_images_keeps_ids_with_dots_in_directories(source, tmp_path):
+    import webdataset as wds
+
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    meta = ds.metadata
+    ds = ds.with_metadata(meta.assign(key="v1.2/" + meta["key"]))
+    ds.write_images(str(tmp_path / "images"), images_per_tar=100)
+    (tar,) = (tmp_path / "images").glob("*.tar")
+    keys = [sample["__key__"] for sample in wds.WebDataset(str(tar), shardshuffle=False)]
+    assert keys == ["v1.2/" + k for k in meta["key"].compute()]
+
+
 def test_old_id_col_must_not_be_the_id_column(source, tmp_path):
     ds = ImageTextPairDataset.from_webdataset(str(source))
     with pytest.raises(ValueError, match="old_id_col='key' is the id column"):
@@ -336,6 +388,11 @@ def test_error_rows_are_dropped_and_counted(source, tmp_path):
     assert n_errors > 0
     assert summary.dropped_for_errors == n_errors
     assert summary.records_out == len(frame) - n_errors
+    ds.metadata = meta.assign(error=False)  # someone's own flag: it would drop every row
+    for export_to in (ds.to_webdataset, ds.write_images):
+        with pytest.raises(TypeError, match="'error' column is bool: exports drop every"):
+            export_to(str(tmp_path / "flag"))
+    assert not (tmp_path / "flag").exists()
 
 
 def test_plan_shards_exact_sizes():
@@ -468,7 +525,7 @@ def test_source_truncated_since_indexing_is_an_error_without_versions_too(tmp_pa
 def test_too_many_shards_for_max_shards(source, tmp_path):
     ds = ImageTextPairDataset.from_webdataset(str(source))
     with pytest.raises(
-        ValueError, match="need at least 35 output shards, more than max_shards=1 digits"
+        TooManyShards, match="need at least 35 output shards, more than max_shards=1 digits"
     ):
         ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=1, max_shards=1)
     assert not (tmp_path / "o").exists()
@@ -1015,6 +1072,11 @@ def test_resume_rewrites_shards_whose_metadata_changed(source, tmp_path, monkeyp
     again = ds.with_metadata(meta).to_webdataset(str(out), samples_per_shard=10)
     assert again.shards_written == 4
     assert all("extra" in pq.read_schema(p).names for p in out.glob("*.parquet"))
+    meta["caption"] = meta["caption"].astype("category")  # same values, another type
+    recast = ds.with_metadata(meta).to_webdataset(str(out), samples_per_shard=10)
+    assert recast.shards_written == 4
+    for parquet in out.glob("*.parquet"):
+        assert pa.types.is_dictionary(pq.read_schema(parquet).field("caption").type)
 
 
 def test_record_without_json_keeps_int_columns_and_exports(tmp_path):
@@ -1066,7 +1128,8 @@ def test_progress_of_reading_and_writing_on_local_schedulers(source, tmp_path, c
             err = captured.err.replace("\r", "\n")
             assert "export: reading: 100%" in err and f"{n}/{n}" in err
             assert f"records={records}" in err  # every input record, kept or not
-            assert "export: writing" in captured.out and "100% Completed" in captured.out
+            assert "export: writing" in err and "100% Completed" in err
+            assert captured.out == ""  # stdout stays the caller's
             ds.save_metadata(str(tmp_path / f"meta-{scheduler}"), verbose=True)
             assert "save_metadata: 100%" in capfd.readouterr().err
     ds.to_webdataset(str(tmp_path / "quiet"), samples_per_shard=6)  # verbose=False: nothing

@@ -226,7 +226,9 @@ def inspect(
         click.echo(f"warning: {line}")
     head = result["head"].head(rows)
     if rows and len(head):
-        visible = [c for c in head.columns if not c.startswith("_")]
+        from dask_imgcurate.metadata import is_bookkeeping
+
+        visible = [c for c in head.columns if not is_bookkeeping(c)]
         click.echo("\n" + to_pandas(head[visible]).to_string(max_colwidth=40))
 
 

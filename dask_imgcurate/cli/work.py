@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import warnings
 
 from dask_imgcurate.cli.config import CurateConfig
@@ -207,8 +205,10 @@ def _with_keep(dataset, config: CurateConfig):
         keep = verdict if keep is None else keep & verdict
     if keep is None:
         return dataset, None
-    # "_keep": a bookkeeping name, so the column is not written to the output's Parquet
-    return dataset.with_metadata(meta.assign(_keep=keep.fillna(False).astype(bool))), "_keep"
+    from dask_imgcurate.metadata import KEEP_COLUMN  # bookkeeping: not written to Parquet
+
+    keep = keep.fillna(False).astype(bool)
+    return dataset.with_metadata(meta.assign(**{KEEP_COLUMN: keep})), KEEP_COLUMN
 
 
 def _eval_query(frame, query: str):
@@ -230,21 +230,18 @@ def _eval_query(frame, query: str):
 
 
 def _export(dataset, output: str, config: CurateConfig, filter_column: str | None):
-    progress = _show_progress()
-    # the export's own progress bar writes to stdout: keep stdout for the summary table
-    with contextlib.redirect_stdout(sys.stderr) if progress else contextlib.nullcontext():
-        options = dict(storage_options=config.storage_options or None, verbose=progress)
-        if config.layout == "images":
-            return dataset.write_images(
-                output, images_per_tar=config.images_per_tar, filter_column=filter_column, **options
-            )
-        return dataset.to_webdataset(
-            output,
-            filter_column=filter_column,
-            samples_per_shard=config.samples_per_shard,
-            max_shards=config.max_shards,
-            **options,
+    options = dict(storage_options=config.storage_options or None, verbose=_show_progress())
+    if config.layout == "images":  # (progress bars go to stderr: stdout is the summary's)
+        return dataset.write_images(
+            output, images_per_tar=config.images_per_tar, filter_column=filter_column, **options
         )
+    return dataset.to_webdataset(
+        output,
+        filter_column=filter_column,
+        samples_per_shard=config.samples_per_shard,
+        max_shards=config.max_shards,
+        **options,
+    )
 
 
 def _client(config: CurateConfig):

@@ -67,15 +67,25 @@ def real_directory(directory: str) -> str:
     return (directory if "://" in directory else os.path.realpath(directory)).rstrip("/")
 
 
+def _directories(tar: str) -> set[str]:
+    """Where a ``fsio.qualify``-ed tar is, symlinks resolved when local: the directory it is
+    listed in and, for a symlinked tar, the directory of the file it points to."""
+    listed = real_directory(posixpath.dirname(tar))
+    if "://" in tar or not os.path.islink(tar):  # (its directory's links are resolved)
+        return {listed}
+    return {listed, os.path.dirname(os.path.realpath(tar))}
+
+
 def refuse_input_directory(out_fs, out_root: str, input_tars) -> None:
-    """Outputs are named like shards (``00000.tar``): never write among the input's own."""
+    """Outputs are named like shards (``00000.tar``): never write among the input's own,
+    nor beside the files that symlinked input tars point to."""
     local = fsio.is_local(out_fs)
     target = real_directory(out_root) if local else fsio.qualify(out_fs, out_root).rstrip("/")
-    for directory in {posixpath.dirname(t) for t in input_tars}:
-        if real_directory(directory) == target:
+    for tar in input_tars:
+        if target in _directories(tar):
             raise ValueError(
-                f"{target} holds this dataset's input shards: exporting there could replace "
-                f"them while they are read; write to another directory"
+                f"{target} holds this dataset's input shards (e.g. {tar}): exporting there "
+                f"could replace them while they are read; write to another directory"
             )
 
 
@@ -90,6 +100,21 @@ def check_filter_column(frame, column: str) -> None:
             f"filter column {column!r} must be boolean (True keeps a record, False or null "
             f"drops it), not {dtype}; make one first, e.g. "
             f"metadata.assign(keep=metadata[{column!r}] > threshold)"
+        )
+
+
+def check_error_column(frame) -> None:
+    """Exports drop rows whose ``error`` is set: refuse an ``error`` column that holds no
+    error texts (a field of the user's own called so would drop rows it does not mean to)."""
+    meta = frame._meta
+    if "error" not in meta.columns:
+        return
+    dtype = meta.dtypes["error"]
+    if not (pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype)):
+        raise TypeError(
+            f"the metadata's 'error' column is {dtype}: exports drop every record whose "
+            f"'error' is set (not null), as the embedder records images it could not read; "
+            f"rename a column of your own called 'error'"
         )
 
 

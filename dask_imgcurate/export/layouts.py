@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dask_imgcurate.backend import column_names
-from dask_imgcurate.errors import DuplicateKeyError
+from dask_imgcurate.errors import DuplicateKeyError, TooManyShards
 from dask_imgcurate.export import guards, run
 
 
@@ -34,6 +34,8 @@ def to_webdataset(
     samples_per_shard = guards.positive_int("samples_per_shard", samples_per_shard)
     max_shards = guards.positive_int("max_shards", max_shards)
     id_col = dataset.id_col
+    if old_id_col == "":
+        raise ValueError("old_id_col must be a column name or None, not ''")
     if old_id_col == id_col:
         raise ValueError(
             f"old_id_col={old_id_col!r} is the id column, which holds the new ids; name "
@@ -64,7 +66,7 @@ def to_webdataset(
 
     def check(count: int) -> None:
         if count > 10**max_shards:
-            raise run.TooManyShards(
+            raise TooManyShards(
                 f"the records need at least {count} output shards, more than "
                 f"max_shards={max_shards} digits can number; raise max_shards or "
                 f"samples_per_shard"
@@ -93,6 +95,36 @@ def to_webdataset(
         verbose=verbose,
         write_idx=write_idx,
         shard_count_check=check,
+    )
+
+
+_KEY = r"(?s)^(?:.*/)?[^/.]+$"  # a whole key by records.split_key's rule: no dot after the last /
+_UNSAFE = r"(?s)^/|(?:^|/)\.\.(?:/|$)"  # absolute, or a ".." component
+
+
+def check_member_keys(rows: pa.Table, id_col: str) -> None:
+    """Raise unless every id of ``rows`` can name members (``ID.jpg``) that WebDataset
+    readers key back to that id, and is a safe relative path."""
+    ids = rows.column(id_col)
+    bad = pc.or_kleene(
+        pc.invert(pc.match_substring_regex(ids, _KEY)), pc.match_substring_regex(ids, _UNSAFE)
+    )
+    bad = pc.fill_null(bad, True)  # a null id
+    if not pc.any(bad).as_py():
+        return
+    first = pc.index(bad, True).as_py()
+    key = ids[first].as_py()
+    if key is None or key == "":
+        why = "is empty" if key == "" else "is null"
+    elif key.startswith("/") or ".." in key.split("/"):
+        why = "is an unsafe member name (absolute, or with a '..' component)"
+    else:
+        why = "has a '.' after its last '/' (readers would split the key there) or ends in '/'"
+    count = pc.sum(bad).as_py()
+    raise ValueError(
+        f"{rows.column('_shard')[first].as_py()}: record id {key!r} {why}; write_images names "
+        f"members after record ids ({count} ids here cannot be); use to_webdataset, which "
+        f"renames records, or fix the {id_col!r} column"
     )
 
 
@@ -131,12 +163,6 @@ def write_images(
 
     def new_keys_of(n: int, first: int, rows: pa.Table) -> list[str]:
         keys = rows.column(id_col).to_pylist()
-        unsafe = [k for k in keys if k.startswith("/") or ".." in k.split("/")]
-        if unsafe:
-            raise ValueError(
-                f"record keys {unsafe[:10]} would be unsafe member names; use to_webdataset, "
-                f"which renames records"
-            )
         if len(set(keys)) < len(keys):  # e.g. two datasets whose ids both start at 000000000
             repeated = sorted(k for k, count in Counter(keys).items() if count > 1)
             raise DuplicateKeyError(
@@ -146,7 +172,8 @@ def write_images(
             )
         return keys
 
-    def key_bytes_of(rows: pa.Table) -> np.ndarray:
+    def key_bytes_of(rows: pa.Table) -> np.ndarray:  # in each partition's selection task
+        check_member_keys(rows, id_col)
         ids = rows.column(id_col).combine_chunks().cast(pa.binary())
         return pc.binary_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
 

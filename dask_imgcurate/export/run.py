@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dask_imgcurate.backend import column_names
+from dask_imgcurate.errors import TooManyShards
 from dask_imgcurate.export import guards, planning, selection
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.writer import (
@@ -39,6 +40,7 @@ from dask_imgcurate.progress import (
     compute_with_progress,
     current_client,
     nested_column_shuffles,
+    show_progress,
 )
 
 log = logging.getLogger(__name__)
@@ -70,10 +72,6 @@ class ExportSummary:
             f"dropped {self.dropped_by_filter} by filter, {self.dropped_for_errors} for errors"
             + (f"; {len(self.other_files)} other shard files there" if self.other_files else "")
         )
-
-
-class TooManyShards(ValueError):
-    """More output shards than ``max_shards`` digits can number."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +128,7 @@ def run_export(
         )
     if filter_column is not None:
         guards.check_filter_column(frame, filter_column)
+    guards.check_error_column(frame)
     reading = PartitionProgress("export: reading", frame.npartitions, verbose)
     run = uuid.uuid4().hex[:8]  # names this export's temporary files
     spill = (out_fs, out_root, run)
@@ -231,7 +230,7 @@ def _stream(client, stats_tasks: list, per_shard: int, submit, reading, check: C
     before its last row are selected, while later partitions are still being read. Each
     partition's stats pass ``check`` first. ``reading``: the reading progress (closed before
     the writing's shows)."""
-    from distributed import as_completed, progress, wait
+    from distributed import as_completed, wait
 
     # each as soon as its partition is (the graphs need no culling: see compute_with_progress)
     futures = client.compute(stats_tasks, priority=1, optimize_graph=False)
@@ -261,8 +260,7 @@ def _stream(client, stats_tasks: list, per_shard: int, submit, reading, check: C
         raise
     reading.close()
     if reading.topic is not None and writing:
-        print("export: writing", flush=True)
-        progress(writing)
+        show_progress(writing, "export: writing")
     return stats, client.gather(writing)
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 
 from dask_imgcurate.errors import (
     CompressedTarError,
@@ -301,13 +302,19 @@ def index_shard(
     else by scanning the tar (an ``.idx`` not used is reported as a ``ShardNotice``)."""
     source = fsio.qualify(fs, shard.tar)
     version = fsio.file_version(fs, shard.tar)  # before reading: a later change shows
+    scanned = None
     if use_idx and shard.idx is not None:
         try:
             text = fsio.read_bytes(fs, shard.idx).decode("utf-8")
             tar_size = fs.size(shard.tar)
             members = parse_dali_index(text, source, tar_size=tar_size)
             members = _checked_against_tar(fs, shard.tar, members, tar_size)
-            return dataclasses.replace(group_records(members, strict=strict), version=version)
+            if not _modified_after(fs, shard.tar, shard.idx):
+                return dataclasses.replace(group_records(members, strict=strict), version=version)
+            with fsio.open_buffer(fs, shard.tar) as buffer:  # every header, not a sample
+                scanned = scan_tar(buffer, source, strict=strict)
+            _check_all_members(members, scanned)
+            return dataclasses.replace(group_records(scanned, strict=strict), version=version)
         except (IndexFileError, UnicodeDecodeError) as err:
             why = str(err).removeprefix(f"{source}: ")
             warnings.warn(
@@ -317,9 +324,34 @@ def index_shard(
                 ShardNotice,
                 stacklevel=2,
             )
-    with fsio.open_buffer(fs, shard.tar) as buffer:
-        records = group_records(scan_tar(buffer, source, strict=strict), strict=strict)
-    return dataclasses.replace(records, version=version)
+    if scanned is None:
+        with fsio.open_buffer(fs, shard.tar) as buffer:
+            scanned = scan_tar(buffer, source, strict=strict)
+    return dataclasses.replace(group_records(scanned, strict=strict), version=version)
+
+
+def _modified_after(fs: fsspec.AbstractFileSystem, tar: str, idx: str) -> bool:
+    """Whether a local ``tar`` was modified after its index ``idx`` was written (then the
+    index is checked against every header; a copy that did not keep times costs that scan)."""
+    return fsio.is_local(fs) and os.stat(tar).st_mtime_ns > os.stat(idx).st_mtime_ns
+
+
+def _check_all_members(listed: TarIndex, scanned: TarIndex) -> None:
+    """Raise ``IndexFileError`` unless an index lists exactly the members a scan found."""
+    same = len(listed) == len(scanned)
+    if same:
+        differ = (
+            (listed.offsets != scanned.offsets)
+            | (listed.sizes != scanned.sizes)
+            | (np.array(listed.names, dtype=object) != np.array(scanned.names, dtype=object))
+        )
+        if not differ.any():
+            return
+        i = int(np.argmax(differ))
+        where = f"member {i} is {scanned.names[i]!r} at byte {scanned.offsets[i]}"
+    else:
+        where = f"the tar has {len(scanned)} members, the index lists {len(listed)}"
+    raise IndexFileError(f"the tar was modified after the index was written: {where}")
 
 
 def version_type_error(type_name: str) -> TypeError:

@@ -473,6 +473,8 @@ def job_fingerprint(
         digest.update(pc.fill_null(versions, 0).to_numpy().astype("<i8").tobytes())
     for numbers in (flat.field("offset"), flat.field("size"), lists.value_lengths()):
         digest.update(numbers.to_numpy().astype("<i8").tobytes())
+    # the Parquet's types as written: decoding categoricals below would hide string <-> category
+    digest.update("\0".join(f"{f.name}:{f.type}" for f in parquet.schema).encode() + b"\1")
     # Arrow IPC bytes of fresh buffers (``take``): equal for equal values however the rows
     # were laid out (slices, chunks, a trip between workers); bytes under nulls aside, which
     # can only make an unchanged shard look changed, i.e. rewritten, never the reverse
