@@ -9,7 +9,9 @@ created once per worker process and reused by all partitions.
 Added columns: the embedding column (``list<float32>`` via ``pd.ArrowDtype``; null when the
 record has no usable image), one float32 column per classifier (NaN where the embedding is
 null) and ``error`` (string; null when fine, else ``"no image"``, ``"read: ..."`` or
-``"decode: ..."``). An ``error`` already in the frame is kept; new errors fill its nulls.
+``"decode: ..."``). An ``error`` already in the frame that is not one of those (another
+stage's, the user's) is kept; the others, an earlier embedding's, are replaced by this run's
+result, so an image fixed since loses its error.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ import pandas as pd
 import pyarrow as pa
 
 from dask_imgcurate.backend import like, to_pandas
-from dask_imgcurate.io.image_reader import MAX_IMAGE_PIXELS, DaliImageReader
+from dask_imgcurate.io.image_reader import (
+    MAX_IMAGE_PIXELS,
+    DaliImageReader,
+    check_reader_options,
+    is_reader_error,
+)
 from dask_imgcurate.models.classifiers import EmbeddingClassifier
 from dask_imgcurate.models.clip import (
     clip_embed_dim,
@@ -73,8 +80,7 @@ class ClipImageEmbedder:
         prefetch: int = 1,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_reader_options(batch_size, num_threads, source, prefetch, max_image_pixels)
         if has_random_weights(model_name, pretrained):  # here, not in each loading task
             warn_random_weights(model_name, stacklevel=2)
         self.model_name = model_name
@@ -213,8 +219,7 @@ class ClipImageEmbedder:
             columns[clf.output_column] = pd.Series(scores, index=df.index)
         error = pd.Series(pd.array(errors.tolist(), dtype=ERROR_DTYPE), index=df.index)
         if ERROR_COLUMN in df:
-            previous = df[ERROR_COLUMN].astype(ERROR_DTYPE)
-            error = previous.where(previous.notna(), error)
+            error = _merge_errors(df[ERROR_COLUMN].astype(ERROR_DTYPE), error)
         columns[ERROR_COLUMN] = error
         return df.assign(**columns)
 
@@ -232,6 +237,14 @@ def _embed_partition(df, embedder: ClipImageEmbedder, id_col: str, storage_optio
     """``embed_partition`` for a partition of either backend (cudf: through pandas)."""
     result = embedder.embed_partition(to_pandas(df), id_col, storage_options)
     return like(result, df, embedder.added_columns())
+
+
+def _merge_errors(previous: pd.Series, new: pd.Series) -> pd.Series:
+    """``new`` (this run's errors), except where ``previous`` holds an error this stage does
+    not record (another stage's, the user's): that one is kept. An earlier run's image
+    errors are replaced, so a fixed image loses its error."""
+    foreign = previous.fillna("").map(lambda e: bool(e) and not is_reader_error(e)).astype(bool)
+    return previous.where(foreign, new)
 
 
 def _list_array(matrix: np.ndarray, valid: np.ndarray) -> pa.ListArray:

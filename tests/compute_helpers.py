@@ -115,8 +115,19 @@ def split_key(name: str) -> tuple[str | None, str | None]:
     return name[:dot], name[dot + 1 :]
 
 
+def image_rank(ext: str) -> int:
+    """README rule for a record's image: 0 for an image extension (``jpg``, any case), 1 for
+    one whose last part is (``seg.png``, ``0.jpg``), 2 otherwise; the first member in tar
+    order of the lowest rank is the image."""
+    ext = ext.lower()
+    if ext in IMAGE_EXTS:
+        return 0
+    return 1 if ext.rsplit(".", 1)[-1] in IMAGE_EXTS else 2
+
+
 def partition_from_tar(path: str | Path, id_col: str = "key") -> pd.DataFrame:
-    """Metadata partition (CONTRACT columns) of a tar, via stdlib ``tarfile``; sorted by key."""
+    """Metadata partition (CONTRACT columns) of a tar, via stdlib ``tarfile``; sorted by key.
+    A record's image is picked by ``image_rank``, as the README says."""
     path = str(Path(path).resolve())
     records: dict[str, dict] = {}
     with tarfile.open(path, "r:") as tar:
@@ -137,16 +148,15 @@ def partition_from_tar(path: str | Path, id_col: str = "key") -> pd.DataFrame:
                     "_image_size": -1,
                 },
             )
-            if ext.lower() in IMAGE_EXTS:  # first of .jpg .jpeg .png .webp (CONTRACT)
-                rank = IMAGE_EXTS.index(ext.lower())
-                if rank < rec.get("_rank", len(IMAGE_EXTS)):
-                    rec.update(
-                        _image_member=m.name,
-                        _image_offset=m.offset_data,
-                        _image_size=m.size,
-                        _rank=rank,
-                    )
-            elif ext == "txt":
+            rank = image_rank(ext)
+            if rank < rec.get("_rank", 2):
+                rec.update(
+                    _image_member=m.name,
+                    _image_offset=m.offset_data,
+                    _image_size=m.size,
+                    _rank=rank,
+                )
+            if ext == "txt":
                 rec["caption"] = tar.extractfile(m).read().decode()
     df = pd.DataFrame([{k: v for k, v in r.items() if k != "_rank"} for r in records.values()])
     df = df.astype({"_image_offset": "int64", "_image_size": "int64"})

@@ -70,6 +70,23 @@ def test_not_images_or_cut_short():
 
 def test_beyond_pils_own_limit_is_an_error(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # so a small TIFF is "a bomb" to PIL
-    with pytest.raises(ImageTooLarge, match="decompression bomb"):
+    with pytest.raises(ImageTooLarge) as raised:
         image_dimensions(encoded("TIFF"))
+    assert str(raised.value) == (
+        "15743 pixel image refused by Pillow's own limit of 2000 pixels "
+        "(2 x PIL.Image.MAX_IMAGE_PIXELS); raise PIL.Image.MAX_IMAGE_PIXELS where images are "
+        "decoded to allow it"
+    )
     assert image_dimensions(encoded("PNG")) == SIZE  # parsed here: no PIL limit involved
+
+
+def test_jpeg_bytes_before_a_marker_are_skipped_as_libjpeg_does():
+    """Junk between segments (which libjpeg and PIL skip) must not hide the frame header: it
+    would let a decompression bomb past ``max_image_pixels``."""
+    jpeg = CASES["jpeg-exif"]()
+    app0_end = 4 + (jpeg[4] << 8 | jpeg[5])
+    for junk in (b"\x00\x00", b"junk", b"\xff\x00"):
+        data = jpeg[:app0_end] + junk + jpeg[app0_end:]
+        assert Image.open(io.BytesIO(data)).size == SIZE
+        assert image_dimensions(data) == SIZE, junk
+    assert image_dimensions(jpeg[:app0_end] + b"\x00" * 64) is None  # no marker follows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -247,7 +248,8 @@ def test_oversized_images_are_refused_before_decoding(tmp_path: Path) -> None:
         "c": "decode: 100000x100000 image (10000 MP) exceeds max_image_pixels=89478485"
     }
     batch = reader(max_image_pixels=120 * 100 - 1).read(part.iloc[:2])
-    assert batch.keys == ["a"] and batch.errors["b"].startswith("decode: 120x100 image")
+    assert batch.keys == ["a"]
+    assert batch.errors == {"b": "decode: 120x100 image (0.012 MP) exceeds max_image_pixels=11999"}
     assert sorted(reader(max_image_pixels=None).read(part.iloc[:2]).keys) == ["a", "b"]
 
 
@@ -339,11 +341,26 @@ def test_real_fixture_shard(fixture_tar: Path) -> None:
     assert (batch.images[0] - want).abs().mean() < 0.03
 
 
+INVALID_READER_OPTIONS = [
+    ({"batch_size": 0}, ValueError, "batch_size must be >= 1, got 0"),
+    ({"num_threads": 0}, ValueError, "num_threads must be >= 1, got 0"),
+    ({"prefetch": -1}, ValueError, "prefetch must be >= 0, got -1"),
+    ({"max_image_pixels": 0}, ValueError, "max_image_pixels must be >= 1, got 0"),
+    ({"max_image_pixels": -5}, ValueError, "max_image_pixels must be >= 1, got -5"),
+    ({"max_image_pixels": 1e6}, TypeError, "max_image_pixels must be an integer, got 1000000.0"),
+    ({"num_threads": True}, TypeError, "num_threads must be an integer, got True"),
+    ({"source": "tfrecord"}, ValueError, "source must be one of"),
+]
+
+
+@pytest.mark.parametrize(("option", "error", "message"), INVALID_READER_OPTIONS)
+def test_invalid_reader_options(option: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=f"^{re.escape(message)}"):
+        reader(**option)
+
+
 def test_invalid_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError):
-        reader(batch_size=0)
-    with pytest.raises(ValueError):
-        reader(source="tfrecord")
+    assert reader(prefetch=0, max_image_pixels=1).prefetch == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         reader(device="cuda")
@@ -413,3 +430,152 @@ def test_a_machine_failure_is_raised_not_recorded_per_image(shuffled_shard, monk
         reader().read(part)
     monkeypatch.undo()
     assert sorted(reader().read(part).keys) == sorted(images)  # and it recovers
+
+
+def grey_pngs(bits: int) -> tuple[bytes, bytes]:
+    """The same greyscale picture as an 8-bit PNG and as a PNG of ``bits`` (16) bits per
+    sample holding each value v as v * 257 (what scaling 8 bits up to 16 gives)."""
+    grey = np.asarray(synthetic_image(5, (90, 70), "L"))
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)
+    assert bits == 16 and wide.mode == "I;16"
+    return encode(Image.fromarray(grey), "PNG"), encode(wide, "PNG")
+
+
+def test_pil_fallback_reduces_16_bit_grey_as_dali_does(tmp_path: Path) -> None:
+    """A 16-bit PNG that DALI refuses (its IEND cut off) but PIL decodes gives the 8-bit
+    picture, as DALI's own decode of the whole PNG does, not white (``convert("RGB")``
+    clips 16-bit values)."""
+    png8, png16 = grey_pngs(16)
+    members = [("a8.png", png8), ("b16.png", png16), ("c16_cut.png", png16[:-10])]
+    part = partition_from_tar(write_tar(tmp_path / "grey16.tar", members))
+    assert reader(pil_fallback=False).read(part).keys == ["a8", "b16"]  # DALI refuses the cut
+    batch = reader().read(part)
+    assert batch.errors == {}
+    got = by_key(batch)
+    assert torch.equal(got["b16"], got["a8"])  # DALI: 16 bits as their high byte
+    assert torch.equal(got["c16_cut"], got["a8"])  # and the PIL fallback alike
+
+
+def test_pil_decode_of_16_bit_samples_in_mode_i() -> None:
+    """Mode ``I`` holds 16-bit samples (a 16-bit PGM; a 16-bit PNG in older Pillows) or
+    32-bit ones (a TIFF): the file's bit depth decides, never the values."""
+    from dask_imgcurate.io.image_reader import _pil_decode
+
+    grey = np.asarray(synthetic_image(5, (90, 70), "L"))
+    pgm16 = b"P5 90 70 65535\n" + (grey.astype(np.uint16) * 257).astype(">u2").tobytes()
+    pgm12 = b"P5 90 70 4080\n" + (grey.astype(np.uint16) * 16).astype(">u2").tobytes()
+    assert Image.open(io.BytesIO(pgm16)).mode == "I"
+    for data in (pgm16, pgm12):
+        pixels = _pil_decode(data, None, SPEC)
+        assert pixels.dtype == np.uint8 and pixels.shape == (70, 90, 3)
+        np.testing.assert_array_equal(pixels, np.repeat(grey[:, :, None], 3, axis=2))
+    dark = grey.astype(np.int32) * 257  # 16-bit values, but in a 32-bit TIFF
+    with pytest.raises(ValueError, match=r"^unsupported pixel format: 32-bit .* \(mode I\)$"):
+        _pil_decode(encode(Image.fromarray(dark), "TIFF"), None, SPEC)
+    floats = encode(Image.fromarray(grey.astype(np.float32) / 255), "TIFF")
+    with pytest.raises(ValueError, match=r"^unsupported pixel format: floating-point .*"):
+        _pil_decode(floats, None, SPEC)
+
+
+def test_pil_fallback_refuses_32_bit_samples(tmp_path: Path) -> None:
+    """A 32-bit integer TIFF (DALI refuses it): its range is unknown, so an error, not a
+    picture clipped to white."""
+    grey = np.asarray(synthetic_image(6, (60, 50), "L"))
+    tiff = encode(Image.fromarray(grey.astype(np.int32) * 65793), "TIFF")
+    batch = reader().read(partition_from_tar(write_tar(tmp_path / "i32.tar", [("i.jpg", tiff)])))
+    assert batch.keys == []
+    assert batch.errors["i"].startswith(
+        "decode: unsupported pixel format: 32-bit or signed integer samples (mode I) (DALI: "
+    )
+
+
+def test_junk_before_a_jpeg_marker_does_not_bypass_the_limit(tmp_path: Path) -> None:
+    """libjpeg skips bytes where a marker is expected; so does the header check."""
+    jpeg = encode(synthetic_image(2, (120, 100)), "JPEG")
+    app0_end = 4 + (jpeg[4] << 8 | jpeg[5])
+    junk = jpeg[:app0_end] + b"\x00\x00" + jpeg[app0_end:]
+    part = partition_from_tar(write_tar(tmp_path / "junk.tar", [("j.jpg", junk)]))
+    assert reader().read(part).keys == ["j"]
+    batch = reader(max_image_pixels=11_999).read(part)
+    assert batch.errors == {"j": "decode: 120x100 image (0.012 MP) exceeds max_image_pixels=11999"}
+
+
+def test_pil_fallback_enforces_the_limit_the_header_check_missed(tmp_path, monkeypatch) -> None:
+    """Whatever a header parser misses, the PIL fallback checks the size before decoding,
+    with the header check's text (a GIF: DALI cannot decode it, PIL can)."""
+    import dask_imgcurate.io.image_reader as image_reader
+
+    gif = encode(synthetic_image(14, (120, 100), "P"), "GIF")
+    part = partition_from_tar(write_tar(tmp_path / "gif.tar", [("g.jpg", gif)]))
+    want = {"g": "decode: 120x100 image (0.012 MP) exceeds max_image_pixels=11999"}
+    assert reader(max_image_pixels=11_999).read(part).errors == want  # the header check's
+    monkeypatch.setattr(image_reader, "image_dimensions", lambda data: None)  # a parser gap
+    assert reader(max_image_pixels=12_000).read(part).keys == ["g"]
+    assert reader(max_image_pixels=11_999).read(part).errors == want
+
+
+def test_pillows_own_limit_is_named_with_how_to_raise_it(tmp_path, monkeypatch) -> None:
+    """With ``max_image_pixels`` above Pillow's own limit (2 x MAX_IMAGE_PIXELS), Pillow
+    still refuses to read a TIFF's header or to decode in the PIL fallback (a GIF): the
+    error says which limit refused the image and how to raise it."""
+    import dask_imgcurate.io.image_reader as image_reader
+
+    members = [
+        ("tiff.jpg", encode(synthetic_image(3, (60, 50)), "TIFF")),
+        ("gif.jpg", encode(synthetic_image(4, (60, 50), "P"), "GIF")),
+    ]
+    part = partition_from_tar(write_tar(tmp_path / "pil.tar", members))
+    assert sorted(reader(max_image_pixels=10**6).read(part).keys) == ["gif", "tiff"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3000 pixels: over 2 x 1000
+    want = (
+        "decode: 3000 pixel image refused by Pillow's own limit of 2000 pixels "
+        "(2 x PIL.Image.MAX_IMAGE_PIXELS); raise PIL.Image.MAX_IMAGE_PIXELS where images are "
+        "decoded to allow it"
+    )
+    batch = reader(max_image_pixels=10**6).read(part)  # TIFF: the header check's (via PIL)
+    assert batch.errors == {"gif": want, "tiff": want}
+    monkeypatch.setattr(image_reader, "image_dimensions", lambda data: None)  # a parser gap
+    batch = reader(max_image_pixels=10**6).read(part)
+    assert batch.keys == ["tiff"] and batch.errors == {"gif": want}  # DALI decodes the TIFF
+
+
+@pytest.mark.parametrize("source", ["range", "webdataset"])
+def test_empty_image_error_is_the_same_for_both_sources(tmp_path: Path, source: str) -> None:
+    members = [("a.jpg", encode(synthetic_image(1, (40, 30)), "JPEG")), ("z.jpg", b"")]
+    part = partition_from_tar(write_tar(tmp_path / "empty.tar", members))
+    batch = reader(source=source).read(part)
+    assert batch.keys == ["a"] and batch.errors == {"z": "decode: empty image data"}
+
+
+def test_nvimagecodec_status_17_is_named(tmp_path: Path) -> None:
+    """A PNG cut short: DALI reports nvImageCodec status 17 (an extension's internal error)."""
+    png = encode(synthetic_image(1, (256, 192)), "PNG")
+    part = partition_from_tar(write_tar(tmp_path / "cut.tar", [("c.png", png[:-100])]))
+    batch = reader(pil_fallback=False).read(part)
+    assert batch.errors == {"c": "decode: codec extension internal error"}
+
+
+def test_helper_picks_the_image_member_the_library_does(tmp_path: Path) -> None:
+    """compute_helpers follows the README: the first image member in tar order, an image
+    extension (any case) before one that only ends in one."""
+    from dask_imgcurate import ImageTextPairDataset
+
+    png, jpg = encode(synthetic_image(1, (20, 20)), "PNG"), encode(synthetic_image(2), "JPEG")
+    members = [
+        ("a.png", png),
+        ("a.jpg", jpg),
+        ("b.seg.png", png),
+        ("b.JPG", jpg),
+        ("c.webp", png),
+        ("c.jpeg", jpg),
+        ("d.0.jpg", jpg),
+        ("d.1.png", png),
+    ]
+    path = write_tar(tmp_path / "pick.tar", members)
+    columns = ["key", "_image_member", "_image_offset", "_image_size"]
+    library = ImageTextPairDataset.from_webdataset(str(path)).metadata.compute()
+    helper = partition_from_tar(path)
+    assert helper["_image_member"].tolist() == ["a.png", "b.JPG", "c.webp", "d.0.jpg"]
+    pd.testing.assert_frame_equal(
+        helper[columns].astype(object), library[columns].reset_index(drop=True).astype(object)
+    )

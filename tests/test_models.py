@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -362,13 +363,62 @@ def test_embeddings_to_numpy() -> None:
 
 
 def test_existing_error_column_is_kept(tiny: str, shards) -> None:
+    """Another stage's (or the user's) error stays; one this stage records, from an earlier
+    run, is replaced by this run's result."""
     path = list(shards)[1]
-    part = partition_from_tar(path)
-    part["error"] = pd.array(["download: 404"] + [None] * (len(part) - 1), dtype=ERROR_DTYPE)
-    out = embedder(tiny).embed_partition(part).set_index("key")
-    assert out.loc["b00", "error"] == "download: 404"
-    assert out.loc["b02", "error"].startswith("decode: ")
-    assert pd.isna(out.loc["b03", "error"])
+    part = partition_from_tar(path).set_index("key", drop=False)
+    assert list(part.index) == ["b00", "b01", "b02", "b03", "b04"]
+    previous = ["download: 404", "decode: old", "read: old", "no image", "user: skip"]
+    part["error"] = pd.array(previous, dtype=ERROR_DTYPE)
+    out = embedder(tiny).embed_partition(part)
+    assert out.loc["b00", "error"] == "download: 404"  # kept, though the image is fine now
+    assert out.loc["b00", "image_embedding"] is not None
+    assert pd.isna(out.loc["b01", "error"])  # an earlier run's: this run decoded it
+    assert out.loc["b02", "error"].startswith("decode: ") and out.loc["b02", "error"] != "read: old"
+    assert pd.isna(out.loc["b03", "error"]) and out.loc["b03", "image_embedding"] is not None
+    assert out.loc["b04", "error"] == "user: skip"
+
+
+def test_re_embedding_a_fixed_image_clears_its_error(tiny: str, tmp_path: Path) -> None:
+    """Embed, save, fix the broken image, load and embed again: the saved error is gone and
+    the record has its embedding (and is exported)."""
+    from dask_imgcurate import ImageTextPairDataset
+
+    good = encode(synthetic_image(30, (80, 60)), "JPEG")
+    shard = tmp_path / "data" / "00000.tar"
+    write_tar(shard, [("a.jpg", good), ("b.jpg", good[: len(good) // 2])])
+    with dask.config.set(scheduler="synchronous"):
+        embedder(tiny)(ImageTextPairDataset.from_webdataset(str(shard.parent))).save_metadata()
+        saved = ImageTextPairDataset.from_webdataset(str(shard.parent)).metadata.compute()
+        assert saved.set_index("key")["error"]["b"].startswith("decode: ")
+        write_tar(shard, [("a.jpg", good), ("b.jpg", good)])
+        again = embedder(tiny)(ImageTextPairDataset.from_webdataset(str(shard.parent)))
+        out = again.metadata.compute().set_index("key")
+        summary = again.to_webdataset(str(tmp_path / "out"))
+    assert out["error"].isna().all()
+    assert out["image_embedding"].notna().all()
+    assert summary.dropped_for_errors == 0
+
+
+INVALID_EMBEDDER_OPTIONS = [
+    {"batch_size": 0},
+    {"num_threads": 0},
+    {"source": "bogus"},
+    {"prefetch": -1},
+    {"max_image_pixels": 0},
+    {"max_image_pixels": -1},
+]
+
+
+@pytest.mark.parametrize("option", INVALID_EMBEDDER_OPTIONS, ids=lambda o: f"{o}")
+def test_invalid_reader_options_are_refused_up_front(tiny: str, option: dict) -> None:
+    """Refused by the constructor with the reader's own message, not when computing."""
+    from dask_imgcurate.io.image_reader import DaliImageReader, PreprocessSpec
+
+    with pytest.raises(ValueError) as by_reader:
+        DaliImageReader(PreprocessSpec(), **option)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(by_reader.value))}$"):
+        embedder(tiny, **option)
 
 
 def test_end_to_end_image_text_pair_dataset(tiny: str, shards, heads) -> None:

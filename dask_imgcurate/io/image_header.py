@@ -8,6 +8,7 @@ here in microseconds; other formats go through PIL's lazy ``Image.open`` (header
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 
@@ -38,15 +39,19 @@ def image_dimensions(data) -> tuple[int, int] | None:
 
 
 def _jpeg(data) -> tuple[int, int] | None:
+    data = bytes(data)
     pos, end = 2, len(data)
     while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            return None
+        if data[pos] != 0xFF:  # extraneous bytes before a marker: libjpeg skips them
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                return None
+            continue
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker in _STANDALONE:
+        if marker in _STANDALONE or marker == 0x00:  # 0x00: a stuffed 0xFF, no marker
             pos += 2
             continue
         if marker in _SOF:
@@ -81,10 +86,26 @@ def _pil(data) -> tuple[int, int] | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(bytes(data))).size
     except Image.DecompressionBombError as err:  # PIL's own limit: report it as a size
-        raise ImageTooLarge(str(err)) from None
+        raise ImageTooLarge(pillow_limit_message(err)) from None
     except Exception:  # noqa: BLE001 - not an image PIL knows: the decoder will say
         return None
 
 
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
+
+
+def pillow_limit_message(err: Exception) -> str:
+    """What Pillow's ``DecompressionBombError`` ``err`` means here: Pillow's own limit (twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``) refused the image, whatever ``max_image_pixels`` says."""
+    match = _BOMB_PIXELS.search(str(err))
+    size = f"{match.group(1)} pixel image" if match else "image"
+    limit = f" of {match.group(2)} pixels" if match else ""
+    return (
+        f"{size} refused by Pillow's own limit{limit} (2 x PIL.Image.MAX_IMAGE_PIXELS); "
+        "raise PIL.Image.MAX_IMAGE_PIXELS where images are decoded to allow it"
+    )
+
+
 class ImageTooLarge(ValueError):
-    """PIL refused to even read the header's size (beyond twice its own pixel limit)."""
+    """An image refused for its size before its pixels are decoded (by Pillow's own limit,
+    or by the reader's ``max_image_pixels``)."""

@@ -26,7 +26,10 @@ that has already moved on cannot say which samples were lost. With ``external_so
 caller knows every sample it fed, so a failed batch is retried one sample at a time (each
 failure discards the pipeline and builds a fresh one) and only the bad images are lost.
 Images DALI cannot decode (e.g. GIF data behind a ``.png`` name) are retried with PIL when
-``pil_fallback`` is on and then resized and normalised by the same DALI ops.
+``pil_fallback`` is on and then resized and normalised by the same DALI ops. The fallback
+checks ``max_image_pixels`` on the size PIL reads before decoding, keeps the high byte of
+16-bit greyscale (as DALI does) and refuses 32-bit integer and floating-point samples, whose
+range is unknown.
 
 Row ids travel through the pipeline next to the pixels and are checked on the way out;
 callers match results to metadata rows by key, never by position. Preprocessing follows
@@ -44,10 +47,12 @@ from __future__ import annotations
 
 import io
 import logging
+import numbers
 import os
 import queue
 import re
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,12 +64,13 @@ import torch
 from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_device
 from dask_imgcurate.errors import DecoderUnavailable, RangeRequestsUnsupported
 from dask_imgcurate.io import fs as fsio
-from dask_imgcurate.io.image_header import ImageTooLarge, image_dimensions
+from dask_imgcurate.io.image_header import ImageTooLarge, image_dimensions, pillow_limit_message
 from dask_imgcurate.io.shards import check_unchanged, version_type_error
 
 log = logging.getLogger(__name__)
 
 NO_IMAGE = "no image"
+EMPTY_IMAGE = "decode: empty image data"  # a zero-byte member, with either source
 SOURCES = ("range", "webdataset")
 # Images declaring more pixels are refused before decoding (decompression bombs): PIL's
 # default Image.MAX_IMAGE_PIXELS, 89.5 megapixels (a 9459 x 9459 image).
@@ -291,13 +297,14 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# nvimgcodecStatus_t values seen in DALI decoder errors ("nvImageCodec failure: '#4'")
+# nvimgcodecStatus_t values (nvimgcodec.h) in DALI decoder errors ("nvImageCodec failure: '#4'")
 _NVIMGCODEC_STATUS = {
     2: "invalid parameter",
     3: "bad code stream",
     4: "unsupported or unrecognised image format",
     5: "allocator failure",
     6: "execution failed",
+    17: "codec extension internal error",  # e.g. a PNG cut short
 }
 _STATUS_RE = re.compile(r"nvImageCodec failure: '#(\d+)'")
 _SAMPLE_RE = re.compile(r"Failed to decode sample #\d+\s*:?\s*")
@@ -317,18 +324,82 @@ def _dali_reason(err: BaseException) -> str:
     return _short(reason or type(err).__name__)
 
 
-def _pil_decode(data: bytes) -> np.ndarray:
+def _pil_decode(data: bytes, limit: int | None, spec: PreprocessSpec) -> np.ndarray:
+    """HWC uint8 RGB pixels of ``data`` decoded by PIL, EXIF orientation applied. Raises
+    ``ImageTooLarge`` before decoding an image over ``limit`` pixels (as
+    ``_oversize_reason``) or over Pillow's own limit; ``ValueError`` for pixel formats of
+    unknown range (32-bit integer, float)."""
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        with warnings.catch_warnings():  # the limit that applies is ``limit``
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(pillow_limit_message(err)) from None
+    with opened as im:
+        reason = None if limit is None else _oversize_reason(*im.size, limit, spec)
+        if reason is not None:
+            raise ImageTooLarge(reason)
+        sixteen_bits = im.mode.startswith("I;16") or (im.mode == "I" and _holds_16_bits(im))
+        if im.mode in ("I", "F") and not sixteen_bits:
+            kind = "floating-point" if im.mode == "F" else "32-bit or signed integer"
+            raise ValueError(f"unsupported pixel format: {kind} samples (mode {im.mode})")
         im.load()
         im = ImageOps.exif_transpose(im)
+        if sixteen_bits:
+            return _grey16_to_rgb(np.asarray(im))
         if im.mode != "RGB":
             im = im.convert("RGB")
         return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
 
 
+_UINT16_RAWMODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def _holds_16_bits(im) -> bool:
+    """Whether mode ``I`` image ``im`` holds unsigned 16-bit samples, by what PIL decodes it
+    from (call before ``load()``, which drops its tiles): a 16-bit raw mode (a 16-bit PNG in
+    older Pillows, a 16-bit PNM) or PNM's decoder, which scales any maxval to 16 bits."""
+    if not im.tile:
+        return False
+    codec, args = im.tile[0][0], im.tile[0][3]
+    rawmode = args if isinstance(args, str) else (args[0] if args else None)
+    return codec in ("ppm", "ppm_plain") or rawmode in _UINT16_RAWMODES
+
+
+def _grey16_to_rgb(grey: np.ndarray) -> np.ndarray:
+    """HWC uint8 RGB of 16-bit grey samples: their high byte, as DALI decodes 16-bit PNGs."""
+    high = (np.clip(grey, 0, 0xFFFF).astype(np.uint16) >> 8).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(high[:, :, None], 3, axis=2))
+
+
 # --------------------------------------------------------------------------- reader
+
+
+def is_reader_error(error: str) -> bool:
+    """Whether ``error`` is one of the texts this reader records for a row."""
+    return error == NO_IMAGE or error.startswith(("read: ", "decode: "))
+
+
+def check_reader_options(
+    batch_size: int, num_threads: int, source: str, prefetch: int, max_image_pixels: int | None
+) -> None:
+    """Raise ``TypeError`` / ``ValueError`` for the first reader option out of its range."""
+    for name, value, least in (
+        ("batch_size", batch_size, 1),
+        ("num_threads", num_threads, 1),
+        ("prefetch", prefetch, 0),
+        ("max_image_pixels", max_image_pixels, 1),
+    ):
+        if value is None and name == "max_image_pixels":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
 
 
 class DaliImageReader:
@@ -354,12 +425,7 @@ class DaliImageReader:
         prefetch: int = 1,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        check_reader_options(batch_size, num_threads, source, prefetch, max_image_pixels)
         self.preprocess = preprocess
         self.batch_size = int(batch_size)
         self.num_threads = int(num_threads)
@@ -368,7 +434,7 @@ class DaliImageReader:
         self.source = source
         self.pil_fallback = pil_fallback
         self.storage_options = dict(storage_options or {})
-        self.prefetch = max(0, int(prefetch))
+        self.prefetch = int(prefetch)
         self.max_image_pixels = max_image_pixels
         self._device_id = dali_device_id(self.device)
 
@@ -436,6 +502,7 @@ class DaliImageReader:
             for i in range(n)
             if offsets[i] < 0 or sizes[i] < 0 or (has_member and _isnull(members[i]))
         }
+        missing.update({i: EMPTY_IMAGE for i in range(n) if sizes[i] == 0 and i not in missing})
         if missing:
             yield [], [], missing
         by_shard: dict[str, list[int]] = {}
@@ -490,8 +557,6 @@ class DaliImageReader:
             for i, blob in zip(chunk, blobs):
                 if len(blob) != sizes[i]:
                     errors[i] = f"read: truncated shard (got {len(blob)} of {sizes[i]} bytes)"
-                elif sizes[i] == 0:
-                    errors[i] = "decode: empty image data"
                 else:
                     ids.append(i)
                     datas.append(np.frombuffer(blob, dtype=np.uint8))
@@ -621,7 +686,10 @@ class DaliImageReader:
                 tensor, reason = self._attempt([i], [data], raw=False)
             if tensor is None and self.pil_fallback:
                 try:
-                    pixels = _pil_decode(data.tobytes())
+                    pixels = _pil_decode(data.tobytes(), self.max_image_pixels, self.preprocess)
+                except ImageTooLarge as err:  # not decoded: the header check's text
+                    errors[i] = f"decode: {_short(str(err))}"
+                    continue
                 except Exception as pil_err:  # noqa: BLE001
                     message = _OBJ_REPR.sub("", str(pil_err)) or type(pil_err).__name__
                     errors[i] = f"decode: {_short(message)} (DALI: {reason})"
@@ -664,22 +732,39 @@ def _refuse_oversized(
         except ImageTooLarge as err:
             errors[i] = f"decode: {_short(str(err))}"
             continue
-        if size is not None and size[0] * size[1] > limit:
-            errors[i] = (
-                f"decode: {size[0]}x{size[1]} image ({size[0] * size[1] / 1e6:.0f} MP) exceeds "
-                f"max_image_pixels={limit}"
-            )
-            continue
-        if size is not None and spec.resized_pixels(*size) > limit:
-            errors[i] = (
-                f"decode: {size[0]}x{size[1]} image would resize to "
-                f"{spec.resized_pixels(*size) / 1e6:.0f} MP before its center crop (aspect "
-                f"ratio {max(size) / max(min(size), 1):.0f}:1), over max_image_pixels={limit}"
-            )
+        reason = None if size is None else _oversize_reason(*size, limit, spec)
+        if reason is not None:
+            errors[i] = f"decode: {reason}"
             continue
         kept_ids.append(i)
         kept.append(data)
     return kept_ids, kept, errors
+
+
+def _oversize_reason(width: int, height: int, limit: int, spec: PreprocessSpec) -> str | None:
+    """Why a ``width`` x ``height`` image is refused under ``limit`` pixels, counting its
+    resize (``spec``) before the center crop; None when it is not."""
+    if width * height > limit:
+        return (
+            f"{width}x{height} image ({_megapixels(width * height)} MP) exceeds "
+            f"max_image_pixels={limit}"
+        )
+    resized = spec.resized_pixels(width, height)
+    if resized > limit:
+        return (
+            f"{width}x{height} image would resize to {_megapixels(resized)} MP before its "
+            f"center crop (aspect ratio {max(width, height) / max(min(width, height), 1):.0f}:1), "
+            f"over max_image_pixels={limit}"
+        )
+    return None
+
+
+def _megapixels(pixels: float) -> str:
+    """``pixels`` in megapixels: whole from 100 MP, else to 3 significant digits."""
+    mp = pixels / 1e6
+    if mp >= 100:
+        return f"{mp:.0f}"
+    return np.format_float_positional(mp, precision=3, fractional=False, trim="-")
 
 
 def _int_column(df: pd.DataFrame, name: str) -> np.ndarray:
