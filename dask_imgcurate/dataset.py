@@ -178,6 +178,7 @@ class ImageTextPairDataset:
             out_fs, target = fs, None
         else:
             out_fs, target = fsio.url_to_fs(path, storage_options or self.storage_options)
+            export.guards.check_output_path(out_fs, target)
         fsio.refuse_read_only(out_fs, target or self.shards[0].tar, "save_metadata (pass path=)")
         progress = PartitionProgress("save_metadata", frame.npartitions, verbose)
         run = uuid.uuid4().hex[:8]
@@ -504,7 +505,7 @@ def _merge_fragments(fs, fragments: list[str], path: str) -> None:
         # a column all null in one fragment is typed null there (pandas object columns)
         pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
     for fragment in fragments:
-        fsio.retry(fs, fragment, lambda fragment=fragment: fs.rm_file(fragment), action="write")
+        fsio.remove_file(fs, fragment)
 
 
 __all__ = ["ImageTextPairDataset"]

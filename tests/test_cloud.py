@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dask
+import dask.dataframe as dd
 import fsspec
 import pandas as pd
 import pyarrow as pa
@@ -319,6 +320,80 @@ def test_export_to_s3_read_back_and_resume(local_data, remote_data, so, s3):
     assert temp_parts() <= before  # local upload staging files are gone
 
 
+def test_a_second_load_sees_objects_written_since(local_data, remote_data, so, s3):
+    """s3fs caches listings for the life of the process: a notebook that loads a prefix,
+    lets another process add a shard and rewrite a sidecar, then loads it again must see
+    them (not a stale listing, nor s3fs's FileExpired for the changed object)."""
+    for f in sorted(local_data["pq"].glob("00000.*")):
+        s3.put_file(str(f), f"{BUCKET}/grows/{f.name}")
+    url = f"s3://{BUCKET}/grows"
+    first = ImageTextPairDataset.from_webdataset(url, storage_options=so)
+    assert len(first.metadata.compute()) == 8
+    other = s3fs.S3FileSystem(**so, skip_instance_cache=True)  # "another process"
+    for f in sorted(local_data["pq"].glob("00001.*")):
+        other.put_file(str(f), f"{BUCKET}/grows/{f.name}")
+    table = pq.read_table(local_data["pq"] / "00000.parquet")
+    table = table.append_column("note", pa.array(["new"] * table.num_rows))
+    other.pipe_file(f"{BUCKET}/grows/00000.parquet", _parquet_bytes(table))
+    again = ImageTextPairDataset.from_webdataset(url, storage_options=so).metadata.compute()
+    assert len(again) == 16 and again["note"].iloc[0] == "new"
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_object_store_outputs_that_name_other_keys_are_refused(local_data, remote_data, so, s3):
+    """``bkt//out`` and ``bkt/x/../out`` are other keys on a store (no normalisation), and a
+    key that is an object (a tar) is no directory."""
+    dataset = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so)
+    for odd in (f"s3://{BUCKET}//odd", f"s3://{BUCKET}/x/../odd", f"s3://{BUCKET}/odd/."):
+        with pytest.raises(
+            ValueError, match=rf"empty, '\.' or '\.\.' part .* write to s3://{BUCKET}/odd$"
+        ):
+            dataset.to_webdataset(odd, storage_options=so)
+        with pytest.raises(ValueError, match="names other keys than it seems"):
+            dataset.save_metadata(odd)
+    with pytest.raises(NotADirectoryError, match=rf"s3://{BUCKET}/nopq/00000.tar is a file"):
+        dataset.to_webdataset(f"{remote_data['nopq']}/00000.tar", storage_options=so)
+    s3.invalidate_cache()
+    assert not s3.exists(f"{BUCKET}/odd") and not s3.exists(f"{BUCKET}//odd")
+    assert s3.isfile(f"{BUCKET}/nopq/00000.tar")
+
+
+def test_rows_of_datasets_on_different_filesystems_are_refused(
+    local_data, remote_data, so, tmp_path
+):
+    """A frame concatenating a local and an S3 dataset would read (and save) every row
+    through the first one's filesystem: refused before anything is written."""
+    remote = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so)
+    local = ImageTextPairDataset.from_webdataset(str(local_data["pq"]))
+    for first, second in ((remote, local), (local, remote)):
+        both = first.with_metadata(dd.concat([first.metadata, second.metadata]))
+        for method, args in (
+            (both.to_webdataset, (str(tmp_path / "out"),)),
+            (both.save_metadata, ()),
+            (both.save_metadata, (str(tmp_path / "meta"),)),
+        ):
+            with pytest.raises(ValueError, match="rows of shards on another filesystem"):
+                method(*args)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "meta").exists()
+    assert not Path("s3:").exists()
+
+
+def test_an_unreachable_endpoint_is_one_line(tmp_path):
+    """botocore's connection errors are not OSErrors: explained all the same."""
+    so = {
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+    }
+    with pytest.raises(OSError, match=r"^s3://any-bucket/shards: cannot reach the server") as info:
+        ImageTextPairDataset.from_webdataset("s3://any-bucket/shards", storage_options=so)
+    assert "\n" not in str(info.value)
+
+
 def test_write_images_to_s3(local_data, remote_data, so, s3):
     dataset = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so)
     out = f"s3://{BUCKET}/out-images"
@@ -569,6 +644,24 @@ class FlakyMemoryFileSystem(MemoryFileSystem):
             raise cls.error(f"simulated transient failure reading {path}")
         return super().cat_file(path, start=start, end=end, **kwargs)
 
+    def _fail_first(self, path, kind: str) -> None:
+        cls = FlakyMemoryFileSystem
+        if cls.fail_once is not None and (path, kind, None) not in cls.fail_once:
+            cls.fail_once.add((path, kind, None))
+            raise cls.error(f"simulated transient failure ({kind}) of {path}")
+
+    def pipe_file(self, path, value, **kwargs):
+        self._fail_first(self._strip_protocol(path), "pipe")
+        return super().pipe_file(path, value, **kwargs)
+
+    def put_file(self, lpath, rpath, **kwargs):
+        self._fail_first(self._strip_protocol(rpath), "put")
+        return super().put_file(lpath, rpath, **kwargs)
+
+    def rm_file(self, path):
+        self._fail_first(self._strip_protocol(path), "rm")
+        return super().rm_file(path)
+
     def _open(self, path, mode="rb", **kwargs):  # file objects: fail their first opening
         cls = FlakyMemoryFileSystem
         if "r" in mode and cls.fail_once is not None and (path, "open", None) not in cls.fail_once:
@@ -678,6 +771,25 @@ def test_sidecars_and_save_metadata_over_a_flaky_store(flaky, local_data, monkey
     FlakyMemoryFileSystem.fail_once = None
     saved = pq.read_table(io.BytesIO(flaky.cat_file("/meta/00001.parquet")))
     assert saved.column("key").to_pylist() == local.metadata.compute()["key"][8:16].tolist()
+
+
+def test_an_export_to_a_flaky_store_retries_every_write(flaky, local_data, tmp_path, monkeypatch):
+    """The first upload of every object, first delete, first read fails: the export's own
+    hidden objects (the selected rows' other columns) and its deletes are retried like the
+    shards' uploads; the output equals a local export and nothing hidden is left."""
+    local = ImageTextPairDataset.from_webdataset(str(local_data["pq"]))
+    with dask.config.set(scheduler="sync"):
+        local.to_webdataset(str(tmp_path / "local"), samples_per_shard=5)
+        monkeypatch.setattr(FlakyMemoryFileSystem, "fail_once", set())
+        summary = local.to_webdataset("flakymem://out", samples_per_shard=5)
+    assert summary.records_out == 24
+    kinds = {kind for _, kind, _ in FlakyMemoryFileSystem.fail_once}
+    assert {"pipe", "put", "rm"} <= kinds  # spilled columns, shards, an old Parquet's delete
+    FlakyMemoryFileSystem.fail_once = None
+    names = sorted(p.rsplit("/", 1)[-1] for p in flaky.ls("/out", detail=False))
+    assert names == sorted(p.name for p in (tmp_path / "local").iterdir())  # nothing hidden
+    for name in names:
+        assert flaky.cat_file(f"/out/{name}") == (tmp_path / "local" / name).read_bytes()
 
 
 def test_staging_files_of_killed_processes_are_removed(tmp_path, monkeypatch):

@@ -323,8 +323,9 @@ def test_write_images_refuses_repeated_ids_in_one_tar(source, tmp_path):
         shutil.copytree(source, tmp_path / name)
     tars = [str(tmp_path / name / "00000.tar") for name in ("a", "b")]
     ds = ImageTextPairDataset.from_webdataset(tars)
-    with pytest.raises(DuplicateKeyError, match=r"would hold records \['000000000', "):
+    with pytest.raises(DuplicateKeyError, match=r"would hold records \['000000000', ") as err:
         ds.write_images(str(tmp_path / "images"), images_per_tar=100)
+    assert f"'000000000' comes from {tars}" in str(err.value)  # both inputs named
     assert not list((tmp_path / "images").glob("*.parquet"))
     per_copy = len(ds.metadata) // 2
     summary = ds.write_images(str(tmp_path / "split"), images_per_tar=per_copy)  # a copy a tar

@@ -53,11 +53,33 @@ def input_tars(dataset) -> tuple[set[str], bool]:
             continue
         loader = node.operand("func") if "func" in node._parameters else None
         if isinstance(loader, _ShardLoader):
+            if loader.fs != dataset.fs:  # its rows would be read and named through ours
+                other = fsio.qualify(loader.fs, node.operand("iterables")[0][0][0].tar)
+                raise ValueError(
+                    f"the metadata holds rows of shards on another filesystem (e.g. {other}) "
+                    f"than the dataset's ({fsio.qualify(dataset.fs, dataset.shards[0].tar)}), "
+                    f"or with other storage_options; export or save each dataset separately"
+                )
             for group in node.operand("iterables")[0]:
                 tars.update(fsio.qualify(loader.fs, s.tar) for s in group)
         else:
             complete = False
     return tars, complete
+
+
+def check_output_path(fs, path: str) -> None:
+    """Refuse an object-store path with an empty, ``.`` or ``..`` part: keys are taken as
+    written (``bkt//out`` is the key prefix ``/out``), unlike local paths."""
+    if fsio.is_local(fs):
+        return
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts[1:]):
+        clean = posixpath.normpath(path).lstrip("/")
+        raise ValueError(
+            f"{fsio.qualify(fs, path)}: an object-store path with an empty, '.' or '..' part "
+            f"names other keys than it seems (keys are not normalised); write to "
+            f"{fsio.qualify(fs, clean)}"
+        )
 
 
 @functools.lru_cache(maxsize=4096)

@@ -165,10 +165,13 @@ def write_images(
         keys = rows.column(id_col).to_pylist()
         if len(set(keys)) < len(keys):  # e.g. two datasets whose ids both start at 000000000
             repeated = sorted(k for k, count in Counter(keys).items() if count > 1)
+            shards = rows.column("_shard").to_pylist()
+            sources = sorted({t for k, t in zip(keys, shards) if k == repeated[0]})
             raise DuplicateKeyError(
                 f"{name_of(n)}.tar would hold records {repeated[:10]} twice "
-                f"({len(repeated)} ids repeat among its input records): write_images keeps "
-                f"record ids; make them unique, or use to_webdataset, which renames records"
+                f"({len(repeated)} ids repeat among its input records; {repeated[0]!r} comes "
+                f"from {sources}): write_images keeps record ids; make them unique, or use "
+                f"to_webdataset, which renames records"
             )
         return keys
 

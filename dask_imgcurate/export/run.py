@@ -103,11 +103,16 @@ def run_export(
     started = time.perf_counter()
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
     fsio.refuse_read_only(out_fs, out_root, "export")
+    guards.check_output_path(out_fs, out_root)
     inputs, inputs_known = guards.input_tars(dataset)
     guards.real_directory.cache_clear()  # symlinks may have changed since an earlier export
     guards.refuse_input_directory(out_fs, out_root, inputs)
-    if fsio.is_local(out_fs) and out_fs.isfile(out_root):
-        raise NotADirectoryError(f"{out_root} is a file: the output must be a directory")
+    with fsio.storage_errors(out_fs, out_root, action="write"):
+        is_file = out_fs.isfile(out_root)
+    if is_file:
+        raise NotADirectoryError(
+            f"{fsio.qualify(out_fs, out_root)} is a file: the output must be a directory"
+        )
     if not fsio.is_local(out_fs):  # a missing bucket: say so before any partition is read
         fsio.makedirs(out_fs, out_root)
     summary = ExportSummary(path=fsio.qualify(out_fs, out_root))
@@ -344,7 +349,7 @@ class _Job:
         """Remove a shard this job wrote."""
         for path in (result.parquet, result.idx, result.tar):  # Parquet (complete) first
             if path is not None:
-                self.out_fs.rm_file(path)
+                fsio.remove_file(self.out_fs, path, missing_ok=True)
 
     def shard(self, parts: list[selection.Selection], slices, n: int) -> tuple:
         """Output shard ``n``'s rows, new keys, Parquet table and fingerprint."""

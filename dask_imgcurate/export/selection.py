@@ -42,8 +42,8 @@ class Selection:
         held = self.table.slice(start, stop - start)
         if self.spilled is None:
             return held
-        with self.spilled.fs.open(self.spilled.path, "rb") as f:
-            other = pa.ipc.open_stream(f).read_all().slice(start, stop - start)
+        data = fsio.read_bytes(self.spilled.fs, self.spilled.path)  # retried when remote
+        other = pa.ipc.open_stream(data).read_all().slice(start, stop - start)
         columns = {name: held.column(name) for name in held.column_names}
         columns.update({name: other.column(name) for name in other.column_names})
         return pa.table({name: columns[name] for name in self.spilled.order})
@@ -109,8 +109,10 @@ def select_partition(
         fs, directory, run = spill
         spilled = Spilled(fs, spill_path(directory, run, number), tuple(kept.column_names))
         rest = kept.select(other)
-        with fs.open(spilled.path, "wb") as f, pa.ipc.new_stream(f, rest.schema) as stream:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, rest.schema) as stream:
             stream.write_table(rest)  # Arrow IPC: no encoding, every type as it is
+        fsio.write_file(fs, spilled.path, sink.getvalue().to_pybytes())
         kept = kept.drop_columns(other)
     tick(progress, number, n_in)
     return Selection(kept, spans, n_in, errors, digested, sources, spilled)

@@ -80,11 +80,12 @@ def basename(path: str) -> str:
 # ---------------------------------------------------------------- errors and retries
 
 
-def _aiohttp_errors(err: BaseException | None) -> Iterator[BaseException]:
-    """``err`` and its causes that are aiohttp's (fsspec's HTTP filesystem raises them, or
-    a ``FileNotFoundError`` caused by one for every failed lookup)."""
+def _client_errors(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and its causes that are an HTTP client library's: aiohttp's (fsspec's HTTP
+    filesystem raises them, or a ``FileNotFoundError`` caused by one for every failed
+    lookup) and botocore's (s3fs)."""
     while err is not None:
-        if type(err).__module__.startswith("aiohttp"):
+        if type(err).__module__.startswith(("aiohttp", "botocore")):
             yield err
         err = err.__cause__
 
@@ -92,23 +93,34 @@ def _aiohttp_errors(err: BaseException | None) -> Iterator[BaseException]:
 def http_status(err: BaseException) -> int | None:
     """The HTTP status behind an error of fsspec's HTTP filesystem (aiohttp's
     ``ClientResponseError``); None for other errors."""
-    statuses = (getattr(e, "status", None) for e in _aiohttp_errors(err))
+    statuses = (getattr(e, "status", None) for e in _client_errors(err))
     return next((s for s in statuses if isinstance(s, int)), None)
 
 
 _CONNECTION_ERRORS = {
-    "ClientConnectionError",
+    "ClientConnectionError",  # aiohttp's
     "ClientConnectorError",
     "ClientOSError",
     "ServerDisconnectedError",
     "ClientPayloadError",
     "ServerTimeoutError",
+    "EndpointConnectionError",  # botocore's
+    "ConnectionClosedError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ProxyConnectionError",
 }
 
 
 def _connection_error(err: BaseException) -> bool:
-    """aiohttp's connection and payload errors (not ``OSError`` s)."""
-    return any(type(e).__name__ in _CONNECTION_ERRORS for e in _aiohttp_errors(err))
+    """aiohttp's and botocore's connection and payload errors (mostly not ``OSError`` s)."""
+    return any(type(e).__name__ in _CONNECTION_ERRORS for e in _client_errors(err))
+
+
+def _changed_object(err: BaseException) -> bool:
+    """s3fs's ``FileExpired``: the object was replaced while it was being read (an
+    ``OSError``, but retrying reads the same stale version)."""
+    return type(err).__name__ == "FileExpired"
 
 
 def is_transient(err: BaseException) -> bool:
@@ -120,6 +132,8 @@ def is_transient(err: BaseException) -> bool:
         return status >= 500 or status == 429
     if _connection_error(err):
         return True
+    if _changed_object(err):
+        return False
     timeouts = (TimeoutError, asyncio.TimeoutError)  # distinct classes before Python 3.11
     return isinstance(err, (OSError, *timeouts)) and not isinstance(err, _PERMANENT)
 
@@ -161,6 +175,10 @@ def explain(
         return OSError(f"{url}: the server answered HTTP {status} ({_one_line(err)[:200]})")
     if status is None and _connection_error(err):
         return OSError(f"{url}: cannot reach the server ({_one_line(err)[:200]})")
+    if _changed_object(err):
+        return OSError(
+            f"{url}: the object was replaced while it was being read; load the dataset again"
+        )
     if isinstance(err, PermissionError):
         what = f"bucket {bucket!r}" if bucket else "it"
         return StorageAccessDenied(
@@ -439,6 +457,26 @@ def writing_to(fs: fsspec.AbstractFileSystem, directory: str) -> Iterator[None]:
         os.close(fd)
 
 
+def remove_file(fs: fsspec.AbstractFileSystem, path: str, missing_ok: bool = False) -> None:
+    """Delete the file ``path`` (retried on transient errors when remote); with
+    ``missing_ok``, a file that is not there is fine."""
+    try:
+        retry(fs, path, lambda: fs.rm_file(path), action="write")
+    except FileNotFoundError:  # (explained on object stores: StorageNotFound is one too)
+        if not missing_ok:
+            raise
+
+
+def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` as the file ``path`` (one upload, retried on transient errors, when
+    remote). Not atomic locally: for files under hidden temporary names."""
+    if is_local(fs):
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    retry(fs, path, lambda: fs.pipe_file(path, data), action="write")
+
+
 def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str, mark: str = TEMP_MARK) -> int:
     """Delete the hidden temporary files (``.NAME.tmp-*``) that an interrupted writer left
     in ``directory``: ``atomic_write``'s local ones, and ``save_metadata``'s fragments (also
@@ -457,8 +495,7 @@ def remove_stale_temps(fs: fsspec.AbstractFileSystem, directory: str, mark: str 
             return 0
     stale = [n for n in names if n.startswith(".") and mark in n]
     for name in stale:
-        path = join(directory, name)
-        retry(fs, path, lambda path=path: fs.rm_file(path), action="write")
+        remove_file(fs, join(directory, name))
     return len(stale)
 
 
@@ -469,7 +506,7 @@ def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
         os.replace(source, target)
         return
     retry(fs, target, lambda: fs.cp_file(source, target), action="write")
-    retry(fs, source, lambda: fs.rm_file(source), action="write")
+    remove_file(fs, source)
 
 
 def temp_path(fs: fsspec.AbstractFileSystem, path: str) -> str:

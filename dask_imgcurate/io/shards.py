@@ -78,8 +78,12 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
 
     A path that exists is used as it is, glob characters and all. A compressed tar
     (``.tar.gz``, ...) raises ``CompressedTarError`` when named, or when a directory or
-    glob finds no other shards; directories named ``*.tar`` are not shards.
+    glob finds no other shards; directories named ``*.tar`` are not shards. Listings are
+    never taken from an object store client's cache (another process may have written
+    there since).
     """
+    if not fsio.is_local(fs):
+        fs.invalidate_cache()
     if isinstance(path, str) and _BRACES.search(path) and not fs.exists(fs._strip_protocol(path)):
         path = expand_braces(path)  # WebDataset's shard notation: "{00000..00099}.tar"
     if isinstance(path, (list, tuple)):

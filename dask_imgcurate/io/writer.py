@@ -366,8 +366,8 @@ def commit_shard(
             staged.append((fsio.temp_path(out_fs, idx_path), idx_path))
             with open(staged[-1][0], "w", encoding="utf-8") as f:
                 f.write(text)
-        elif out_fs.exists(idx_path):
-            out_fs.rm_file(idx_path)
+        else:
+            fsio.remove_file(out_fs, idx_path, missing_ok=True)
         schema_meta = dict(parquet_table.schema.metadata or {})
         schema_meta[FINGERPRINT_KEY] = fingerprint.encode()
         schema_meta[TAR_SIZE_KEY] = str(tar_size).encode()
@@ -377,8 +377,7 @@ def commit_shard(
         pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
         # an earlier export's Parquet marks its own tar complete: gone before this tar
         # replaces that one, so a crash in between leaves the shard to be written again
-        with contextlib.suppress(FileNotFoundError):
-            out_fs.rm_file(parquet_path)
+        fsio.remove_file(out_fs, parquet_path, missing_ok=True)
         for tmp, final in staged:
             fsio.publish(out_fs, tmp, final)
     finally:
