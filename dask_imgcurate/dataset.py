@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from dask_imgcurate import export
 from dask_imgcurate.backend import column_names, resolve_backend, to_arrow, to_frame
+from dask_imgcurate.errors import ShardWarning
 from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.shards import Shard, find_shards
@@ -355,6 +356,7 @@ def _conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
         warnings.warn(
             f"{source}: columns {extra} are not in the dataset's schema (taken from its first "
             f"shard) and are left out of the metadata frame",
+            ShardWarning,
             stacklevel=2,
         )
     columns = []

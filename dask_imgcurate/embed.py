@@ -54,7 +54,8 @@ class ClipImageEmbedder:
     """Add CLIP image embeddings (and classifier scores) to a dataset's metadata.
 
     ``model_name``/``pretrained``/``precision`` select the open_clip model (see
-    :func:`dask_imgcurate.models.clip.load_clip`; ``pretrained=None`` means random weights).
+    :func:`dask_imgcurate.models.clip.load_clip`; ``pretrained=None`` or ``"none"`` means
+    random weights).
     ``normalize`` L2-normalises the stored embeddings (classifiers always see normalised
     ones). ``autocast`` runs the model under fp16 autocast on CUDA. ``device`` is resolved on
     the worker (``"auto"``: CUDA when available). ``source`` is the image reader's
@@ -81,6 +82,8 @@ class ClipImageEmbedder:
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         check_reader_options(batch_size, num_threads, source, prefetch, max_image_pixels)
+        if isinstance(pretrained, str) and pretrained.strip().lower() in ("none", ""):
+            pretrained = None  # as the command line's --pretrained none
         if has_random_weights(model_name, pretrained):  # here, not in each loading task
             warn_random_weights(model_name, stacklevel=2)
         self.model_name = model_name

@@ -230,7 +230,9 @@ def _align(
                 what
                 + "; pass on_mismatch='drop' (command line: --on-mismatch drop) to keep the intersection"
             )
-        warnings.warn(f"{what}; dropped {len(missing) + len(extra)} rows", stacklevel=3)
+        warnings.warn(
+            f"{what}; dropped {len(missing) + len(extra)} rows", ShardWarning, stacklevel=3
+        )
     kept = [i for i, k in enumerate(keys) if k in position]
     user = user.take(pa.array([position[keys[i]] for i in kept], pa.int64()))
     return user, book.take(pa.array(kept, pa.int64()))
@@ -270,6 +272,7 @@ def _table_from_members(
             warnings.warn(
                 f"{fsio.qualify(fs, shard.tar)}: record {records.keys[r]!r}: invalid .json "
                 f"member ({err}); its fields are null",
+                ShardWarning,
                 stacklevel=3,
             )
             continue
@@ -308,6 +311,7 @@ def _table_from_members(
             warnings.warn(
                 f"{fsio.qualify(fs, shard.tar)}: {where}.json field {k!r} holds an integer"
                 f"{value} beyond 64 bits; the field's values are kept as JSON text",
+                ShardWarning,
                 stacklevel=3,
             )
             arrays[k] = pa.array([None if v is None else json.dumps(v) for v in values])

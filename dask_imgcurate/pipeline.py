@@ -97,8 +97,8 @@ class Pipeline:
             for stage in self.stages:
                 log.info("%s: %s", self.name, stage)
                 state = stage.apply(state)
-        if state.summary is not None:
-            log.info("%s: %s", self.name, state.summary)
+        if state.summary is not None:  # (the export logged it at INFO already)
+            log.debug("%s: %s", self.name, state.summary)
         return state
 
     def __repr__(self) -> str:

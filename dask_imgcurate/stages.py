@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -225,6 +227,14 @@ class _ScoreFilterStage(Stage):
 
     def __init__(self, score_threshold: float = 0.5, model_path: str | None = None, **options):
         _check_options(type(self).__name__, self.classifier_class(), options, ("model_path",))
+        if (
+            isinstance(score_threshold, bool)
+            or not isinstance(score_threshold, numbers.Real)
+            or math.isnan(score_threshold)
+        ):  # NaN compares False with every score: it would drop every record
+            raise ValueError(
+                f"{type(self).__name__}: score_threshold must be a number, not {score_threshold!r}"
+            )
         self.score_threshold = score_threshold
         self.model_path = model_path
         self.options = options

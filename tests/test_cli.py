@@ -515,6 +515,9 @@ BAD_INPUT = {
                          ["bad.yaml", "'min_aestetic'", "did you mean 'min_aesthetic'"]),
     "wrong yaml type": (["curate", "{source}", "{out}", "--config", "{typo_yaml}"],
                         ["typo.yaml", "batch_size must be an integer"]),
+    "yaml number read as text": (["curate", "{source}", "{out}", "--config", "{e_yaml}"],
+                                 ["e.yaml", "min_aesthetic must be a number, not '1e3'",
+                                  "write 1.0e3"]),
     "missing config": (["curate", "{source}", "{out}", "--config", "{missing}.yaml"],
                        ["config file not found", "{missing}.yaml"]),
     "missing head weights": (["embed", "{source_copy}", "TINY", "--aesthetic-model", "/nope.pt"],
@@ -534,6 +537,9 @@ BAD_INPUT = {
     "corrupt shard": (["inspect", "{corrupt}"], ["00001.tar", "byte offset"]),
     "corrupt shard (export)": (["export", "{corrupt}", "{out}"], ["00001.tar", "byte offset"]),
     "output is a file": (["export", "{source}", "{afile}"], ["{afile} is a file", "directory"]),
+    "embed output is a file": (["embed", "{source}", "--output", "{afile}", "--model",
+                                "no-such-model"],  # said before any model is looked for
+                               ["{afile} is a file", "directory"]),
     "query fails on the data": (["export", "{source}", "{out}", "--query", "caption.astype('int64') > 0"],
                                 ["--query", "failed on", "{source}/0000", "int"]),
     "sidecar lists other ids": (["export", "{mismatch}", "{out}"],
@@ -555,6 +561,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, source, corrupt, tmp_pat
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.yaml").write_text("min_aestetic: 5\n")
     (tmp_path / "typo.yaml").write_text("batch_size: lots\n")
+    (tmp_path / "e.yaml").write_text("min_aesthetic: 1e3\n")
     source_copy = tmp_path / "source-copy"
     shutil.copytree(source, source_copy)
     (tmp_path / "afile").write_text("not a directory")
@@ -570,6 +577,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, source, corrupt, tmp_pat
         corrupt=str(corrupt),
         bad_yaml=str(tmp_path / "bad.yaml"),
         typo_yaml=str(tmp_path / "typo.yaml"),
+        e_yaml=str(tmp_path / "e.yaml"),
     )
     tiny = ["--model", TINY_MODEL, "--pretrained", "none", "--n-workers", "0"]
     template, needles = BAD_INPUT[case]

@@ -34,6 +34,7 @@ from dask_imgcurate.errors import (
     DuplicateKeyError,
     MetadataMismatchError,
     ShardNotice,
+    ShardWarning,
     TarFormatError,
 )
 from dask_imgcurate.io.shards import Shard
@@ -441,7 +442,7 @@ def test_parquet_mismatch(tmp_path):
     assert f"{10:09d}" not in msg  # at most 10 ids listed
     assert f"{28:09d}" in msg and f"{29:09d}" in msg
 
-    with pytest.warns(UserWarning, match="dropped 16 rows"):
+    with pytest.warns(ShardWarning, match="dropped 16 rows"):
         frame = load(tmp_path, on_mismatch="drop").metadata.compute()
     assert frame["key"].tolist() == [f"{i:09d}" for i in range(14, 28)]
     captions = {r["__key__"]: r["txt"] for r in records}

@@ -350,6 +350,8 @@ INVALID_READER_OPTIONS = [
     ({"max_image_pixels": 1e6}, TypeError, "max_image_pixels must be an integer, got 1000000.0"),
     ({"num_threads": True}, TypeError, "num_threads must be an integer, got True"),
     ({"source": "tfrecord"}, ValueError, "source must be one of"),
+    ({"num_threads": 20000}, ValueError, "num_threads must be <= 1024, got 20000"),  # aborted
+    ({"batch_size": 10**20}, ValueError, f"batch_size must be <= {2**31 - 1}, got {10**20}"),
 ]
 
 

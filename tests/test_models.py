@@ -255,7 +255,11 @@ def test_random_weights_warn_and_checkpoint_loads(tiny: str, tmp_path: Path) -> 
     torch.save({"visual.proj": torch.zeros(3)}, wrong)
     text = tmp_path / "text.pt"
     text.write_text("not a checkpoint")
-    for bad in (wrong, text):
+    passwd = tmp_path / "passwd"  # text that torch.load gets further into (an IndexError)
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/bin/false\n")
+    a_list = tmp_path / "list.pt"  # a torch file holding no state dict (AttributeError)
+    torch.save([1, 2, 3], a_list)
+    for bad in (wrong, text, passwd, a_list):
         with pytest.raises(ValueError, match=f"{bad}: not a checkpoint of open_clip model"):
             load_clip(tiny, str(bad), "cpu")
 
@@ -436,3 +440,10 @@ def test_end_to_end_image_text_pair_dataset(tiny: str, shards, heads) -> None:
     key, data = next(iter(shards[str(root / "shard-00000.tar")].items()))
     vec = np.asarray(by_key.loc[key, "image_embedding"], dtype=np.float32)
     assert float(vec @ reference_embedding(tiny, data)) > 0.99
+
+
+@pytest.mark.parametrize("spelling", ["none", "None", ""])
+def test_the_command_lines_spelling_of_no_weights_works_in_python(tiny: str, spelling) -> None:
+    with pytest.warns(RandomWeightsWarning, match="random weights"):
+        embedder = ClipImageEmbedder(tiny, pretrained=spelling, device="cpu")
+    assert embedder.pretrained is None

@@ -319,6 +319,15 @@ class AssignScores(Stage):
         return state
 
 
+@pytest.mark.parametrize("threshold", [float("nan"), "0.5", None, True])
+def test_a_threshold_that_is_no_number_is_refused_when_built(threshold) -> None:
+    """NaN compares False with every score (every record dropped); a string fails only
+    when the writer computes: both refused up front, as the CLI refuses them."""
+    for stage in (ImageAestheticFilterStage, ImageNSFWFilterStage):
+        with pytest.raises(ValueError, match=f"{stage.__name__}: score_threshold must be a"):
+            stage(score_threshold=threshold, model_path="unused.pt")
+
+
 def test_filter_thresholds_are_inclusive_for_aesthetic_exclusive_for_nsfw(
     data, tmp_path: Path
 ) -> None:

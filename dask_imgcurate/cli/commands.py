@@ -259,6 +259,11 @@ def embed(ctx: click.Context, path: str, output: str | None, **_) -> None:
     nsfw_score and error.
     """
     config = _settings(ctx)
+    if output is not None:  # before any model is loaded
+        from dask_imgcurate.export.guards import check_output_path
+        from dask_imgcurate.io import fs as fsio
+
+        check_output_path(*fsio.url_to_fs(output, config.storage_options))
     dataset = _load(path, config)
     aesthetic, nsfw = _head_available("aesthetic", config), _head_available("nsfw", config)
     fetch = cluster_kind(config.scheduler_address, config.n_workers) != "existing"

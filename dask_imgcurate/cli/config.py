@@ -110,7 +110,14 @@ def _typed(key: str, value, source: str):
         return value
     names = {"bool": "true or false", "int": "an integer", "float": "a number"}
     names.update(str="a string", dict="a mapping")
-    raise ValueError(f"{source}: {key} must be {names[kind]}, not {value!r}")
+    hint = ""
+    if kind in ("int", "float") and isinstance(value, str):
+        try:
+            float(value)
+            hint = " (YAML reads 1e3 as text: write 1.0e3)"
+        except ValueError:
+            pass
+    raise ValueError(f"{source}: {key} must be {names[kind]}, not {value!r}{hint}")
 
 
 def _storage_options(value: str | dict | None) -> dict | None:

@@ -68,17 +68,22 @@ def input_tars(dataset) -> tuple[set[str], bool]:
 
 
 def check_output_path(fs, path: str) -> None:
-    """Refuse an object-store path with an empty, ``.`` or ``..`` part: keys are taken as
-    written (``bkt//out`` is the key prefix ``/out``), unlike local paths."""
-    if fsio.is_local(fs):
-        return
+    """Refuse an output directory that is a file, and an object-store path with an empty,
+    ``.`` or ``..`` part: keys are taken as written (``bkt//out`` is the key prefix
+    ``/out``), unlike local paths."""
     parts = path.split("/")
-    if any(part in ("", ".", "..") for part in parts[1:]):
+    if not fsio.is_local(fs) and any(part in ("", ".", "..") for part in parts[1:]):
         clean = posixpath.normpath(path).lstrip("/")
         raise ValueError(
             f"{fsio.qualify(fs, path)}: an object-store path with an empty, '.' or '..' part "
             f"names other keys than it seems (keys are not normalised); write to "
             f"{fsio.qualify(fs, clean)}"
+        )
+    with fsio.storage_errors(fs, path, action="write"):
+        is_file = fs.isfile(path)
+    if is_file:
+        raise NotADirectoryError(
+            f"{fsio.qualify(fs, path)} is a file: the output must be a directory"
         )
 
 

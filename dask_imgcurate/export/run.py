@@ -107,12 +107,6 @@ def run_export(
     inputs, inputs_known = guards.input_tars(dataset)
     guards.real_directory.cache_clear()  # symlinks may have changed since an earlier export
     guards.refuse_input_directory(out_fs, out_root, inputs)
-    with fsio.storage_errors(out_fs, out_root, action="write"):
-        is_file = out_fs.isfile(out_root)
-    if is_file:
-        raise NotADirectoryError(
-            f"{fsio.qualify(out_fs, out_root)} is a file: the output must be a directory"
-        )
     if not fsio.is_local(out_fs):  # a missing bucket: say so before any partition is read
         fsio.makedirs(out_fs, out_root)
     summary = ExportSummary(path=fsio.qualify(out_fs, out_root))

@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 NO_IMAGE = "no image"
 EMPTY_IMAGE = "decode: empty image data"  # a zero-byte member, with either source
 SOURCES = ("range", "webdataset")
+MAX_THREADS = 1024  # DALI threads per pipeline (far more abort the process)
 # Images declaring more pixels are refused before decoding (decompression bombs): PIL's
 # default Image.MAX_IMAGE_PIXELS, 89.5 megapixels (a 9459 x 9459 image).
 MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
@@ -385,12 +386,13 @@ def is_reader_error(error: str) -> bool:
 def check_reader_options(
     batch_size: int, num_threads: int, source: str, prefetch: int, max_image_pixels: int | None
 ) -> None:
-    """Raise ``TypeError`` / ``ValueError`` for the first reader option out of its range."""
-    for name, value, least in (
-        ("batch_size", batch_size, 1),
-        ("num_threads", num_threads, 1),
-        ("prefetch", prefetch, 0),
-        ("max_image_pixels", max_image_pixels, 1),
+    """Raise ``TypeError`` / ``ValueError`` for the first reader option out of its range
+    (the upper bounds: what DALI's C++ takes, and threads a process can start)."""
+    for name, value, least, most in (
+        ("batch_size", batch_size, 1, 2**31 - 1),
+        ("num_threads", num_threads, 1, MAX_THREADS),
+        ("prefetch", prefetch, 0, 2**31 - 1),
+        ("max_image_pixels", max_image_pixels, 1, None),
     ):
         if value is None and name == "max_image_pixels":
             continue
@@ -398,6 +400,8 @@ def check_reader_options(
             raise TypeError(f"{name} must be an integer, got {value!r}")
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
+        if most is not None and value > most:
+            raise ValueError(f"{name} must be <= {most}, got {value}")
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +116,11 @@ def warn_random_weights(model_name: str, stacklevel: int) -> None:
     )
 
 
+def _machine_failure(err: BaseException) -> bool:
+    """Out of memory (host or device): no fault of the checkpoint file."""
+    return isinstance(err, MemoryError) or "out of memory" in str(err).lower()
+
+
 def _load(
     model_name: str,
     pretrained: str | None,
@@ -146,8 +150,8 @@ def _load(
             model, _, transform = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained, device=device, precision=precision
             )
-        except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as err:
-            if pretrained is None or not os.path.isfile(pretrained):
+        except Exception as err:  # noqa: BLE001 - a file that is no checkpoint fails anyhow
+            if pretrained is None or not os.path.isfile(pretrained) or _machine_failure(err):
                 raise
             detail = " ".join(str(err).split())
             detail = detail[:200] + " ..." if len(detail) > 200 else detail or type(err).__name__
