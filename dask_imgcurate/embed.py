@@ -9,9 +9,9 @@ created once per worker process and reused by all partitions.
 Added columns: the embedding column (``list<float32>`` via ``pd.ArrowDtype``; null when the
 record has no usable image), one float32 column per classifier (NaN where the embedding is
 null) and ``error`` (string; null when fine, else ``"no image"``, ``"read: ..."`` or
-``"decode: ..."``). An ``error`` already in the frame that is not one of those (another
-stage's, the user's) is kept; the others, an earlier embedding's, are replaced by this run's
-result, so an image fixed since loses its error.
+``"decode: ..."``). An ``error`` already in the frame is kept, except that re-running an
+embedding (its column already there) replaces the image errors that embedding recorded
+before, so an image fixed since loses its error.
 """
 
 from __future__ import annotations
@@ -222,7 +222,8 @@ class ClipImageEmbedder:
             columns[clf.output_column] = pd.Series(scores, index=df.index)
         error = pd.Series(pd.array(errors.tolist(), dtype=ERROR_DTYPE), index=df.index)
         if ERROR_COLUMN in df:
-            error = _merge_errors(df[ERROR_COLUMN].astype(ERROR_DTYPE), error)
+            rerun = self.embedding_column in df  # an earlier run of this same embedding
+            error = _merge_errors(df[ERROR_COLUMN].astype(ERROR_DTYPE), error, rerun)
         columns[ERROR_COLUMN] = error
         return df.assign(**columns)
 
@@ -242,10 +243,12 @@ def _embed_partition(df, embedder: ClipImageEmbedder, id_col: str, storage_optio
     return like(result, df, embedder.added_columns())
 
 
-def _merge_errors(previous: pd.Series, new: pd.Series) -> pd.Series:
-    """``new`` (this run's errors), except where ``previous`` holds an error this stage does
-    not record (another stage's, the user's): that one is kept. An earlier run's image
-    errors are replaced, so a fixed image loses its error."""
+def _merge_errors(previous: pd.Series, new: pd.Series, rerun: bool) -> pd.Series:
+    """``previous`` errors, their nulls filled with ``new`` (this run's). On a ``rerun`` of
+    the same embedding, the image errors it recorded before are replaced too, so a fixed
+    image loses its error; another stage's, the user's, or another embedding's stay."""
+    if not rerun:
+        return previous.where(previous.notna(), new)
     foreign = previous.fillna("").map(lambda e: bool(e) and not is_reader_error(e)).astype(bool)
     return previous.where(foreign, new)
 

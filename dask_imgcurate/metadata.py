@@ -183,6 +183,14 @@ def _read_sidecar(fs: fsspec.AbstractFileSystem, shard: Shard, id_col: str) -> p
     _check_id_column(fs, shard, id_col, table.column_names)
     ids = table.column(id_col).cast(pa.string())
     table = table.set_column(table.column_names.index(id_col), id_col, ids)
+    reserved = [c for c in table.column_names if is_bookkeeping(c)]
+    if reserved:
+        warnings.warn(
+            f"{fsio.qualify(fs, shard.parquet)}: its columns {reserved} have names the "
+            f"reader's bookkeeping uses, and are left out (rename them to keep them)",
+            ShardWarning,
+            stacklevel=3,
+        )
     return table.drop_columns([c for c in table.column_names if _internal(c)])
 
 
@@ -282,7 +290,7 @@ def _table_from_members(
             if k == "caption" and captions[r] is None and isinstance(v, str):
                 captions[r] = v  # no .txt member: the .json's caption stands in
                 continue
-            if k == id_col and str(v) != records.keys[r]:
+            if k == id_col and v is not None and str(v) != records.keys[r]:
                 other_ids.append((records.keys[r], v))
             if k in columns or is_bookkeeping(k) or isinstance(v, (dict, list)):
                 continue

@@ -857,3 +857,16 @@ def test_user_columns_starting_with_an_underscore_are_kept(tmp_path):
     ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=10)
     exported = pq.read_table(tmp_path / "out" / "00000.parquet")
     assert exported.column("_source").to_pylist() == list("abcd")
+
+
+def test_sidecar_columns_named_like_bookkeeping_are_named_when_left_out(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    demo.write_shard(src / "00000.tar", demo.make_shard_records(0, 3))
+    keys = [f"{i:09d}" for i in range(3)]
+    pd.DataFrame(
+        {"key": keys, "_shard": ["mine"] * 3, "_keep": [True] * 3, "x": [1, 2, 3]}
+    ).to_parquet(src / "00000.parquet")
+    with pytest.warns(ShardWarning, match=r"columns \['_shard', '_keep'\] have names the reader"):
+        frame = load(src).metadata.compute()
+    assert frame["x"].tolist() == [1, 2, 3] and set(frame["_shard"]) == {str(src / "00000.tar")}

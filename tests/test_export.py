@@ -298,6 +298,27 @@ def test_export_beside_the_files_of_symlinked_tars_is_refused(source, tmp_path):
     assert ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=5).records_out == 35
 
 
+def test_export_beside_any_file_a_link_leads_to_is_refused(source, tmp_path):
+    """A chain of links (``links/x.tar -> hop/x.tar -> files/x.tar``) and symlinked sidecars:
+    every directory on the way holds files the input reads."""
+    shutil.copytree(source, tmp_path / "files")
+    for name in ("hop", "links", "sidecars", "mixed"):
+        (tmp_path / name).mkdir()
+    for f in sorted((tmp_path / "files").iterdir()):
+        (tmp_path / "hop" / f.name).symlink_to(f)
+        (tmp_path / "links" / f.name).symlink_to(Path("..") / "hop" / f.name)  # relative
+        if f.suffix == ".parquet":
+            f.rename(tmp_path / "sidecars" / f.name)  # the sidecars live elsewhere
+            f.symlink_to(tmp_path / "sidecars" / f.name)
+    before = _digest_dir(tmp_path / "sidecars")
+    chained = ImageTextPairDataset.from_webdataset(str(tmp_path / "links"))
+    for target in ("hop", "files", "sidecars"):
+        with pytest.raises(ValueError, match=f"{target} holds this dataset's input shards"):
+            chained.to_webdataset(str(tmp_path / target))
+    assert _digest_dir(tmp_path / "sidecars") == before
+    assert chained.to_webdataset(str(tmp_path / "out")).records_out == 35
+
+
 @pytest.mark.parametrize("persisted", [False, True])
 def test_export_into_the_directory_of_a_concatenated_dataset_is_refused(
     source, tmp_path, persisted
@@ -336,7 +357,7 @@ def test_write_images_refuses_repeated_ids_in_one_tar(source, tmp_path):
 
 @pytest.mark.parametrize(
     "bad",
-    ["laion.000000003", "", None, "/abs/3", "a/../3", "dir/", "http://x.org/3.jpg"],
+    ["laion.000000003", "", None, "/abs/3", "a/../3", "dir/", "http://x.org/3.jpg", "a\x00b"],
 )
 def test_write_images_refuses_ids_readers_cannot_key_back(source, tmp_path, bad):
     """``write_images`` names members after ids: an id with a dot in its last part would be
@@ -351,6 +372,23 @@ def test_write_images_refuses_ids_readers_cannot_key_back(source, tmp_path, bad)
     assert not list((tmp_path / "images").glob("*.tar"))
     renamed = ds.with_metadata(meta).to_webdataset(str(tmp_path / "wds"))
     assert renamed.records_out == len(meta)
+
+
+def test_categorical_ids_and_error_texts_export(source, tmp_path):
+    """Text stored as categories is text: ids (write_images checks them) and errors."""
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    meta = ds.metadata
+    error = meta["key"].where(meta["key"].str.endswith("3"), None)
+    meta = meta.assign(key=meta["key"].astype("category"), error=error.astype("category"))
+    summary = ds.with_metadata(meta).write_images(str(tmp_path / "images"), images_per_tar=100)
+    n_errors = int(error.compute().notna().sum())
+    assert summary.dropped_for_errors == n_errors > 0
+    assert summary.records_out == len(meta) - n_errors
+    flags = ds.metadata.assign(
+        error=ds.metadata["key"].map(lambda k: k.endswith("3"), meta=("error", object))
+    )
+    with pytest.raises(TypeError, match=r"\d{5}\.tar: the metadata's 'error' column is bool"):
+        ds.with_metadata(flags).to_webdataset(str(tmp_path / "flags"))  # object of booleans
 
 
 def test_write_images_keeps_ids_with_dots_in_directories(source, tmp_path):
@@ -1303,3 +1341,27 @@ def test_a_crash_between_renames_never_pairs_a_tar_with_another_exports_parquet(
     again = ds.to_webdataset(str(out), samples_per_shard=7)
     assert again.shards_written >= 1
     assert _digest_dir(out) == _digest_dir(clean)
+
+
+def test_rows_of_another_store_in_a_persisted_frame_are_refused(source, tmp_path):
+    """No graph to read loaders from: the rows' ``_shard`` values tell, before any write."""
+    memory = fsspec.filesystem("memory")
+    for f in sorted(source.glob("00000.*")):
+        memory.pipe_file(f"/mixed/{f.name}", f.read_bytes())
+    local = ImageTextPairDataset.from_webdataset(str(source))
+    remote = ImageTextPairDataset.from_webdataset("memory://mixed")
+    both = local.with_metadata(dd.concat([local.metadata, remote.metadata]).persist())
+    with pytest.raises(
+        ValueError, match=r"rows of shards on another filesystem \(e\.g\. memory://"
+    ):
+        both.to_webdataset(str(tmp_path / "out"))
+    assert not list(tmp_path.glob("out/*.tar"))
+    memory.rm("/mixed", recursive=True)
+    plain, options = (
+        ImageTextPairDataset.from_webdataset(str(source), storage_options=so)
+        for so in (None, {"auto_mkdir": False})
+    )  # two local filesystems, told apart by their options: one disk all the same
+    two = plain.with_metadata(dd.concat([plain.metadata, options.metadata]))
+    with pytest.raises(DuplicateKeyError):  # the same ids twice: refused for that, not the store
+        two.write_images(str(tmp_path / "images"))
+    assert two.to_webdataset(str(tmp_path / "wds")).records_out == 70

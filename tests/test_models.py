@@ -367,13 +367,16 @@ def test_embeddings_to_numpy() -> None:
 
 
 def test_existing_error_column_is_kept(tiny: str, shards) -> None:
-    """Another stage's (or the user's) error stays; one this stage records, from an earlier
-    run, is replaced by this run's result."""
+    """Another stage's (or the user's, or another embedding's) error stays; on a re-run of
+    the same embedding, an image error it recorded before is replaced by this run's result."""
     path = list(shards)[1]
     part = partition_from_tar(path).set_index("key", drop=False)
     assert list(part.index) == ["b00", "b01", "b02", "b03", "b04"]
     previous = ["download: 404", "decode: old", "read: old", "no image", "user: skip"]
     part["error"] = pd.array(previous, dtype=ERROR_DTYPE)
+    other = embedder(tiny).embed_partition(part)  # no image_embedding yet: another model's
+    assert other["error"].tolist() == previous
+    part["image_embedding"] = None  # an earlier run of this embedding
     out = embedder(tiny).embed_partition(part)
     assert out.loc["b00", "error"] == "download: 404"  # kept, though the image is fine now
     assert out.loc["b00", "image_embedding"] is not None

@@ -9,6 +9,7 @@ import os
 import posixpath
 
 import pandas as pd
+import pyarrow as pa
 
 from dask_imgcurate.backend import column_names
 from dask_imgcurate.io import fs as fsio
@@ -39,21 +40,28 @@ def other_shard_files(out_fs, out_root: str, results: list[ShardResult]) -> list
     ]
 
 
-def input_tars(dataset) -> tuple[set[str], bool]:
-    """The tars the metadata frame reads (``fsio.qualify``-ed): the dataset's own and those
-    of every shard loader in the frame's expression (``dd.concat`` of datasets), and whether
-    that is all of them (False when a leaf is something else: a persisted or pandas frame,
-    whose ``_shard`` values are only known once computed)."""
+def _files(fs, shards, sidecars: bool) -> set[str]:
+    paths = [p for s in shards for p in ((s.tar, s.parquet, s.idx) if sidecars else (s.tar,))]
+    return {fsio.qualify(fs, p) for p in paths if p is not None}
+
+
+def input_tars(dataset, sidecars: bool = False) -> tuple[set[str], bool]:
+    """The tars the metadata frame reads (``fsio.qualify``-ed; with ``sidecars``, their
+    ``.parquet`` and ``.idx`` files too): the dataset's own and those of every shard loader
+    in the frame's expression (``dd.concat`` of datasets), and whether that is all of them
+    (False when a leaf is something else: a persisted or pandas frame, whose ``_shard``
+    values are only known once computed)."""
     from dask_imgcurate.dataset import _ShardLoader
 
-    tars = {fsio.qualify(dataset.fs, s.tar) for s in dataset.shards}
+    tars = _files(dataset.fs, dataset.shards, sidecars)
     complete = True
     for node in dataset.metadata.expr.walk():
         if node.dependencies():
             continue
         loader = node.operand("func") if "func" in node._parameters else None
         if isinstance(loader, _ShardLoader):
-            if loader.fs != dataset.fs:  # its rows would be read and named through ours
+            local = fsio.is_local(loader.fs) and fsio.is_local(dataset.fs)
+            if loader.fs != dataset.fs and not local:  # read and named through ours
                 other = fsio.qualify(loader.fs, node.operand("iterables")[0][0][0].tar)
                 raise ValueError(
                     f"the metadata holds rows of shards on another filesystem (e.g. {other}) "
@@ -61,10 +69,24 @@ def input_tars(dataset) -> tuple[set[str], bool]:
                     f"or with other storage_options; export or save each dataset separately"
                 )
             for group in node.operand("iterables")[0]:
-                tars.update(fsio.qualify(loader.fs, s.tar) for s in group)
+                tars.update(_files(loader.fs, group, sidecars))
         else:
             complete = False
     return tars, complete
+
+
+def refuse_other_stores(fs, tars) -> None:
+    """Refuse rows whose ``_shard`` (``fsio.qualify``-ed) is on another store than ``fs``,
+    through which the export would read it (a persisted frame mixing datasets)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    local = fsio.is_local(fs)
+    for tar in tars:
+        scheme = tar.split("://", 1)[0] if "://" in tar else None
+        if (scheme is not None) if local else (scheme not in protocols):
+            raise ValueError(
+                f"the metadata holds rows of shards on another filesystem (e.g. {tar}) than "
+                f"the dataset's ({fs.protocol}); export or save each dataset separately"
+            )
 
 
 def check_output_path(fs, path: str) -> None:
@@ -94,18 +116,23 @@ def real_directory(directory: str) -> str:
     return (directory if "://" in directory else os.path.realpath(directory)).rstrip("/")
 
 
-def _directories(tar: str) -> set[str]:
-    """Where a ``fsio.qualify``-ed tar is, symlinks resolved when local: the directory it is
-    listed in and, for a symlinked tar, the directory of the file it points to."""
-    listed = real_directory(posixpath.dirname(tar))
-    if "://" in tar or not os.path.islink(tar):  # (its directory's links are resolved)
-        return {listed}
-    return {listed, os.path.dirname(os.path.realpath(tar))}
+def _directories(path: str) -> set[str]:
+    """Where a ``fsio.qualify``-ed input file is, symlinks resolved when local: the
+    directory it is listed in and, for a symlink, that of every link and file it leads to."""
+    found = {real_directory(posixpath.dirname(path))}
+    if "://" in path:
+        return found
+    seen = set()
+    while os.path.islink(path) and path not in seen:  # (a directory's links are resolved)
+        seen.add(path)
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+        found.add(real_directory(os.path.dirname(path)))
+    return found
 
 
 def refuse_input_directory(out_fs, out_root: str, input_tars) -> None:
-    """Outputs are named like shards (``00000.tar``): never write among the input's own,
-    nor beside the files that symlinked input tars point to."""
+    """Outputs are named like shards (``00000.tar``): never write among the input's own
+    files (``input_tars``), nor beside any that symlinked ones lead to."""
     local = fsio.is_local(out_fs)
     target = real_directory(out_root) if local else fsio.qualify(out_fs, out_root).rstrip("/")
     for tar in input_tars:
@@ -137,12 +164,21 @@ def check_error_column(frame) -> None:
     if "error" not in meta.columns:
         return
     dtype = meta.dtypes["error"]
+    if isinstance(dtype, pd.CategoricalDtype):
+        dtype = dtype.categories.dtype
+    elif isinstance(dtype, pd.ArrowDtype) and pa.types.is_dictionary(dtype.pyarrow_dtype):
+        dtype = pd.ArrowDtype(dtype.pyarrow_dtype.value_type)
     if not (pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype)):
-        raise TypeError(
-            f"the metadata's 'error' column is {dtype}: exports drop every record whose "
-            f"'error' is set (not null), as the embedder records images it could not read; "
-            f"rename a column of your own called 'error'"
-        )
+        raise error_column_error(str(meta.dtypes["error"]))
+
+
+def error_column_error(type_name: str, where: str = "") -> TypeError:
+    """The error for an ``error`` column that holds no error texts (``where``: the shard)."""
+    return TypeError(
+        f"{where}the metadata's 'error' column is {type_name}: exports drop every record "
+        f"whose 'error' is set (not null), as the embedder records images it could not "
+        f"read; rename a column of your own called 'error'"
+    )
 
 
 def positive_int(name: str, value) -> int:

@@ -99,13 +99,13 @@ def to_webdataset(
 
 
 _KEY = r"(?s)^(?:.*/)?[^/.]+$"  # a whole key by records.split_key's rule: no dot after the last /
-_UNSAFE = r"(?s)^/|(?:^|/)\.\.(?:/|$)"  # absolute, or a ".." component
+_UNSAFE = r"(?s)^/|(?:^|/)\.\.(?:/|$)|\x00"  # absolute, a ".." component, or a NUL
 
 
 def check_member_keys(rows: pa.Table, id_col: str) -> None:
     """Raise unless every id of ``rows`` can name members (``ID.jpg``) that WebDataset
     readers key back to that id, and is a safe relative path."""
-    ids = rows.column(id_col)
+    ids = rows.column(id_col).cast(pa.string())  # (a categorical id column too)
     bad = pc.or_kleene(
         pc.invert(pc.match_substring_regex(ids, _KEY)), pc.match_substring_regex(ids, _UNSAFE)
     )
@@ -116,8 +116,8 @@ def check_member_keys(rows: pa.Table, id_col: str) -> None:
     key = ids[first].as_py()
     if key is None or key == "":
         why = "is empty" if key == "" else "is null"
-    elif key.startswith("/") or ".." in key.split("/"):
-        why = "is an unsafe member name (absolute, or with a '..' component)"
+    elif key.startswith("/") or ".." in key.split("/") or "\0" in key:
+        why = "is an unsafe member name (absolute, with a '..' component, or a NUL)"
     else:
         why = "has a '.' after its last '/' (readers would split the key there) or ends in '/'"
     count = pc.sum(bad).as_py()

@@ -104,7 +104,7 @@ def run_export(
     out_fs, out_root = fsio.url_to_fs(path, storage_options)
     fsio.refuse_read_only(out_fs, out_root, "export")
     guards.check_output_path(out_fs, out_root)
-    inputs, inputs_known = guards.input_tars(dataset)
+    inputs, inputs_known = guards.input_tars(dataset, sidecars=True)
     guards.real_directory.cache_clear()  # symlinks may have changed since an earlier export
     guards.refuse_input_directory(out_fs, out_root, inputs)
     if not fsio.is_local(out_fs):  # a missing bucket: say so before any partition is read
@@ -151,8 +151,9 @@ def run_export(
     job = _Job(out_fs, out_root, dataset.fs, layout, write_idx)
     client = current_client()
 
-    def check_sources(stats: tuple) -> None:  # the tars a partition's rows come from
-        guards.refuse_input_directory(out_fs, out_root, stats[4])  # (directories: cached)
+    def check_sources(tars) -> None:  # the tars a partition's rows come from
+        guards.refuse_other_stores(dataset.fs, tars)
+        guards.refuse_input_directory(out_fs, out_root, tars)  # (directories: cached)
 
     with fsio.writing_to(out_fs, out_root), reading:  # no other export there meanwhile
         if fsio.remove_stale_temps(out_fs, out_root):  # before this run writes any
@@ -170,7 +171,7 @@ def run_export(
             else:  # all counts first (and, for deterministic names, every partition's digest)
                 stats = list(dask.compute(*stats_tasks, optimize_graph=False))
                 reading.close()
-                guards.refuse_input_directory(out_fs, out_root, {t for s in stats for t in s[4]})
+                check_sources({t for s in stats for t in s[4]})
                 if name_prefix is not None:
                     name_prefix([s[3] for s in stats])
                 shards = planning.plan_pieces(stats, per_shard)
@@ -241,7 +242,7 @@ def _stream(client, stats_tasks: list, per_shard: int, submit, reading, check: C
     try:
         for batch in as_completed(futures).batches():  # all finished since the last batch
             for future, result in zip(batch, client.gather(batch)):
-                check(result)
+                check(result[4])
                 stats[index[future.key]] = result
             while known < len(stats) and stats[known] is not None:
                 known += 1

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dask_imgcurate.backend import to_arrow
+from dask_imgcurate.export import guards
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.writer import record_spans
 from dask_imgcurate.metadata import is_bookkeeping
@@ -86,6 +87,13 @@ def select_partition(
         keep &= column.to_numpy(zero_copy_only=False)
     errors = 0
     if "error" in table.column_names:  # a record with an error counts as one, whatever
+        error_type = table.column("error").type
+        if pa.types.is_dictionary(error_type):
+            error_type = error_type.value_type
+        if not (pa.types.is_string(error_type) or pa.types.is_large_string(error_type)):
+            if not pa.types.is_null(error_type):  # (an object column of booleans, say)
+                where = f"{table.column('_shard')[0].as_py()}: " if n_in else ""
+                raise guards.error_column_error(str(error_type), where)
         ok = table.column("error").is_null().to_numpy(zero_copy_only=False)  # the filter
         errors = int((~ok).sum())  # says (its scores are NaN: a score filter drops it)
         keep &= ok
