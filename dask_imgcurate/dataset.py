@@ -202,7 +202,9 @@ class ImageTextPairDataset:
             try:
                 with dask.config.set({"dataframe.convert-string": False}), progress:
                     fragments = frame.map_partitions(writer, meta=result_meta).compute()
-                return _publish_fragments(out_fs, fragments)
+                written = _publish_fragments(out_fs, fragments)
+                writer.remove_fragments(directories)  # of tasks run again (a worker died)
+                return written
             except BaseException:
                 writer.remove_fragments(directories)  # best effort: tasks may still write
                 raise

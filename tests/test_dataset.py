@@ -870,3 +870,24 @@ def test_sidecar_columns_named_like_bookkeeping_are_named_when_left_out(tmp_path
     with pytest.warns(ShardWarning, match=r"columns \['_shard', '_keep'\] have names the reader"):
         frame = load(src).metadata.compute()
     assert frame["x"].tolist() == [1, 2, 3] and set(frame["_shard"]) == {str(src / "00000.tar")}
+
+
+def test_save_metadata_leaves_no_fragment_of_a_task_run_twice(demo_dir, tmp_path, monkeypatch):
+    """A worker dies after writing a partition's fragment: Dask runs the task again, which
+    writes another; the first, which nothing refers to, is removed too."""
+    from dask_imgcurate import dataset as dataset_mod
+
+    real = dataset_mod._MetadataWriter.__call__
+    runs = []
+
+    def twice(self, frame, partition_info=None):
+        if partition_info is not None and partition_info["number"] == 1 and not runs:
+            runs.append(real(self, frame, partition_info))  # its result lost with its worker
+        return real(self, frame, partition_info)
+
+    monkeypatch.setattr(dataset_mod._MetadataWriter, "__call__", twice)
+    written = load(demo_dir).save_metadata(str(tmp_path / "out"))
+    assert runs and written["rows"].tolist() == [12, 12, 12]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"0000{i}.parquet" for i in range(3)
+    ]

@@ -729,6 +729,41 @@ def test_pieces_written_into_different_files_never_make_one_tar(source, tmp_path
     assert _digest_dir(tmp_path / "out") == _digest_dir(tmp_path / "clean")
 
 
+def test_a_commit_retried_after_it_ended_the_tar_publishes_the_shard(source, tmp_path, monkeypatch):
+    """A worker killed in a commit after it wrote the end-of-archive blocks: Dask runs the
+    commit again elsewhere, which finds those zeros past the members and must go on."""
+    ds = load_with_keep(source)
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "clean"), filter_column="keep", samples_per_shard=10)
+    real_commit, real_write = export.run._commit, writer.pq.write_table
+    died = []
+
+    class Died(Exception):
+        pass
+
+    def commit(parts, slices, n, tar_tmp, job, starts):
+        if n == 1 and not died:
+            left = []
+
+            def dying(*args, **kwargs):  # the Parquet is written after the tar's end blocks
+                left.append(open(tar_tmp, "rb").read())  # what a SIGKILL would leave there
+                raise Died
+
+            monkeypatch.setattr(writer.pq, "write_table", dying)
+            with pytest.raises(Died):
+                real_commit(parts, slices, n, tar_tmp, job, starts)
+            monkeypatch.setattr(writer.pq, "write_table", real_write)
+            Path(tar_tmp).write_bytes(left[0])  # (the error's clean-up removed it)
+            died.append(len(left[0]))
+        return real_commit(parts, slices, n, tar_tmp, job, starts)  # the retry
+
+    monkeypatch.setattr(export.run, "_commit", commit)
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "out"), filter_column="keep", samples_per_shard=10)
+    assert died == [(tmp_path / "clean" / "00001.tar").stat().st_size]  # ended, unpublished
+    assert _digest_dir(tmp_path / "out") == _digest_dir(tmp_path / "clean")
+
+
 def test_a_second_export_into_a_directory_being_written_is_refused(source, tmp_path):
     """It would remove the running export's temporary files (holes in its tars)."""
     ds = load_with_keep(source)

@@ -252,16 +252,19 @@ def _stream(client, stats_tasks: list, per_shard: int, submit, reading, check: C
         shards = planner.rest(stats)  # the last, shorter shard
         if shards:
             writing += client.compute(submit(shards), priority=1, optimize_graph=False)
+        reading.close()
+        if reading.topic is not None and writing:
+            show_progress(writing, "export: writing")
+        return stats, client.gather(writing)
     except TooManyShards:  # found when the last partitions came in: undo what was written
         wait(writing)  # what runs would still publish files
         for result in client.gather(writing, errors="skip"):
             if not result.skipped:
                 submit.job.remove(result)
         raise
-    reading.close()
-    if reading.topic is not None and writing:
-        show_progress(writing, "export: writing")
-    return stats, client.gather(writing)
+    except BaseException:  # (Ctrl-C too) tasks not yet started never start
+        client.cancel([*futures, *writing])
+        raise
 
 
 class _Submitter:

@@ -358,8 +358,16 @@ def commit_shard(
             raise MissingPieces(f"{tar_tmp}: the piece written at byte {missing} is not in it")
         members_end = tar_size - len(END_OF_ARCHIVE)
         with open(tar_tmp, "r+b") as f:
-            if os.fstat(f.fileno()).st_size > members_end:  # never published
-                raise RuntimeError(f"{tar_tmp}: pieces wrote past the members' end")
+            size = os.fstat(f.fileno()).st_size
+            past = size - members_end  # zeros there: the end blocks of a commit run before
+            if size > tar_size or (
+                past > 0 and os.pread(f.fileno(), past, members_end).strip(b"\0")
+            ):
+                raise RuntimeError(  # never published
+                    f"{tar_tmp}: {size - members_end} bytes past the members' end that are "
+                    f"not end-of-archive blocks (an inconsistency in dask_imgcurate; please "
+                    f"report)"
+                )
             os.pwrite(f.fileno(), END_OF_ARCHIVE, members_end)
         text = idx_text(plan, header_at + header_bytes) if write_idx else None
         if text is not None:
