@@ -63,11 +63,7 @@ def input_tars(dataset, sidecars: bool = False) -> tuple[set[str], bool]:
             local = fsio.is_local(loader.fs) and fsio.is_local(dataset.fs)
             if loader.fs != dataset.fs and not local:  # read and named through ours
                 other = fsio.qualify(loader.fs, node.operand("iterables")[0][0][0].tar)
-                raise ValueError(
-                    f"the metadata holds rows of shards on another filesystem (e.g. {other}) "
-                    f"than the dataset's ({fsio.qualify(dataset.fs, dataset.shards[0].tar)}), "
-                    f"or with other storage_options; export or save each dataset separately"
-                )
+                raise _other_store(other, fsio.qualify(dataset.fs, dataset.shards[0].tar))
             for group in node.operand("iterables")[0]:
                 tars.update(_files(loader.fs, group, sidecars))
         else:
@@ -78,15 +74,20 @@ def input_tars(dataset, sidecars: bool = False) -> tuple[set[str], bool]:
 def refuse_other_stores(fs, tars) -> None:
     """Refuse rows whose ``_shard`` (``fsio.qualify``-ed) is on another store than ``fs``,
     through which the export would read it (a persisted frame mixing datasets)."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    local = fsio.is_local(fs)
+    local, schemes = fsio.is_local(fs), fsio.protocols(fs)
     for tar in tars:
         scheme = tar.split("://", 1)[0] if "://" in tar else None
-        if (scheme is not None) if local else (scheme not in protocols):
-            raise ValueError(
-                f"the metadata holds rows of shards on another filesystem (e.g. {tar}) than "
-                f"the dataset's ({fs.protocol}); export or save each dataset separately"
-            )
+        foreign = scheme is not None if local else scheme not in schemes
+        if foreign:
+            raise _other_store(tar, "local" if local else "/".join(sorted(schemes)))
+
+
+def _other_store(example: str, ours: str) -> ValueError:
+    return ValueError(
+        f"the metadata holds rows of shards on another filesystem (e.g. {example}) than the "
+        f"dataset's ({ours}), or with other storage_options; export or save each dataset "
+        f"separately"
+    )
 
 
 def check_output_path(fs, path: str) -> None:
@@ -170,6 +171,17 @@ def check_error_column(frame) -> None:
         dtype = pd.ArrowDtype(dtype.pyarrow_dtype.value_type)
     if not (pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype)):
         raise error_column_error(str(meta.dtypes["error"]))
+
+
+def check_error_texts(table: pa.Table) -> None:
+    """``check_error_column`` on a partition's values (an object column's dtype says
+    nothing of them): text, or all null."""
+    kind = table.column("error").type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        where = f"{table.column('_shard')[0].as_py()}: " if table.num_rows else ""
+        raise error_column_error(str(kind), where)
 
 
 def error_column_error(type_name: str, where: str = "") -> TypeError:

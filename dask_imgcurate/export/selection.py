@@ -87,13 +87,7 @@ def select_partition(
         keep &= column.to_numpy(zero_copy_only=False)
     errors = 0
     if "error" in table.column_names:  # a record with an error counts as one, whatever
-        error_type = table.column("error").type
-        if pa.types.is_dictionary(error_type):
-            error_type = error_type.value_type
-        if not (pa.types.is_string(error_type) or pa.types.is_large_string(error_type)):
-            if not pa.types.is_null(error_type):  # (an object column of booleans, say)
-                where = f"{table.column('_shard')[0].as_py()}: " if n_in else ""
-                raise guards.error_column_error(str(error_type), where)
+        guards.check_error_texts(table)  # (an object column of booleans, say)
         ok = table.column("error").is_null().to_numpy(zero_copy_only=False)  # the filter
         errors = int((~ok).sum())  # says (its scores are NaN: a score filter drops it)
         keep &= ok

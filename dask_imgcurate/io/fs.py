@@ -146,12 +146,13 @@ BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "
 """Stores whose first path component is a bucket (or container)."""
 
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+def protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    """The URL schemes of ``fs`` (``{"s3", "s3a"}``)."""
     return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
 
 
 def _bucket(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
-    if not _protocols(fs) & BUCKET_PROTOCOLS:
+    if not protocols(fs) & BUCKET_PROTOCOLS:
         return None
     return fs._strip_protocol(path).lstrip("/").split("/", 1)[0]
 
@@ -386,7 +387,7 @@ _READ_ONLY = frozenset({"http", "https"})
 
 def refuse_read_only(fs: fsspec.AbstractFileSystem, path: str, what: str) -> None:
     """Raise ``ValueError`` before writing to a store that only reads (HTTP)."""
-    if _protocols(fs) & _READ_ONLY:
+    if protocols(fs) & _READ_ONLY:
         raise ValueError(
             f"{what}: {qualify(fs, path)} is read-only (HTTP): write to a local directory or "
             f"an object store instead"

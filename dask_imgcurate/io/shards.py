@@ -342,8 +342,9 @@ def _modified_after(fs: fsspec.AbstractFileSystem, tar: str, idx: str) -> bool:
 
 def _check_all_members(listed: TarIndex, scanned: TarIndex) -> None:
     """Raise ``IndexFileError`` unless an index lists exactly the members a scan found."""
-    same = len(listed) == len(scanned)
-    if same:
+    if len(listed) != len(scanned):
+        where = f"the tar has {len(scanned)} members, the index lists {len(listed)}"
+    else:
         differ = (
             (listed.offsets != scanned.offsets)
             | (listed.sizes != scanned.sizes)
@@ -353,8 +354,6 @@ def _check_all_members(listed: TarIndex, scanned: TarIndex) -> None:
             return
         i = int(np.argmax(differ))
         where = f"member {i} is {scanned.names[i]!r} at byte {scanned.offsets[i]}"
-    else:
-        where = f"the tar has {len(scanned)} members, the index lists {len(listed)}"
     raise IndexFileError(f"the tar was modified after the index was written: {where}")
 
 
