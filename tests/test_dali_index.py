@@ -303,6 +303,56 @@ def test_wds2idx_offsets_of_gnu_long_names_are_not_trusted(tmp_path):
         pd.testing.assert_frame_equal(_frame(tmp_path), frame)
 
 
+@pytest.mark.parametrize(
+    ("odd", "locale"),
+    [("000030-ключ", "C"), ("000030-a\\b", "C.UTF-8")],
+    ids=["c-locale", "backslash"],
+)
+def test_wds2idx_escaped_names_are_not_trusted(tmp_path, monkeypatch, odd, locale):
+    """DALI's wds2idx copies names from ``tar --list``, which escapes them (a non-ASCII byte
+    as ``\\ooo`` in the C locale, a backslash as ``\\\\`` in any): where no sampled header
+    shows it, such an index would rename records. Names with a backslash are checked
+    against every header, so the index is ignored with a notice; ours is still used."""
+    wds2idx = pytest.importorskip("wds2idx")
+    if shutil.which("tar") is None:
+        pytest.skip("wds2idx needs GNU tar")
+    keys = sorted([f"{i:06d}" for i in range(60)] + [odd])
+    tar = _records_tar(tmp_path / "00000.tar", keys)
+    monkeypatch.setenv("LC_ALL", locale)
+    with wds2idx.IndexCreator(str(tar), str(tmp_path / "00000.idx"), verbose=False) as creator:
+        creator.create_index()
+    theirs = parse_dali_index((tmp_path / "00000.idx").read_text(), str(tar))
+    escaped = [i for i, name in enumerate(theirs.names) if name.startswith("000030-")]
+    assert [theirs.names[i] for i in escaped] != [f"{odd}.jpg", f"{odd}.txt"]
+    assert not set(escaped) & set(members_to_check(theirs).tolist())  # none sampled
+    frame = _load_ignoring_index(tmp_path, r"names may be escaped .*: member 62 is")
+    assert sorted(frame["key"]) == keys
+    pd.testing.assert_frame_equal(frame, _scanned_frame(tmp_path))
+    write_dali_index(str(tar))  # ours holds the names as they are: checked, and used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pd.testing.assert_frame_equal(_frame(tmp_path), frame)
+
+
+def test_index_of_a_modified_tar_with_members_in_no_record_is_used(tmp_path):
+    """An index lists records only: checked against every header of a tar modified after
+    it, the tar's members in no record (``README``, dot-files) are no difference."""
+    tar = _records_tar(tmp_path / "00000.tar", ["a1", "a2", "a3"])
+    with tarfile.open(tar, "a") as archive:
+        for name in ("README", "._a4.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            archive.addfile(info, io.BytesIO(b"abc"))
+    with pytest.warns(ShardNotice, match="ignored 2 members"):
+        expected = _frame(tmp_path)
+    with pytest.warns(ShardNotice, match="ignored 2 members"):
+        idx = Path(write_dali_index(str(tar)))
+    _age(idx, 5)  # the tar is newer: every header is checked
+    with pytest.warns(ShardNotice) as caught:
+        pd.testing.assert_frame_equal(_frame(tmp_path), expected)
+    assert not [w for w in caught if "ignoring its index" in str(w.message)]
+
+
 def test_index_written_by_dali_is_trusted(tmp_path, fixture_tar, fixture_idx, monkeypatch):
     shutil.copy(fixture_tar, tmp_path / "00000.tar")
     shutil.copy(fixture_idx, tmp_path / "00000.idx")

@@ -34,7 +34,7 @@ from dask_imgcurate.io.dali_index import (
     members_to_check,
     parse_dali_index,
 )
-from dask_imgcurate.io.records import RecordIndex, group_records
+from dask_imgcurate.io.records import RecordIndex, group_records, split_key
 from dask_imgcurate.io.tarindex import BLOCK, TarIndex, scan_tar
 
 log = logging.getLogger(__name__)
@@ -313,11 +313,15 @@ def index_shard(
             tar_size = fs.size(shard.tar)
             members = parse_dali_index(text, source, tar_size=tar_size)
             members = _checked_against_tar(fs, shard.tar, members, tar_size)
-            if not _modified_after(fs, shard.tar, shard.idx):
+            if _modified_after(fs, shard.tar, shard.idx):
+                why = "the tar was modified after the index was written"
+            elif _escaped_names(members):
+                why = "its names may be escaped (DALI's wds2idx lists GNU tar's quoting)"
+            else:
                 return dataclasses.replace(group_records(members, strict=strict), version=version)
             with fsio.open_buffer(fs, shard.tar) as buffer:  # every header, not a sample
                 scanned = scan_tar(buffer, source, strict=strict)
-            _check_all_members(members, scanned)
+            _check_all_members(members, scanned, why)
             return dataclasses.replace(group_records(scanned, strict=strict), version=version)
         except (IndexFileError, UnicodeDecodeError) as err:
             why = str(err).removeprefix(f"{source}: ")
@@ -340,8 +344,24 @@ def _modified_after(fs: fsspec.AbstractFileSystem, tar: str, idx: str) -> bool:
     return fsio.is_local(fs) and os.stat(tar).st_mtime_ns > os.stat(idx).st_mtime_ns
 
 
-def _check_all_members(listed: TarIndex, scanned: TarIndex) -> None:
-    """Raise ``IndexFileError`` unless an index lists exactly the members a scan found."""
+def _escaped_names(index: TarIndex) -> bool:
+    """Whether an index's member names may be escaped rather than the tar's own: DALI's
+    ``wds2idx`` copies them from ``tar --list``, which quotes a backslash as ``\\\\``,
+    control characters as ``\\n`` or ``\\ooo`` and, in the C locale, every non-ASCII byte
+    as ``\\ooo``. Such names hold a backslash, and may be too long or too few to be among
+    the headers sampled, so they are checked against every header instead."""
+    return any("\\" in name for name in index.names)
+
+
+def _check_all_members(
+    listed: TarIndex,
+    scanned: TarIndex,
+    why: str = "the tar was modified after the index was written",
+) -> None:
+    """Raise ``IndexFileError`` unless an index lists exactly the members a scan found
+    (``why``: why it was checked against a scan, for the message); members in no record
+    (dot-files, ``README``), which indexes may or may not list, are left out of both."""
+    listed, scanned = _in_records(listed), _in_records(scanned)
     if len(listed) != len(scanned):
         where = f"the tar has {len(scanned)} members, the index lists {len(listed)}"
     else:
@@ -354,7 +374,20 @@ def _check_all_members(listed: TarIndex, scanned: TarIndex) -> None:
             return
         i = int(np.argmax(differ))
         where = f"member {i} is {scanned.names[i]!r} at byte {scanned.offsets[i]}"
-    raise IndexFileError(f"the tar was modified after the index was written: {where}")
+    raise IndexFileError(f"{why}: {where}")
+
+
+def _in_records(index: TarIndex) -> TarIndex:
+    """``index`` without its members that belong to no record."""
+    rows = [i for i, name in enumerate(index.names) if split_key(name)[0] is not None]
+    if len(rows) == len(index):
+        return index
+    return dataclasses.replace(
+        index,
+        names=[index.names[i] for i in rows],
+        offsets=index.offsets[rows],
+        sizes=index.sizes[rows],
+    )
 
 
 def version_type_error(type_name: str) -> TypeError:
