@@ -267,7 +267,18 @@ def _table_from_members(
         )
     )
     n = len(records)
-    captions = [blobs[txt[r]].decode("utf-8", "replace") if r in txt else None for r in range(n)]
+    captions = [_caption(blobs[txt[r]]) if r in txt else None for r in range(n)]
+    not_utf8 = [r for r in range(n) if r in txt and captions[r] is _NOT_UTF8]
+    for r in not_utf8:
+        captions[r] = blobs[txt[r]].decode("utf-8", "replace")
+    if not_utf8:
+        warnings.warn(
+            f"{fsio.qualify(fs, shard.tar)}: {len(not_utf8)} records' .txt member is not "
+            f"UTF-8 (e.g. record {records.keys[not_utf8[0]]!r}); their captions show each "
+            f"undecodable byte as U+FFFD (the members themselves are exported unchanged)",
+            ShardWarning,
+            stacklevel=3,
+        )
     columns: dict[str, list] = {id_col: list(records.keys), "caption": captions}
     fields: dict[str, list] = {}
     other_ids = []  # records whose .json holds an id_col field that is not their key
@@ -327,6 +338,17 @@ def _table_from_members(
     if arrays["caption"].type == pa.null():
         arrays["caption"] = arrays["caption"].cast(pa.string())
     return pa.table(arrays)
+
+
+_NOT_UTF8 = object()
+
+
+def _caption(data: bytes):
+    """A ``.txt`` member's text, or ``_NOT_UTF8``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NOT_UTF8
 
 
 def _beyond_int64(value) -> bool:

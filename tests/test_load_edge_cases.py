@@ -365,3 +365,16 @@ def test_a_directory_of_symlinked_tars_loads(tmp_path):
         assert [s.parquet is not None for s in dataset.shards] == [True, True], path
         frame = dataset.metadata.compute()
         assert frame["key"].tolist() == real["key"].tolist()
+
+
+def test_caption_that_is_not_utf8_is_reported(tmp_path):
+    """A ``.txt`` member that is not UTF-8 (Latin-1, say) keeps its bytes in the tar, but
+    its caption can only show them as U+FFFD: a ShardWarning names the shard and record."""
+    members = [("000001.jpg", IMAGE), ("000001.txt", "café".encode("latin-1"))]
+    members += records(["000002"])
+    tar = write_tar(tmp_path / "ds" / "00000.tar", members)
+    frame, caught = frame_and_warnings(tmp_path / "ds")
+    assert list(frame["caption"]) == ["caf\ufffd", "caption 000002"]
+    assert len(caught) == 1 and caught[0].category is ShardWarning
+    message = str(caught[0].message)
+    assert message.startswith(f"{tar}: 1 records' .txt member is not UTF-8 (e.g. record '000001')")
