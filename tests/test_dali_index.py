@@ -131,8 +131,9 @@ def test_round_trip(tmp_path, demo_dir, which):
         ("", "not a DALI"),
         ("v1.1 1\njpg 512 3 a.jpg\n", "not a DALI"),
         ("v1.2 2\njpg 512 3 a.jpg\n", "header says 2"),
-        ("v1.2 1\njpg 512 3\n", "groups of"),
-        ("v1.2 1\njpg x 3 a.jpg\n", "not integers"),
+        ("v1.2 1\njpg 512 3\n", "line 2: expected groups of"),
+        ("v1.2 1\njpg x 3 a.jpg\n", "line 2: offset/size not integers"),
+        ("v1.2 2\njpg 512 3 a.jpg\n\njpg 1024 3\n", "line 4: expected groups of"),
     ],
 )
 def test_parse_rejects_malformed(text, match):

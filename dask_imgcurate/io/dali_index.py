@@ -69,19 +69,21 @@ def parse_dali_index(text: str, source: str, tar_size: int | None = None) -> Tar
     names: list[str] = []
     offsets: list[int] = []
     sizes: list[int] = []
-    body = [line for line in lines[1:] if line.strip()]
+    body = [(lineno, line) for lineno, line in enumerate(lines[1:], start=2) if line.strip()]
     if len(body) != int(head[1]):
         raise IndexFileError(f"{source}: header says {head[1]} samples, found {len(body)}")
-    for lineno, line in enumerate(body, start=2):
+    for lineno, line in body:  # "line N" of the index file, not of the tar
         fields = line.split()
-        if not fields or len(fields) % 4:
-            raise IndexFileError(f"{source}:{lineno}: expected groups of 'ext offset size name'")
+        if len(fields) % 4:
+            raise IndexFileError(
+                f"{source}: line {lineno}: expected groups of 'ext offset size name'"
+            )
         for j in range(0, len(fields), 4):
             try:
                 offsets.append(int(fields[j + 1]))
                 sizes.append(int(fields[j + 2]))
             except ValueError:
-                raise IndexFileError(f"{source}:{lineno}: offset/size not integers") from None
+                raise IndexFileError(f"{source}: line {lineno}: offset/size not integers") from None
             names.append(fields[j + 3])
     index = TarIndex(
         source=source,
