@@ -306,9 +306,15 @@ class _ShardLoader:
         )
 
     def table(self, shard: Shard) -> pa.Table:
-        return shard_table(
-            self.fs, shard, self.id_col, strict=self.strict, on_mismatch=self.on_mismatch
-        )
+        try:
+            return shard_table(
+                self.fs, shard, self.id_col, strict=self.strict, on_mismatch=self.on_mismatch
+            )
+        except FileNotFoundError as err:
+            if not fsio.is_local(self.fs) or getattr(err, "filename", None) is None:
+                raise  # object stores explain theirs
+            what = "a file of this shard, listed when the dataset was loaded"
+            raise fsio.missing_here(err.filename, what, err) from err
 
     def __call__(self, group: tuple[Shard, ...]):
         tables = [_conform(self.table(s), self.schema, fsio.qualify(self.fs, s.tar)) for s in group]
@@ -487,7 +493,13 @@ def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
         parts = group["fragment"].tolist()
         target = fs._strip_protocol(path)
         if len(parts) == 1:
-            fsio.move(fs, parts[0], target)
+            try:
+                fsio.move(fs, parts[0], target)
+            except FileNotFoundError as err:
+                if not fsio.is_local(fs):
+                    raise
+                what = "the metadata of a shard, written there by a worker"
+                raise fsio.missing_here(parts[0], what, err) from err
         else:
             merges.append(dask.delayed(_merge_fragments)(fs, parts, target))
         rows.append(

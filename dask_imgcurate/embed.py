@@ -35,6 +35,7 @@ from dask_imgcurate.models.clip import (
     clip_embed_dim,
     has_random_weights,
     load_clip,
+    resolve_local_paths,
     warn_random_weights,
 )
 
@@ -84,6 +85,8 @@ class ClipImageEmbedder:
         check_reader_options(batch_size, num_threads, source, prefetch, max_image_pixels)
         if isinstance(pretrained, str) and pretrained.strip().lower() in ("none", ""):
             pretrained = None  # as the command line's --pretrained none
+        # relative local paths are taken from this (the client's) current directory
+        model_name, pretrained = resolve_local_paths(model_name, pretrained)
         if has_random_weights(model_name, pretrained):  # here, not in each loading task
             warn_random_weights(model_name, stacklevel=2)
         self.model_name = model_name

@@ -734,6 +734,22 @@ def test_missing_shard_in_list(demo_dir):
         ImageTextPairDataset.from_webdataset([str(demo_dir / "elsewhere" / "00000.tar")])
 
 
+def test_a_shard_file_missing_on_a_worker_is_explained(copy_dataset, demo_dir):
+    """A tar or sidecar listed when loading but missing where a partition is computed (a
+    worker that does not see the client's files, or a file removed since) names the file,
+    where it was missed and what workers need, instead of a bare errno message."""
+    ds_dir = copy_dataset(demo_dir)
+    ds = ImageTextPairDataset.from_webdataset(str(ds_dir))
+    (ds_dir / "00001.parquet").unlink()
+    match = r"00001\.parquet: a file of this shard, listed when the dataset was loaded, is missing"
+    with pytest.raises(FileNotFoundError, match=match) as info:
+        ds.metadata.compute(scheduler="sync")
+    assert "every worker must see the input and output at the same paths" in str(info.value)
+    (ds_dir / "00001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"00001\.tar: a file of this shard"):
+        ds.metadata.compute(scheduler="sync")
+
+
 def test_directory_without_shards(tmp_path):
     (tmp_path / "notes.txt").write_text("not a shard")
     (tmp_path / "00000.parquet").write_bytes(b"")

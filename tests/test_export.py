@@ -1347,6 +1347,28 @@ def test_selections_hold_only_what_pieces_need(source, tmp_path):
     out = tmp_path / "out"
     ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=4)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") and "rows-" in p.name]
+    # a worker that does not see the output directory another worker wrote it into
+    os.remove(chosen.spilled.path)
+    with pytest.raises(FileNotFoundError, match=r"\.rows-000001\.arrow.*written into the output"):
+        chosen.rows(0, 1)
+    gone = (fs, str(tmp_path / "not-here"), "run1")  # the output directory: not on this worker
+    with pytest.raises(FileNotFoundError, match=r"not-here: the output directory, made by the"):
+        selection.select_partition(
+            part, "keep", False, lambda t: np.full(t.num_rows, 9), "key", gone
+        )
+
+
+def test_files_missing_on_a_worker_name_the_worker():
+    """On a cluster, a file one worker wrote and another cannot see (no shared disk) says
+    which worker missed it and that every worker must see the same paths."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            text = client.submit(lambda: str(fsio.missing_here("/out/.x", "a file"))).result()
+            worker = next(iter(client.nthreads()))
+    assert text.startswith(f"/out/.x: a file, is missing on Dask worker {worker}: ")
+    assert "every worker must see the input and output at the same paths" in text
 
 
 def test_a_crash_between_renames_never_pairs_a_tar_with_another_exports_parquet(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import re
 import warnings
@@ -33,6 +34,7 @@ from dask_imgcurate.models import clip as clip_mod
 from dask_imgcurate.models.classifiers import (
     AestheticClassifier,
     NsfwClassifier,
+    clear_classifier_cache,
     embeddings_to_numpy,
 )
 from dask_imgcurate.models.clip import RandomWeightsWarning, clip_cache_info, load_clip
@@ -312,6 +314,65 @@ def test_classifier_needs_weights_or_permission(tmp_path: Path, monkeypatch) -> 
     clf = NsfwClassifier(device="cpu")
     assert clf.weights_path() == str(tmp_path / NsfwClassifier.filename)
     assert clf.score(np.ones((1, 768), dtype=np.float32)).shape == (1,)
+
+
+def test_relative_weights_paths_are_the_clients(tiny: str, shards, tmp_path, monkeypatch) -> None:
+    """Relative head weights and checkpoint paths name the files of the directory where the
+    embedder is built (the client's), not those of a worker's current directory: an
+    external cluster's workers, started elsewhere, read other weights of the same name
+    (silently) or none."""
+    client_dir, worker_dir = tmp_path / "client", tmp_path / "worker"
+    (client_dir / "w").mkdir(parents=True)
+    (worker_dir / "w").mkdir(parents=True)
+    save_random_head(AestheticClassifier, client_dir / "w" / "head.pth", seed=1)
+    save_random_head(AestheticClassifier, worker_dir / "w" / "head.pth", seed=2)  # other weights
+    torch.save(load_clip(tiny, None, "cpu").model.state_dict(), client_dir / "w" / "tiny.pt")
+    monkeypatch.chdir(client_dir)
+    head = AestheticClassifier("w/head.pth", embedding_dim=TINY_EMBED_DIM, device="cpu")
+    emb = embedder(tiny, pretrained="w/tiny.pt", classifiers=[head])
+    part = partition_from_tar(next(iter(shards)))
+    expected = emb.embed_partition(part)["aesthetic_score"].to_numpy()
+    monkeypatch.chdir(worker_dir)  # a worker's directory: no tiny.pt, another head.pth
+    got = emb.embed_partition(part)["aesthetic_score"].to_numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert head.model_path == str(client_dir / "w" / "head.pth")
+    assert emb.pretrained == str(client_dir / "w" / "tiny.pt")
+    # an open_clip tag stays a tag, even with a file of that name here
+    (worker_dir / "openai").write_bytes(b"")
+    assert embedder("ViT-B-32", pretrained="openai").pretrained == "openai"
+
+
+def test_replaced_weights_files_are_loaded_again(tiny: str, tmp_path) -> None:
+    """A process keeps models by path (once per worker), but a file replaced since it was
+    loaded is loaded again: a long-lived worker of an external cluster scored later runs
+    with the old weights."""
+    path = tmp_path / "head.pth"
+    emb = np.random.default_rng(0).normal(size=(4, TINY_EMBED_DIM)).astype(np.float32)
+    save_random_head(AestheticClassifier, path, seed=1)
+    head = AestheticClassifier(str(path), embedding_dim=TINY_EMBED_DIM, device="cpu")
+    first = head.score(emb)
+    np.testing.assert_array_equal(head.score(emb), first)  # cached
+    save_random_head(AestheticClassifier, path, seed=2)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    second = head.score(emb)
+    assert not np.allclose(second, first)
+    fresh = AestheticClassifier(str(path), embedding_dim=TINY_EMBED_DIM, device="cpu")
+    clear_classifier_cache()
+    np.testing.assert_array_equal(fresh.score(emb), second)
+    # the same for a CLIP checkpoint
+    ckpt = tmp_path / "tiny.pt"
+    model = load_clip(tiny, None, "cpu").model
+    torch.save(model.state_dict(), ckpt)
+    loaded = load_clip(tiny, str(ckpt), "cpu")
+    assert load_clip(tiny, str(ckpt), "cpu") is loaded
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(changed, ckpt)
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    reloaded = load_clip(tiny, str(ckpt), "cpu")
+    assert reloaded is not loaded
+    x = torch.randn(2, 3, 64, 64)
+    assert not torch.allclose(reloaded.encode_images(x), loaded.encode_images(x))
+    assert clip_cache_info()["cached"].count((tiny, str(ckpt), "cpu", "fp32")) == 1
 
 
 def test_reference_architectures() -> None:

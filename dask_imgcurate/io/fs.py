@@ -69,6 +69,29 @@ def qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return os.path.abspath(path) if is_local(fs) else fs.unstrip_protocol(path)
 
 
+def _worker_address() -> str | None:
+    """The address of the Dask worker running this code; None outside one."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
+
+
+def missing_here(path: str, what: str, err: BaseException | None = None) -> FileNotFoundError:
+    """A ``FileNotFoundError`` for a local file that ``what`` says this task expected, and
+    where it looked (a cluster's workers that do not share a disk see different files)."""
+    worker = _worker_address()
+    where = f"on Dask worker {worker}" if worker else "here"
+    reason = f" ({err.strerror})" if isinstance(err, OSError) and err.strerror else ""
+    return FileNotFoundError(
+        f"{path}: {what}, is missing {where}{reason}: removed meanwhile, or not visible there; "
+        f"the client and every worker must see the input and output at the same paths (a "
+        f"shared disk or an object store)"
+    )
+
+
 def join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from dask_imgcurate.backend import like, to_pandas
 from dask_imgcurate.device import resolve_device
-from dask_imgcurate.models.cache import ProcessCache
+from dask_imgcurate.models.cache import ProcessCache, file_signature
 
 if TYPE_CHECKING:
     from dask_imgcurate.dataset import ImageTextPairDataset
@@ -141,6 +141,10 @@ class EmbeddingClassifier:
     ) -> None:
         if embedding_dim < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if model_path is not None:
+            model_path = os.fspath(model_path)
+            if os.path.isfile(model_path):  # relative to this (the client's) directory, not
+                model_path = os.path.abspath(model_path)  # to a worker's
         self.model_path = model_path
         self.embedding_dim = int(embedding_dim)
         self.embedding_column = embedding_column
@@ -191,7 +195,8 @@ class EmbeddingClassifier:
         device = resolve_device(self.device)
         path = os.path.abspath(self.weights_path())
         key = (type(self).__name__, path, self.embedding_dim, str(device))
-        return _HEADS.get(key, lambda: self.load_weights(path, device))
+        # built again when the file changed (a long-lived worker, weights replaced)
+        return _HEADS.get(key, lambda: self.load_weights(path, device), file_signature(path))
 
     def load_weights(self, path: str, device: str | torch.device = "cpu") -> nn.Module:
         """A new head with the state dict at ``path`` (checked against ``embedding_dim``)."""

@@ -1,7 +1,8 @@
 """open_clip image encoders, loaded once per process.
 
 Models are cached in a module-level dict keyed by ``(model_name, pretrained, device,
-precision)``, so every task in a Dask worker process shares one copy.
+precision)``, so every task in a Dask worker process shares one copy (built again when a
+local checkpoint file changes: its size or modification time).
 
 ``pretrained`` is an open_clip tag (e.g. ``"openai"``; open_clip downloads the weights on
 first use), a local checkpoint path, or ``None`` for random weights (a
@@ -26,7 +27,7 @@ from dask_imgcurate.device import resolve_device
 from dask_imgcurate.errors import RandomWeightsWarning  # noqa: F401 (its old home)
 from dask_imgcurate.io.image_reader import PreprocessSpec
 from dask_imgcurate.models.builtin import register_builtin_configs
-from dask_imgcurate.models.cache import ProcessCache
+from dask_imgcurate.models.cache import ProcessCache, file_signature
 
 RANDOM_WEIGHTS_SEED = 0
 """Seed for models built with ``pretrained=None``, identical in every process."""
@@ -85,6 +86,42 @@ def _cache_key(
     return (model_name, pretrained, str(device), precision)
 
 
+_LOCAL_DIR = "local-dir:"
+
+
+def resolve_local_paths(model_name: str, pretrained: str | None) -> tuple[str, str | None]:
+    """``model_name`` and ``pretrained`` with a relative local checkpoint file or
+    ``local-dir:`` directory made absolute, here (on the client): the workers of a cluster
+    may run in another current directory, where a relative path names another file or none.
+    A ``pretrained`` that is an open_clip tag of the model stays a tag (open_clip prefers
+    the tag to a file of that name)."""
+    if model_name.startswith(_LOCAL_DIR):
+        directory = model_name[len(_LOCAL_DIR) :]
+        if directory and os.path.isdir(directory):
+            model_name = _LOCAL_DIR + os.path.abspath(directory)
+    if isinstance(pretrained, str) and os.path.isfile(pretrained):
+        if not _is_pretrained_tag(model_name, pretrained):
+            pretrained = os.path.abspath(pretrained)
+    return model_name, pretrained
+
+
+def _is_pretrained_tag(model_name: str, pretrained: str) -> bool:
+    try:
+        import open_clip
+
+        return bool(open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained))
+    except Exception:  # noqa: BLE001 - a schema name (hf-hub:) or an open_clip change
+        return False
+
+
+def _weights_signature(model_name: str, pretrained: str | None) -> tuple:
+    """Sizes and modification times of the local files the model is built from: a cached
+    model is built again when they changed (a long-lived worker, weights replaced)."""
+    local_dir = model_name[len(_LOCAL_DIR) :] if model_name.startswith(_LOCAL_DIR) else None
+    checkpoint = pretrained if pretrained is not None and os.path.isfile(pretrained) else None
+    return (file_signature(local_dir), file_signature(checkpoint))
+
+
 def load_clip(
     model_name: str = "ViT-L-14",
     pretrained: str | None = "openai",
@@ -97,7 +134,11 @@ def load_clip(
     ``warn_random``: warn of random weights (``pretrained=None``) when loading."""
     dev = resolve_device(device)
     key = _cache_key(model_name, pretrained, dev, precision)
-    return _CACHE.get(key, lambda: _load(model_name, pretrained, dev, precision, key, warn_random))
+    return _CACHE.get(
+        key,
+        lambda: _load(model_name, pretrained, dev, precision, key, warn_random),
+        version=_weights_signature(model_name, pretrained),
+    )
 
 
 def has_random_weights(model_name: str, pretrained: str | None) -> bool:
