@@ -306,15 +306,11 @@ class _ShardLoader:
         )
 
     def table(self, shard: Shard) -> pa.Table:
-        try:
+        what = "a file of this shard, listed when the dataset was loaded"
+        with fsio.explain_missing(self.fs, what):
             return shard_table(
                 self.fs, shard, self.id_col, strict=self.strict, on_mismatch=self.on_mismatch
             )
-        except FileNotFoundError as err:
-            if not fsio.is_local(self.fs) or getattr(err, "filename", None) is None:
-                raise  # object stores explain theirs
-            what = "a file of this shard, listed when the dataset was loaded"
-            raise fsio.missing_here(err.filename, what, err) from err
 
     def __call__(self, group: tuple[Shard, ...]):
         tables = [_conform(self.table(s), self.schema, fsio.qualify(self.fs, s.tar)) for s in group]
@@ -493,13 +489,9 @@ def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
         parts = group["fragment"].tolist()
         target = fs._strip_protocol(path)
         if len(parts) == 1:
-            try:
+            what = "the metadata of a shard, written there by a worker"
+            with fsio.explain_missing(fs, what, parts[0]):
                 fsio.move(fs, parts[0], target)
-            except FileNotFoundError as err:
-                if not fsio.is_local(fs):
-                    raise
-                what = "the metadata of a shard, written there by a worker"
-                raise fsio.missing_here(parts[0], what, err) from err
         else:
             merges.append(dask.delayed(_merge_fragments)(fs, parts, target))
         rows.append(

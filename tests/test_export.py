@@ -1358,6 +1358,13 @@ def test_selections_hold_only_what_pieces_need(source, tmp_path):
         )
 
 
+def _missing_file_message(path: str, what: str) -> str:
+    with pytest.raises(FileNotFoundError) as info:
+        with fsio.explain_missing(fsspec.implementations.local.LocalFileSystem(), what, path):
+            open(path, "rb")
+    return str(info.value)
+
+
 def test_files_missing_on_a_worker_name_the_worker():
     """On a cluster, a file one worker wrote and another cannot see (no shared disk) says
     which worker missed it and that every worker must see the same paths."""
@@ -1365,9 +1372,9 @@ def test_files_missing_on_a_worker_name_the_worker():
 
     with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
-            text = client.submit(lambda: str(fsio.missing_here("/out/.x", "a file"))).result()
+            text = client.submit(_missing_file_message, "/out/.x", "a file").result()
             worker = next(iter(client.nthreads()))
-    assert text.startswith(f"/out/.x: a file, is missing on Dask worker {worker}: ")
+    assert text.startswith(f"/out/.x: a file, is missing on Dask worker {worker} (")
     assert "every worker must see the input and output at the same paths" in text
 
 

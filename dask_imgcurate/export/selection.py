@@ -43,13 +43,10 @@ class Selection:
         held = self.table.slice(start, stop - start)
         if self.spilled is None:
             return held
-        try:
-            data = fsio.read_bytes(self.spilled.fs, self.spilled.path)  # retried when remote
-        except FileNotFoundError as err:
-            if not fsio.is_local(self.spilled.fs):
-                raise
-            what = "the selected rows' columns, written into the output directory by a worker"
-            raise fsio.missing_here(self.spilled.path, what, err) from err
+        fs, path = self.spilled.fs, self.spilled.path
+        what = "the selected rows' columns, written into the output directory by a worker"
+        with fsio.explain_missing(fs, what, path):
+            data = fsio.read_bytes(fs, path)  # retried when remote
         other = pa.ipc.open_stream(data).read_all().slice(start, stop - start)
         columns = {name: held.column(name) for name in held.column_names}
         columns.update({name: other.column(name) for name in other.column_names})
@@ -120,13 +117,8 @@ def select_partition(
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, rest.schema) as stream:
             stream.write_table(rest)  # Arrow IPC: no encoding, every type as it is
-        try:
+        with fsio.explain_missing(fs, "the output directory, made by the client", directory):
             fsio.write_file(fs, spilled.path, sink.getvalue().to_pybytes())
-        except FileNotFoundError as err:  # the directory the client made is not there
-            if not fsio.is_local(fs):
-                raise
-            what = "the output directory, made by the client"
-            raise fsio.missing_here(directory, what, err) from err
         kept = kept.drop_columns(other)
     tick(progress, number, n_in)
     return Selection(kept, spans, n_in, errors, digested, sources, spilled)

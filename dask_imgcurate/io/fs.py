@@ -79,17 +79,26 @@ def _worker_address() -> str | None:
         return None
 
 
-def missing_here(path: str, what: str, err: BaseException | None = None) -> FileNotFoundError:
-    """A ``FileNotFoundError`` for a local file that ``what`` says this task expected, and
-    where it looked (a cluster's workers that do not share a disk see different files)."""
-    worker = _worker_address()
-    where = f"on Dask worker {worker}" if worker else "here"
-    reason = f" ({err.strerror})" if isinstance(err, OSError) and err.strerror else ""
-    return FileNotFoundError(
-        f"{path}: {what}, is missing {where}{reason}: removed meanwhile, or not visible there; "
-        f"the client and every worker must see the input and output at the same paths (a "
-        f"shared disk or an object store)"
-    )
+@contextlib.contextmanager
+def explain_missing(fs: fsspec.AbstractFileSystem, what: str, path: str | None = None):
+    """Turn a local ``FileNotFoundError`` inside the block into one that names the file
+    (``path``, else the error's own), what it is (``what``: this task expected it) and where
+    it was looked for: a cluster's workers that share no disk see different files. Object
+    stores' errors, which explain themselves, pass unchanged."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        path = path or err.filename
+        if not is_local(fs) or path is None:
+            raise
+        worker = _worker_address()
+        where = f"on Dask worker {worker}" if worker else "here"
+        reason = f" ({err.strerror})" if err.strerror else ""
+        raise FileNotFoundError(
+            f"{path}: {what}, is missing {where}{reason}: removed meanwhile, or not visible "
+            f"there; the client and every worker must see the input and output at the same "
+            f"paths (a shared disk or an object store)"
+        ) from err
 
 
 def join(base: str, name: str) -> str:
