@@ -409,7 +409,7 @@ def test_a_tar_changed_after_indexing_is_an_error(tmp_path: Path, source: str) -
 def test_a_machine_failure_is_raised_not_recorded_per_image(shuffled_shard, monkeypatch) -> None:
     """A pipeline DALI cannot build (an old driver, no device) or an out-of-memory error is
     no image's fault: recorded per row, every record would be dropped quietly as an error."""
-    import dask_imgcurate.io.image_reader as image_reader
+    import dask_imgcurate.io.preprocess as preprocess
     from dask_imgcurate.errors import DecoderUnavailable
 
     path, images = shuffled_shard
@@ -418,8 +418,8 @@ def test_a_machine_failure_is_raised_not_recorded_per_image(shuffled_shard, monk
     def no_driver(*args, **kwargs):
         raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
 
-    image_reader.clear_pipeline_cache()
-    monkeypatch.setattr(image_reader, "_build_pipeline", no_driver)
+    preprocess.clear_pipeline_cache()
+    monkeypatch.setattr(preprocess, "build_pipeline", no_driver)
     with pytest.raises(DecoderUnavailable, match="cannot build DALI's decoding pipeline on cpu"):
         reader().read(part)
     monkeypatch.undo()
@@ -461,22 +461,22 @@ def test_pil_fallback_reduces_16_bit_grey_as_dali_does(tmp_path: Path) -> None:
 def test_pil_decode_of_16_bit_samples_in_mode_i() -> None:
     """Mode ``I`` holds 16-bit samples (a 16-bit PGM; a 16-bit PNG in older Pillows) or
     32-bit ones (a TIFF): the file's bit depth decides, never the values."""
-    from dask_imgcurate.io.image_reader import _pil_decode
+    from dask_imgcurate.io.pil_decode import pil_decode
 
     grey = np.asarray(synthetic_image(5, (90, 70), "L"))
     pgm16 = b"P5 90 70 65535\n" + (grey.astype(np.uint16) * 257).astype(">u2").tobytes()
     pgm12 = b"P5 90 70 4080\n" + (grey.astype(np.uint16) * 16).astype(">u2").tobytes()
     assert Image.open(io.BytesIO(pgm16)).mode == "I"
     for data in (pgm16, pgm12):
-        pixels = _pil_decode(data, None, SPEC)
+        pixels = pil_decode(data, None, SPEC)
         assert pixels.dtype == np.uint8 and pixels.shape == (70, 90, 3)
         np.testing.assert_array_equal(pixels, np.repeat(grey[:, :, None], 3, axis=2))
     dark = grey.astype(np.int32) * 257  # 16-bit values, but in a 32-bit TIFF
     with pytest.raises(ValueError, match=r"^unsupported pixel format: 32-bit .* \(mode I\)$"):
-        _pil_decode(encode(Image.fromarray(dark), "TIFF"), None, SPEC)
+        pil_decode(encode(Image.fromarray(dark), "TIFF"), None, SPEC)
     floats = encode(Image.fromarray(grey.astype(np.float32) / 255), "TIFF")
     with pytest.raises(ValueError, match=r"^unsupported pixel format: floating-point .*"):
-        _pil_decode(floats, None, SPEC)
+        pil_decode(floats, None, SPEC)
 
 
 def test_pil_fallback_refuses_32_bit_samples(tmp_path: Path) -> None:
@@ -505,13 +505,13 @@ def test_junk_before_a_jpeg_marker_does_not_bypass_the_limit(tmp_path: Path) -> 
 def test_pil_fallback_enforces_the_limit_the_header_check_missed(tmp_path, monkeypatch) -> None:
     """Whatever a header parser misses, the PIL fallback checks the size before decoding,
     with the header check's text (a GIF: DALI cannot decode it, PIL can)."""
-    import dask_imgcurate.io.image_reader as image_reader
+    import dask_imgcurate.io.pixel_limits as pixel_limits
 
     gif = encode(synthetic_image(14, (120, 100), "P"), "GIF")
     part = partition_from_tar(write_tar(tmp_path / "gif.tar", [("g.jpg", gif)]))
     want = {"g": "decode: 120x100 image (0.012 MP) exceeds max_image_pixels=11999"}
     assert reader(max_image_pixels=11_999).read(part).errors == want  # the header check's
-    monkeypatch.setattr(image_reader, "image_dimensions", lambda data: None)  # a parser gap
+    monkeypatch.setattr(pixel_limits, "image_dimensions", lambda data: None)  # a parser gap
     assert reader(max_image_pixels=12_000).read(part).keys == ["g"]
     assert reader(max_image_pixels=11_999).read(part).errors == want
 
@@ -520,7 +520,7 @@ def test_pillows_own_limit_is_named_with_how_to_raise_it(tmp_path, monkeypatch) 
     """With ``max_image_pixels`` above Pillow's own limit (2 x MAX_IMAGE_PIXELS), Pillow
     still refuses to read a TIFF's header or to decode in the PIL fallback (a GIF): the
     error says which limit refused the image and how to raise it."""
-    import dask_imgcurate.io.image_reader as image_reader
+    import dask_imgcurate.io.pixel_limits as pixel_limits
 
     members = [
         ("tiff.jpg", encode(synthetic_image(3, (60, 50)), "TIFF")),
@@ -536,7 +536,7 @@ def test_pillows_own_limit_is_named_with_how_to_raise_it(tmp_path, monkeypatch) 
     )
     batch = reader(max_image_pixels=10**6).read(part)  # TIFF: the header check's (via PIL)
     assert batch.errors == {"gif": want, "tiff": want}
-    monkeypatch.setattr(image_reader, "image_dimensions", lambda data: None)  # a parser gap
+    monkeypatch.setattr(pixel_limits, "image_dimensions", lambda data: None)  # a parser gap
     batch = reader(max_image_pixels=10**6).read(part)
     assert batch.keys == ["tiff"] and batch.errors == {"gif": want}  # DALI decodes the TIFF
 

@@ -26,10 +26,9 @@ that has already moved on cannot say which samples were lost. With ``external_so
 caller knows every sample it fed, so a failed batch is retried one sample at a time (each
 failure discards the pipeline and builds a fresh one) and only the bad images are lost.
 Images DALI cannot decode (e.g. GIF data behind a ``.png`` name) are retried with PIL when
-``pil_fallback`` is on and then resized and normalised by the same DALI ops. The fallback
-checks ``max_image_pixels`` on the size PIL reads before decoding, keeps the high byte of
-16-bit greyscale (as DALI does) and refuses 32-bit integer and floating-point samples, whose
-range is unknown.
+``pil_fallback`` is on (:mod:`~dask_imgcurate.io.pil_decode`) and then resized and
+normalised by the same DALI ops (:mod:`~dask_imgcurate.io.preprocess`). Images too large
+to decode are refused first (:mod:`~dask_imgcurate.io.pixel_limits`).
 
 Row ids travel through the pipeline next to the pixels and are checked on the way out;
 callers match results to metadata rows by key, never by position. Preprocessing follows
@@ -45,14 +44,12 @@ Errors are strings: ``"no image"``, ``"read: <reason>"`` or ``"decode: <reason>"
 
 from __future__ import annotations
 
-import io
 import logging
 import numbers
 import os
 import queue
 import re
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,8 +61,24 @@ import torch
 from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_device
 from dask_imgcurate.errors import DecoderUnavailable, RangeRequestsUnsupported
 from dask_imgcurate.io import fs as fsio
-from dask_imgcurate.io.image_header import ImageTooLarge, image_dimensions, pillow_limit_message
+from dask_imgcurate.io.image_header import ImageTooLarge
+from dask_imgcurate.io.pil_decode import pil_decode
+from dask_imgcurate.io.pixel_limits import MAX_IMAGE_PIXELS, refuse_oversized
+from dask_imgcurate.io.preprocess import POOL, PreprocessSpec, clear_pipeline_cache
+from dask_imgcurate.io.reasons import OBJECT_REPR, dali_reason, machine_failure, short
 from dask_imgcurate.io.shards import check_unchanged, version_type_error
+
+__all__ = [  # PreprocessSpec, MAX_IMAGE_PIXELS, clear_pipeline_cache: imported from here too
+    "EMPTY_IMAGE",
+    "MAX_IMAGE_PIXELS",
+    "NO_IMAGE",
+    "DaliImageReader",
+    "ImageBatch",
+    "PreprocessSpec",
+    "check_reader_options",
+    "clear_pipeline_cache",
+    "is_reader_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,68 +86,6 @@ NO_IMAGE = "no image"
 EMPTY_IMAGE = "decode: empty image data"  # a zero-byte member, with either source
 SOURCES = ("range", "webdataset")
 MAX_THREADS = 1024  # DALI threads per pipeline (far more abort the process)
-# Images declaring more pixels are refused before decoding (decompression bombs): PIL's
-# default Image.MAX_IMAGE_PIXELS, 89.5 megapixels (a 9459 x 9459 image).
-MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
-
-_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """Model input preprocessing: output ``size`` (H, W), per-channel ``mean``/``std`` in [0, 1]."""
-
-    size: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = _OPENAI_MEAN
-    std: tuple[float, float, float] = _OPENAI_STD
-    interpolation: str = "bicubic"  # or "bilinear"
-    resize_mode: str = "shortest"  # "shortest" (resize + center crop), "longest" (+ pad), "squash"
-    fill_color: int = 0  # padding value for resize_mode="longest"
-
-    def resized_pixels(self, width: int, height: int) -> float:
-        """Pixels of a ``width`` x ``height`` image once resized, before the crop: for
-        "shortest", the short side becomes the model's, so an image of extreme aspect ratio
-        (1 x 100000) grows to gigabytes however few pixels it declares."""
-        out_h, out_w = self.size
-        if self.resize_mode != "shortest" or not width or not height:
-            return float(out_h * out_w)
-        ratio = min(height / out_h, width / out_w)
-        return width * height / ratio**2
-
-    def __post_init__(self) -> None:
-        if self.interpolation not in ("bicubic", "bilinear", "random"):
-            raise ValueError(f"unsupported interpolation {self.interpolation!r}")
-        if self.resize_mode not in ("shortest", "longest", "squash"):
-            raise ValueError(f"unsupported resize_mode {self.resize_mode!r}")
-
-    @classmethod
-    def from_open_clip(cls, model_or_cfg: Any) -> PreprocessSpec:
-        """Spec from an open_clip model (its ``visual.preprocess_cfg``) or such a dict."""
-        if isinstance(model_or_cfg, dict):
-            cfg = model_or_cfg
-        else:
-            import open_clip
-
-            cfg = open_clip.get_model_preprocess_cfg(model_or_cfg)
-        size = cfg.get("size", 224)
-        if isinstance(size, int):
-            size = (size, size)
-        size = tuple(int(s) for s in size)[-2:]
-
-        def triple(v: Any, default: tuple[float, ...]) -> tuple[float, float, float]:
-            v = default if v is None else v
-            v = (v,) * 3 if isinstance(v, (int, float)) else tuple(v)
-            return tuple(float(x) for x in v)  # type: ignore[return-value]
-
-        return cls(
-            size=size,  # type: ignore[arg-type]
-            mean=triple(cfg.get("mean"), _OPENAI_MEAN),
-            std=triple(cfg.get("std"), _OPENAI_STD),
-            interpolation=cfg.get("interpolation") or "bicubic",
-            resize_mode=cfg.get("resize_mode") or "shortest",
-            fill_color=int(cfg.get("fill_color") or 0),
-        )
 
 
 @dataclass
@@ -147,235 +98,6 @@ class ImageBatch:
     keys: list[str]
     images: torch.Tensor
     errors: dict[str, str] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- pipelines
-
-
-def _build_pipeline(
-    spec: PreprocessSpec, device_id: int | None, batch_size: int, num_threads: int, raw: bool
-):
-    """A DALI pipeline: encoded bytes (or, with ``raw``, HWC uint8 pixels) -> CHW float32."""
-    from nvidia.dali import fn, types
-    from nvidia.dali.pipeline import Pipeline
-
-    gpu = device_id is not None
-    pipe = Pipeline(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id,
-        prefetch_queue_depth=1,
-        exec_dynamic=True,  # _preprocess reads GPU outputs' shapes (older DALIs: not default)
-    )
-    with pipe:
-        ids = fn.external_source(name="ids", dtype=types.INT64, ndim=1)
-        if raw:
-            images = fn.external_source(name="data", dtype=types.UINT8, ndim=3, layout="HWC")
-            if gpu:
-                images = images.gpu()
-        else:
-            data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
-            images = fn.decoders.image(
-                data,
-                device="mixed" if gpu else "cpu",
-                output_type=types.RGB,
-                jpeg_fancy_upsampling=True,  # what libjpeg (PIL) does by default
-            )
-        pipe.set_outputs(_preprocess(images, spec), ids)
-    pipe.build()
-    return pipe
-
-
-def _preprocess(images, spec: PreprocessSpec):
-    """DALI ops reproducing open_clip's eval transform geometry exactly, then normalising.
-
-    The output size and the crop/pad offsets are computed per sample from the decoded shape
-    with torchvision's integer arithmetic (``Resize``: long side ``int(S * long / short)``;
-    ``CenterCrop``: offset ``int(round((n - S) / 2))``, half to even), because DALI's own
-    ``resize_shorter`` / ``crop_pos`` round differently and shift some images by a pixel.
-    """
-    from nvidia.dali import fn, types
-    from nvidia.dali import math as dmath
-
-    out_h, out_w = spec.size
-    shape = images.shape(dtype=types.FLOAT64)
-    h, w = shape[0], shape[1]
-
-    def _round_half_even(x):  # Python's round()
-        r = dmath.floor(x + 0.5)
-        return r - ((x + 0.5) == r) * ((r - 2 * dmath.floor(r / 2)) == 1)
-
-    if spec.resize_mode == "squash":
-        new_h, new_w = h * 0 + out_h, w * 0 + out_w
-    elif spec.resize_mode == "shortest" and out_h == out_w:
-        # torchvision Resize(int): short side -> S, long side -> int(S * long / short)
-        portrait = w <= h
-        new_long = dmath.floor(out_h * dmath.max(h, w) / dmath.min(h, w))
-        new_w = portrait * out_w + (1 - portrait) * new_long
-        new_h = portrait * new_long + (1 - portrait) * out_h
-    else:
-        # open_clip ResizeKeepRatio: scale by the min ("shortest") or max ("longest") ratio
-        ratio_h, ratio_w = h / out_h, w / out_w
-        pick = dmath.max if spec.resize_mode == "longest" else dmath.min
-        ratio = pick(ratio_h, ratio_w)
-        new_h, new_w = _round_half_even(h / ratio), _round_half_even(w / ratio)
-
-    def offset(n, target: int):
-        # torchvision center_crop (pads first when the image is smaller than the target)
-        d = n - target
-        crop = dmath.floor(d / 2) + ((d - 4 * dmath.floor(d / 4)) == 3)  # round(d / 2), half even
-        pad = -dmath.floor(-d / 2)  # -(target - n) // 2
-        fits = d >= 0
-        return fits * crop + (1 - fits) * pad
-
-    interp = types.INTERP_LINEAR if spec.interpolation == "bilinear" else types.INTERP_CUBIC
-    images = fn.resize(
-        images,
-        resize_x=fn.cast(new_w, dtype=types.FLOAT),
-        resize_y=fn.cast(new_h, dtype=types.FLOAT),
-        interp_type=interp,
-        antialias=True,
-    )
-    if spec.resize_mode != "squash":
-        anchor = fn.cast(fn.stack(offset(new_h, out_h), offset(new_w, out_w)), dtype=types.FLOAT)
-        size = fn.cast(fn.stack(h * 0 + out_h, w * 0 + out_w), dtype=types.FLOAT)
-        images = fn.slice(
-            images,
-            anchor,
-            size,
-            axis_names="HW",
-            normalized_anchor=False,
-            normalized_shape=False,
-            out_of_bounds_policy="pad",
-            fill_values=[float(spec.fill_color)] * 3,
-        )
-    return fn.crop_mirror_normalize(
-        images,
-        mean=[255.0 * m for m in spec.mean],
-        std=[255.0 * s for s in spec.std],
-        dtype=types.FLOAT,
-        output_layout="CHW",
-    )
-
-
-class _PipelinePool:
-    """Process-wide free lists of built pipelines, so partitions reuse them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: dict[tuple, list] = {}
-
-    def acquire(self, key: tuple):
-        with self._lock:
-            free = self._free.get(key)
-            if free:
-                return free.pop()
-        return _build_pipeline(*key)
-
-    def release(self, key: tuple, pipe) -> None:
-        with self._lock:
-            self._free.setdefault(key, []).append(pipe)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-
-
-_POOL = _PipelinePool()
-
-
-def clear_pipeline_cache() -> None:
-    """Drop the cached DALI pipelines of this process."""
-    _POOL.clear()
-
-
-_DALI_REASON = re.compile(r"encountered:\s*(.*?)\s*(?:Current pipeline object|$)", re.S)
-_OBJ_REPR = re.compile(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>")
-
-
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# nvimgcodecStatus_t values (nvimgcodec.h) in DALI decoder errors ("nvImageCodec failure: '#4'")
-_NVIMGCODEC_STATUS = {
-    2: "invalid parameter",
-    3: "bad code stream",
-    4: "unsupported or unrecognised image format",
-    5: "allocator failure",
-    6: "execution failed",
-    17: "codec extension internal error",  # e.g. a PNG cut short
-}
-_STATUS_RE = re.compile(r"nvImageCodec failure: '#(\d+)'")
-_SAMPLE_RE = re.compile(r"Failed to decode sample #\d+\s*:?\s*")
-
-
-def _dali_reason(err: BaseException) -> str:
-    """A short reason from a DALI pipeline error (the text after "encountered:")."""
-    message = str(err)
-    match = _DALI_REASON.search(message)
-    reason = match.group(1) if match and match.group(1).strip() else message.splitlines()[0]
-    reason = _STATUS_RE.sub(
-        lambda m: _NVIMGCODEC_STATUS.get(int(m.group(1)), f"nvImageCodec status {m.group(1)}"),
-        reason,
-    )
-    reason = _SAMPLE_RE.sub("failed to decode image data ", reason)
-    reason = reason.strip().rstrip(":").strip()
-    return _short(reason or type(err).__name__)
-
-
-def _pil_decode(data: bytes, limit: int | None, spec: PreprocessSpec) -> np.ndarray:
-    """HWC uint8 RGB pixels of ``data`` decoded by PIL, EXIF orientation applied. Raises
-    ``ImageTooLarge`` before decoding an image over ``limit`` pixels (as
-    ``_oversize_reason``) or over Pillow's own limit; ``ValueError`` for pixel formats of
-    unknown range (32-bit integer, float)."""
-    from PIL import Image, ImageOps
-
-    try:
-        with warnings.catch_warnings():  # the limit that applies is ``limit``
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ImageTooLarge(pillow_limit_message(err)) from None
-    with opened as im:
-        reason = None if limit is None else _oversize_reason(*im.size, limit, spec)
-        if reason is not None:
-            raise ImageTooLarge(reason)
-        sixteen_bits = im.mode.startswith("I;16") or (im.mode == "I" and _holds_16_bits(im))
-        if im.mode in ("I", "F") and not sixteen_bits:
-            kind = "floating-point" if im.mode == "F" else "32-bit or signed integer"
-            raise ValueError(f"unsupported pixel format: {kind} samples (mode {im.mode})")
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if sixteen_bits:
-            return _grey16_to_rgb(np.asarray(im))
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
-
-
-_UINT16_RAWMODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
-
-
-def _holds_16_bits(im) -> bool:
-    """Whether mode ``I`` image ``im`` holds unsigned 16-bit samples, by what PIL decodes it
-    from (call before ``load()``, which drops its tiles): a 16-bit raw mode (a 16-bit PNG in
-    older Pillows, a 16-bit PNM) or PNM's decoder, which scales any maxval to 16 bits."""
-    if not im.tile:
-        return False
-    codec, args = im.tile[0][0], im.tile[0][3]
-    rawmode = args if isinstance(args, str) else (args[0] if args else None)
-    return codec in ("ppm", "ppm_plain") or rawmode in _UINT16_RAWMODES
-
-
-def _grey16_to_rgb(grey: np.ndarray) -> np.ndarray:
-    """HWC uint8 RGB of 16-bit grey samples: their high byte, as DALI decodes 16-bit PNGs."""
-    high = (np.clip(grey, 0, 0xFFFF).astype(np.uint16) >> 8).astype(np.uint8)
-    return np.ascontiguousarray(np.repeat(high[:, :, None], 3, axis=2))
-
-
-# --------------------------------------------------------------------------- reader
 
 
 def is_reader_error(error: str) -> bool:
@@ -476,7 +198,7 @@ class DaliImageReader:
         for ids, datas, errors in self._encoded_batches(partition):
             batch_errors = {keys[i]: reason for i, reason in errors.items()}
             if ids and self.max_image_pixels is not None:
-                ids, datas, too_large = _refuse_oversized(
+                ids, datas, too_large = refuse_oversized(
                     ids, datas, self.max_image_pixels, self.preprocess
                 )
                 batch_errors.update({keys[i]: reason for i, reason in too_large.items()})
@@ -546,7 +268,7 @@ class DaliImageReader:
         try:
             fs, path = fsio.url_to_fs(shard, self.storage_options)
         except Exception as err:  # noqa: BLE001 - any failure to open is a per-row error
-            yield [], [], {i: f"read: {_short(str(err) or type(err).__name__)}" for i in rows}
+            yield [], [], {i: f"read: {short(str(err) or type(err).__name__)}" for i in rows}
             return
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
@@ -555,7 +277,7 @@ class DaliImageReader:
             except RangeRequestsUnsupported:  # the server's, not the rows': stop the run
                 raise
             except Exception as err:  # noqa: BLE001
-                yield [], [], {i: f"read: {_short(str(err) or type(err).__name__)}" for i in chunk}
+                yield [], [], {i: f"read: {short(str(err) or type(err).__name__)}" for i in chunk}
                 continue
             ids, datas, errors = [], [], {}
             for i, blob in zip(chunk, blobs):
@@ -606,7 +328,7 @@ class DaliImageReader:
             log.warning(
                 "DALI webdataset reader failed on %s (%s); reading by byte range",
                 shard,
-                _dali_reason(err),
+                dali_reason(err),
             )
         if pending_ids:
             yield pending_ids, pending, {}
@@ -627,11 +349,11 @@ class DaliImageReader:
         """Run one pipeline batch; raise on any failure (the pipeline is then discarded)."""
         key = self._key(raw)
         try:
-            pipe = _POOL.acquire(key)
+            pipe = POOL.acquire(key)
         except Exception as err:  # not the images': the machine's (driver, device, memory)
             raise DecoderUnavailable(
                 f"cannot build DALI's decoding pipeline on {self.device} "
-                f"({_short(str(err) or type(err).__name__)})"
+                f"({short(str(err) or type(err).__name__)})"
             ) from err
         try:
             pipe.feed_input("data", list(datas))
@@ -644,7 +366,7 @@ class DaliImageReader:
         except BaseException:
             del pipe  # a failed pipeline is not reused
             raise
-        _POOL.release(key, pipe)
+        POOL.release(key, pipe)
         return tensor
 
     def _to_torch(self, images) -> torch.Tensor:
@@ -668,9 +390,9 @@ class DaliImageReader:
         try:
             return self._run(ids, datas, raw), ""
         except Exception as err:  # noqa: BLE001 - sorted here
-            if _machine_failure(err):
+            if machine_failure(err):
                 raise
-            return None, _dali_reason(err)
+            return None, dali_reason(err)
 
     def _decode(
         self, ids: list[int], datas: list[np.ndarray]
@@ -690,13 +412,13 @@ class DaliImageReader:
                 tensor, reason = self._attempt([i], [data], raw=False)
             if tensor is None and self.pil_fallback:
                 try:
-                    pixels = _pil_decode(data.tobytes(), self.max_image_pixels, self.preprocess)
+                    pixels = pil_decode(data.tobytes(), self.max_image_pixels, self.preprocess)
                 except ImageTooLarge as err:  # not decoded: the header check's text
-                    errors[i] = f"decode: {_short(str(err))}"
+                    errors[i] = f"decode: {short(str(err))}"
                     continue
                 except Exception as pil_err:  # noqa: BLE001
-                    message = _OBJ_REPR.sub("", str(pil_err)) or type(pil_err).__name__
-                    errors[i] = f"decode: {_short(message)} (DALI: {reason})"
+                    message = OBJECT_REPR.sub("", str(pil_err)) or type(pil_err).__name__
+                    errors[i] = f"decode: {short(message)} (DALI: {reason})"
                     continue
                 tensor, reason = self._attempt([i], [pixels], raw=True)
             if tensor is None:
@@ -706,69 +428,6 @@ class DaliImageReader:
             ok_ids.append(i)
         images = torch.cat(tensors) if tensors else self._empty()
         return ok_ids, images, errors
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _machine_failure(err: BaseException) -> bool:
-    """Whether a decoding failure is the machine's (no pipeline, memory, CUDA), not an
-    image's."""
-    if isinstance(err, (DecoderUnavailable, MemoryError)) or type(err).__name__ in (
-        "OutOfMemoryError",  # torch.OutOfMemoryError
-        "AcceleratorError",  # torch's CUDA errors
-    ):
-        return True
-    text = str(err).lower()
-    return any(s in text for s in ("out of memory", "cuda error", "cudaerror", "cuda driver"))
-
-
-def _refuse_oversized(
-    ids: list[int], datas: list[np.ndarray], limit: int, spec: PreprocessSpec
-) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
-    """Keep the images whose headers declare at most ``limit`` pixels, and that resize to
-    at most ``limit`` pixels (``spec``); the others (decompression bombs, extreme aspect
-    ratios) become errors before a decoder or a resize allocates their pixels."""
-    kept_ids, kept, errors = [], [], {}
-    for i, data in zip(ids, datas):
-        try:
-            size = image_dimensions(data)
-        except ImageTooLarge as err:
-            errors[i] = f"decode: {_short(str(err))}"
-            continue
-        reason = None if size is None else _oversize_reason(*size, limit, spec)
-        if reason is not None:
-            errors[i] = f"decode: {reason}"
-            continue
-        kept_ids.append(i)
-        kept.append(data)
-    return kept_ids, kept, errors
-
-
-def _oversize_reason(width: int, height: int, limit: int, spec: PreprocessSpec) -> str | None:
-    """Why a ``width`` x ``height`` image is refused under ``limit`` pixels, counting its
-    resize (``spec``) before the center crop; None when it is not."""
-    if width * height > limit:
-        return (
-            f"{width}x{height} image ({_megapixels(width * height)} MP) exceeds "
-            f"max_image_pixels={limit}"
-        )
-    resized = spec.resized_pixels(width, height)
-    if resized > limit:
-        return (
-            f"{width}x{height} image would resize to {_megapixels(resized)} MP before its "
-            f"center crop (aspect ratio {max(width, height) / max(min(width, height), 1):.0f}:1), "
-            f"over max_image_pixels={limit}"
-        )
-    return None
-
-
-def _megapixels(pixels: float) -> str:
-    """``pixels`` in megapixels: whole from 100 MP, else to 3 significant digits."""
-    mp = pixels / 1e6
-    if mp >= 100:
-        return f"{mp:.0f}"
-    return np.format_float_positional(mp, precision=3, fractional=False, trim="-")
 
 
 def _int_column(df: pd.DataFrame, name: str) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 
 from dask_imgcurate.device import resolve_device
 from dask_imgcurate.errors import RandomWeightsWarning  # noqa: F401 (its old home)
-from dask_imgcurate.io.image_reader import PreprocessSpec
+from dask_imgcurate.io.preprocess import PreprocessSpec
 from dask_imgcurate.models.builtin import register_builtin_configs
 from dask_imgcurate.models.cache import ProcessCache, file_signature
 
