@@ -607,6 +607,26 @@ def test_save_metadata_of_a_reshaped_frame_keeps_every_row(demo_dir, tmp_path, r
         assert saved["score"].tolist() == expected["score"].tolist()
 
 
+def test_save_metadata_of_categoricals_split_across_partitions_reloads(tmp_path):
+    """A shard whose rows sit in two partitions, each with its own 100 categories (int8
+    codes): its merged Parquet holds 200, and must be readable (it was written with int8
+    indices, which no reader could read back, replacing the sidecar with path=None)."""
+    src = tmp_path / "src"
+    demo.make_demo_dataset(src, n_shards=1, samples_per_shard=200, seed=2)
+    ds = load(src)
+    meta = ds.metadata.repartition(npartitions=2)
+    meta = meta.assign(text=(meta["caption"] + " #" + meta["key"]).astype("category"))
+    expected = meta.compute()
+    with dask.config.set(scheduler="synchronous"):
+        result = ds.with_metadata(meta).save_metadata()
+    assert result["rows"].tolist() == [200]
+    table = pq.read_table(src / "00000.parquet")
+    assert pa.types.is_dictionary(table.schema.field("text").type)
+    assert table.column("text").to_pylist() == expected["text"].astype(str).tolist()
+    reloaded = load(src).metadata.compute()
+    assert reloaded["text"].astype(str).tolist() == expected["text"].astype(str).tolist()
+
+
 def test_save_metadata_to_another_filesystem(demo_dir_nopq, tmp_path):
     """``path`` names its own filesystem (here memory://, for a local dataset)."""
     ds = load(demo_dir_nopq)
