@@ -59,7 +59,9 @@ def _pandas_type(arrow_type: pa.DataType):
         )
     if pa.types.is_boolean(arrow_type):
         return pd.BooleanDtype()
-    if pa.types.is_nested(arrow_type):
+    if pa.types.is_nested(arrow_type) or pa.types.is_decimal(arrow_type):
+        # decimals as Python objects would be saved again with a precision inferred from
+        # each partition's values: shards of one column typed differently, which no longer load
         return pd.ArrowDtype(arrow_type)
     return None
 
@@ -69,7 +71,8 @@ def to_frame(table: pa.Table, backend: str):
 
     pandas frames keep strings Arrow-backed, integers and booleans nullable (``Int64``,
     ``boolean``: a null never turns an int column into floats), and nested columns
-    (embeddings, member lists) as ``pd.ArrowDtype``, so nothing becomes Python objects.
+    (embeddings, member lists) and decimals as ``pd.ArrowDtype``, so nothing becomes Python
+    objects.
     """
     if backend == "cudf":
         import cudf

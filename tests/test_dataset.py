@@ -6,6 +6,7 @@ Expected values come from independent readers: ``tarfile`` for members and paylo
 
 from __future__ import annotations
 
+import decimal
 import gzip
 import hashlib
 import importlib.util
@@ -625,6 +626,28 @@ def test_save_metadata_of_categoricals_split_across_partitions_reloads(tmp_path)
     assert table.column("text").to_pylist() == expected["text"].astype(str).tolist()
     reloaded = load(src).metadata.compute()
     assert reloaded["text"].astype(str).tolist() == expected["text"].astype(str).tolist()
+
+
+def test_decimal_columns_keep_their_type_through_a_reload_and_a_second_save(tmp_path):
+    """Decimals loaded as Python objects were saved again with a precision inferred from each
+    partition's values (decimal128(2, 2) for one shard, (3, 2) for the next): the dataset
+    then failed to load ('does not fit in precision 2'), and so did an export of it."""
+    src = tmp_path / "src"
+    demo.make_demo_dataset(src, n_shards=2, samples_per_shard=4, seed=1)
+    kind = pa.decimal128(10, 2)
+    for i, parquet in enumerate(sorted(src.glob("*.parquet"))):  # 0.0x, then 9.0x
+        table = pq.read_table(parquet)
+        prices = [decimal.Decimal(9 * i) + decimal.Decimal(k) / 100 for k in range(len(table))]
+        pq.write_table(table.append_column("price", pa.array(prices, kind)), parquet)
+    ds = load(src)
+    expected = ds.metadata.compute()["price"].tolist()
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=4)
+        ds.save_metadata()
+    for path in (src, tmp_path / "out"):
+        assert {pq.read_schema(p).field("price").type for p in path.glob("*.parquet")} == {kind}
+        assert load(path).metadata.compute()["price"].tolist() == expected
+    assert ds.metadata.dtypes["price"] == pd.ArrowDtype(kind)  # no Python objects
 
 
 def test_save_metadata_to_another_filesystem(demo_dir_nopq, tmp_path):
