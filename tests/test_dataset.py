@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import dask
+import dask.dataframe as dd
 import fsspec
 import numpy as np
 import pandas as pd
@@ -648,6 +649,30 @@ def test_decimal_columns_keep_their_type_through_a_reload_and_a_second_save(tmp_
         assert {pq.read_schema(p).field("price").type for p in path.glob("*.parquet")} == {kind}
         assert load(path).metadata.compute()["price"].tolist() == expected
     assert ds.metadata.dtypes["price"] == pd.ArrowDtype(kind)  # no Python objects
+
+
+@pytest.mark.parametrize("how", ["merge", "concat"])
+def test_save_metadata_refuses_repeated_ids_before_writing(demo_dir, copy_dataset, how):
+    """Two rows for one record (a merge with a table that repeats a key; a dataset's
+    metadata concatenated twice, its shard's rows then in two partitions) made a sidecar
+    that repeats ids, which never loads again (whatever on_mismatch): refused, and the
+    dataset's own sidecars are left as they were."""
+    path = copy_dataset(demo_dir)
+    ds = load(path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    meta = ds.metadata
+    if how == "merge":
+        scores = pd.DataFrame({"key": pd.array(["000000013"] * 2, "string"), "s": [1.0, 2.0]})
+        meta = meta.merge(scores, on="key", how="left")
+        repeated = r"\['000000013'\] of .*00001\.tar"
+    else:
+        meta = dd.concat([meta, meta.partitions[2]])
+        repeated = r"\['000000024', .* of .*00002\.tar"
+    with pytest.raises(ValueError, match=rf"several rows for records {repeated}"):
+        with dask.config.set(scheduler="synchronous"):
+            ds.with_metadata(meta).save_metadata()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # no fragment left
+    assert len(load(path).metadata.compute()) == 36
 
 
 def test_save_metadata_to_another_filesystem(demo_dir_nopq, tmp_path):
