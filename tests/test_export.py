@@ -435,6 +435,10 @@ def test_old_id_col_must_not_be_the_id_column(source, tmp_path):
     with pytest.raises(ValueError, match="old_id_col='key' is the id column"):
         ds.to_webdataset(str(tmp_path / "a"), old_id_col="key")
     assert not (tmp_path / "a").exists()
+    for bookkeeping in ("_shard", "_keep"):  # which from_webdataset would leave out
+        with pytest.raises(ValueError, match=f"old_id_col='{bookkeeping}' is a bookkeeping"):
+            ds.to_webdataset(str(tmp_path / "a"), old_id_col=bookkeeping)
+        assert not (tmp_path / "a").exists()
     with pytest.warns(UserWarning, match="replaces the metadata column"):
         ds.to_webdataset(str(tmp_path / "b"), samples_per_shard=100, old_id_col="caption")
     table = pq.read_table(tmp_path / "b" / "00000.parquet")
