@@ -59,7 +59,9 @@ def _pandas_type(arrow_type: pa.DataType):
         )
     if pa.types.is_boolean(arrow_type):
         return pd.BooleanDtype()
-    if pa.types.is_nested(arrow_type):
+    if pa.types.is_nested(arrow_type) or pa.types.is_decimal(arrow_type):
+        # decimals as Python objects would be saved again with a precision inferred from
+        # each partition's values: shards of one column typed differently, which no longer load
         return pd.ArrowDtype(arrow_type)
     return None
 
@@ -69,7 +71,8 @@ def to_frame(table: pa.Table, backend: str):
 
     pandas frames keep strings Arrow-backed, integers and booleans nullable (``Int64``,
     ``boolean``: a null never turns an int column into floats), and nested columns
-    (embeddings, member lists) as ``pd.ArrowDtype``, so nothing becomes Python objects.
+    (embeddings, member lists) and decimals as ``pd.ArrowDtype``, so nothing becomes Python
+    objects.
     """
     if backend == "cudf":
         import cudf
@@ -102,7 +105,21 @@ def to_arrow(frame) -> pa.Table:
         table = _typed_nulls(frame.to_arrow(preserve_index=False), frame)
     else:
         table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = _wide_dictionaries(table)
     return table.replace_schema_metadata(None)  # no pandas dtype notes in our Parquet files
+
+
+def _wide_dictionaries(table: pa.Table) -> pa.Table:
+    """Dictionary (categorical) columns with int32 indices: pandas gives each partition the
+    narrowest codes its own categories need (int8 up to 127), so the rows of several
+    partitions (one output shard, one shard's merged Parquet) could not share a dictionary,
+    and a Parquet file holding them all as int8 could not be read back."""
+    for i, field in enumerate(table.schema):
+        kind = field.type
+        if pa.types.is_dictionary(kind) and kind.index_type.bit_width < 32:
+            wide = pa.dictionary(pa.int32(), kind.value_type, kind.ordered)
+            table = table.set_column(i, field.with_type(wide), table.column(i).cast(wide))
+    return table
 
 
 def _typed_nulls(table: pa.Table, frame) -> pa.Table:

@@ -202,7 +202,7 @@ class ImageTextPairDataset:
             try:
                 with dask.config.set({"dataframe.convert-string": False}), progress:
                     fragments = frame.map_partitions(writer, meta=result_meta).compute()
-                written = _publish_fragments(out_fs, fragments)
+                written = _publish_fragments(out_fs, fragments, self.id_col)
                 writer.remove_fragments(directories)  # of tasks run again (a worker died)
                 return written
             except BaseException:
@@ -422,6 +422,7 @@ class _MetadataWriter:
         rows = []
         for source in shards:
             part = table.filter(pc.equal(table.column("_shard"), source))
+            _refuse_repeated_ids(part.column(self.columns[0]), source)
             out = self._path_for(source)
             fragment = self._fragment_for(out, number)
             with fsio.atomic_write(self.out_fs, fragment) as tmp:
@@ -472,9 +473,25 @@ def _error_count(table: pa.Table) -> int:
     return len(table) - table.column("error").null_count
 
 
-def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
+def _refuse_repeated_ids(ids: pa.ChunkedArray, shard: str) -> None:
+    """A sidecar whose ids repeat never loads (``MetadataMismatchError``, whatever
+    ``on_mismatch``): refuse to write one, before any file is published (a merge with a
+    table that repeats keys, the same dataset concatenated twice)."""
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if len(repeated):
+        raise ValueError(
+            f"save_metadata: the metadata has several rows for records "
+            f"{sorted(repeated.to_pylist(), key=str)[:10]} of {shard} (ids repeated: "
+            f"{len(repeated)}; a merge with a table that repeats keys?): a sidecar with "
+            f"repeated ids cannot be loaded; drop the duplicates first (drop_duplicates)"
+        )
+
+
+def _publish_fragments(fs, fragments: pd.DataFrame, id_col: str) -> pd.DataFrame:
     """One Parquet per shard from its fragments: a rename for one fragment, a merge (rows
-    in partition order) for several."""
+    in partition order) for several. Every merge is done (and checked) before any file is
+    published."""
     shards_of = fragments.groupby("path", sort=False)["shard"].unique()
     for path, shards in shards_of.items():
         if len(shards) > 1:  # e.g. a/00000.tar and b/00000.tar, saved to one directory
@@ -484,16 +501,15 @@ def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
             )
     for directory in {posixpath.dirname(f) for f in fragments["fragment"]}:
         fs.invalidate_cache(directory)  # workers wrote the fragments: a cached listing lacks them
-    merges, rows = [], []
+    merges, rows, sources = [], [], []
     for (shard, path), group in fragments.groupby(["shard", "path"], sort=False):
         parts = group["fragment"].tolist()
-        target = fs._strip_protocol(path)
         if len(parts) == 1:
-            what = "the metadata of a shard, written there by a worker"
-            with fsio.explain_missing(fs, what, parts[0]):
-                fsio.move(fs, parts[0], target)
+            sources.append(parts[0])
         else:
-            merges.append(dask.delayed(_merge_fragments)(fs, parts, target))
+            merged = _merged_name(parts[0])
+            merges.append(dask.delayed(_merge_fragments)(fs, parts, merged, id_col, shard))
+            sources.append(merged)
         rows.append(
             {
                 "shard": shard,
@@ -503,15 +519,27 @@ def _publish_fragments(fs, fragments: pd.DataFrame) -> pd.DataFrame:
             }
         )
     dask.compute(*merges)
+    what = "the metadata of a shard, written there by a worker"
+    for source, row in zip(sources, rows):
+        with fsio.explain_missing(fs, what, source):
+            fsio.move(fs, source, fs._strip_protocol(row["path"]))
     counts = {"rows": "int64", "errors": "int64"}
     return pd.DataFrame(rows, columns=["shard", "path", *counts]).astype(counts)
 
 
-def _merge_fragments(fs, fragments: list[str], path: str) -> None:
+def _merged_name(fragment: str) -> str:
+    """A hidden name for the merge of a shard's fragments, which a failed run removes with
+    them (``_MetadataWriter.remove_fragments``)."""
+    return f"{fragment.rsplit('-part', 1)[0]}-part-merged-{uuid.uuid4().hex[:8]}"
+
+
+def _merge_fragments(fs, fragments: list[str], path: str, id_col: str, shard: str) -> None:
     tables = [pq.read_table(io.BytesIO(fsio.read_bytes(fs, fragment))) for fragment in fragments]
+    # a column all null in one fragment is typed null there (pandas object columns)
+    table = pa.concat_tables(tables, promote_options="permissive")
+    _refuse_repeated_ids(table.column(id_col), shard)  # rows of one record in two partitions
     with fsio.atomic_write(fs, path) as tmp:
-        # a column all null in one fragment is typed null there (pandas object columns)
-        pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
+        pq.write_table(table, tmp)
     for fragment in fragments:
         fsio.remove_file(fs, fragment)
 

@@ -6,6 +6,7 @@ Expected values come from independent readers: ``tarfile`` for members and paylo
 
 from __future__ import annotations
 
+import decimal
 import gzip
 import hashlib
 import importlib.util
@@ -19,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import dask
+import dask.dataframe as dd
 import fsspec
 import numpy as np
 import pandas as pd
@@ -605,6 +607,72 @@ def test_save_metadata_of_a_reshaped_frame_keeps_every_row(demo_dir, tmp_path, r
         assert errors == saved["error"].notna().sum() == expected["error"].notna().sum() == 6
         assert saved["key"].tolist() == expected["key"].tolist()  # in the frame's order
         assert saved["score"].tolist() == expected["score"].tolist()
+
+
+def test_save_metadata_of_categoricals_split_across_partitions_reloads(tmp_path):
+    """A shard whose rows sit in two partitions, each with its own 100 categories (int8
+    codes): its merged Parquet holds 200, and must be readable (it was written with int8
+    indices, which no reader could read back, replacing the sidecar with path=None)."""
+    src = tmp_path / "src"
+    demo.make_demo_dataset(src, n_shards=1, samples_per_shard=200, seed=2)
+    ds = load(src)
+    meta = ds.metadata.repartition(npartitions=2)
+    meta = meta.assign(text=(meta["caption"] + " #" + meta["key"]).astype("category"))
+    expected = meta.compute()
+    with dask.config.set(scheduler="synchronous"):
+        result = ds.with_metadata(meta).save_metadata()
+    assert result["rows"].tolist() == [200]
+    table = pq.read_table(src / "00000.parquet")
+    assert pa.types.is_dictionary(table.schema.field("text").type)
+    assert table.column("text").to_pylist() == expected["text"].astype(str).tolist()
+    reloaded = load(src).metadata.compute()
+    assert reloaded["text"].astype(str).tolist() == expected["text"].astype(str).tolist()
+
+
+def test_decimal_columns_keep_their_type_through_a_reload_and_a_second_save(tmp_path):
+    """Decimals loaded as Python objects were saved again with a precision inferred from each
+    partition's values (decimal128(2, 2) for one shard, (3, 2) for the next): the dataset
+    then failed to load ('does not fit in precision 2'), and so did an export of it."""
+    src = tmp_path / "src"
+    demo.make_demo_dataset(src, n_shards=2, samples_per_shard=4, seed=1)
+    kind = pa.decimal128(10, 2)
+    for i, parquet in enumerate(sorted(src.glob("*.parquet"))):  # 0.0x, then 9.0x
+        table = pq.read_table(parquet)
+        prices = [decimal.Decimal(9 * i) + decimal.Decimal(k) / 100 for k in range(len(table))]
+        pq.write_table(table.append_column("price", pa.array(prices, kind)), parquet)
+    ds = load(src)
+    expected = ds.metadata.compute()["price"].tolist()
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=4)
+        ds.save_metadata()
+    for path in (src, tmp_path / "out"):
+        assert {pq.read_schema(p).field("price").type for p in path.glob("*.parquet")} == {kind}
+        assert load(path).metadata.compute()["price"].tolist() == expected
+    assert ds.metadata.dtypes["price"] == pd.ArrowDtype(kind)  # no Python objects
+
+
+@pytest.mark.parametrize("how", ["merge", "concat"])
+def test_save_metadata_refuses_repeated_ids_before_writing(demo_dir, copy_dataset, how):
+    """Two rows for one record (a merge with a table that repeats a key; a dataset's
+    metadata concatenated twice, its shard's rows then in two partitions) made a sidecar
+    that repeats ids, which never loads again (whatever on_mismatch): refused, and the
+    dataset's own sidecars are left as they were."""
+    path = copy_dataset(demo_dir)
+    ds = load(path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    meta = ds.metadata
+    if how == "merge":
+        scores = pd.DataFrame({"key": pd.array(["000000013"] * 2, "string"), "s": [1.0, 2.0]})
+        meta = meta.merge(scores, on="key", how="left")
+        repeated = r"\['000000013'\] of .*00001\.tar"
+    else:
+        meta = dd.concat([meta, meta.partitions[2]])
+        repeated = r"\['000000024', .* of .*00002\.tar"
+    with pytest.raises(ValueError, match=rf"several rows for records {repeated}"):
+        with dask.config.set(scheduler="synchronous"):
+            ds.with_metadata(meta).save_metadata()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # no fragment left
+    assert len(load(path).metadata.compute()) == 36
 
 
 def test_save_metadata_to_another_filesystem(demo_dir_nopq, tmp_path):

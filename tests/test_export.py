@@ -391,6 +391,33 @@ def test_categorical_ids_and_error_texts_export(source, tmp_path):
         ds.with_metadata(flags).to_webdataset(str(tmp_path / "flags"))  # object of booleans
 
 
+def test_categoricals_of_over_127_values_across_partitions_export(tmp_path):
+    """pandas codes each partition's categories with the narrowest integers (int8 up to
+    127): an output shard fed by two partitions of 64 categories each holds 128, which an
+    int8 dictionary cannot (the export failed combining them, after writing pieces)."""
+    src = tmp_path / "src"
+    make_demo_dataset(src, n_shards=2, samples_per_shard=64, seed=1)
+    ds = ImageTextPairDataset.from_webdataset(str(src))
+    meta = ds.metadata
+    text = meta["caption"] + " #" + meta["key"]  # 128 distinct values
+    meta = meta.assign(key=meta["key"].astype("category"), text=text.astype("category"))
+    ds = ds.with_metadata(meta)
+    expected = ds.metadata.compute()
+    with dask.config.set(scheduler="synchronous"):
+        wds = ds.to_webdataset(str(tmp_path / "wds"), samples_per_shard=1000, old_id_col="old")
+        images = ds.write_images(str(tmp_path / "images"), images_per_tar=1000)
+    assert wds.records_out == images.records_out == 128
+    table = pq.read_table(tmp_path / "wds" / "00000.parquet")  # readable back
+    assert table.column("old").to_pylist() == expected["key"].astype(str).tolist()
+    assert table.column("text").to_pylist() == expected["text"].astype(str).tolist()
+    assert pa.types.is_dictionary(table.schema.field("text").type)
+    ids = [name.split(".")[0] for name, _ in tar_members(tmp_path / "wds" / "00000.tar")]
+    assert ids[::3] == table.column("key").to_pylist()
+    (parquet,) = (tmp_path / "images").glob("*.parquet")
+    assert pq.read_table(parquet).column("text").to_pylist() == table.column("text").to_pylist()
+    assert not [p for p in (tmp_path / "wds").iterdir() if p.name.startswith(".")]
+
+
 def test_write_images_keeps_ids_with_dots_in_directories(source, tmp_path):
     import webdataset as wds
 
@@ -408,6 +435,10 @@ def test_old_id_col_must_not_be_the_id_column(source, tmp_path):
     with pytest.raises(ValueError, match="old_id_col='key' is the id column"):
         ds.to_webdataset(str(tmp_path / "a"), old_id_col="key")
     assert not (tmp_path / "a").exists()
+    for bookkeeping in ("_shard", "_keep"):  # which from_webdataset would leave out
+        with pytest.raises(ValueError, match=f"old_id_col='{bookkeeping}' is a bookkeeping"):
+            ds.to_webdataset(str(tmp_path / "a"), old_id_col=bookkeeping)
+        assert not (tmp_path / "a").exists()
     with pytest.warns(UserWarning, match="replaces the metadata column"):
         ds.to_webdataset(str(tmp_path / "b"), samples_per_shard=100, old_id_col="caption")
     table = pq.read_table(tmp_path / "b" / "00000.parquet")

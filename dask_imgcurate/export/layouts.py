@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from dask_imgcurate.backend import column_names
 from dask_imgcurate.errors import DuplicateKeyError, TooManyShards
 from dask_imgcurate.export import guards, run
+from dask_imgcurate.metadata import is_bookkeeping
 
 
 def to_webdataset(
@@ -40,6 +41,12 @@ def to_webdataset(
         raise ValueError(
             f"old_id_col={old_id_col!r} is the id column, which holds the new ids; name "
             f"another column for the old ones"
+        )
+    if old_id_col and is_bookkeeping(old_id_col):
+        raise ValueError(
+            f"old_id_col={old_id_col!r} is a bookkeeping column name, which readers of the "
+            f"export's Parquet leave out (from_webdataset would drop the old ids); name "
+            f"another column"
         )
     if old_id_col and old_id_col in column_names(dataset.metadata):
         warnings.warn(
