@@ -105,8 +105,24 @@ def to_arrow(frame) -> pa.Table:
         table = _typed_nulls(frame.to_arrow(preserve_index=False), frame)
     else:
         table = pa.Table.from_pandas(frame, preserve_index=False)
+        _refuse_guessed_decimals(frame, table)
     table = _wide_dictionaries(table)
     return table.replace_schema_metadata(None)  # no pandas dtype notes in our Parquet files
+
+
+def _refuse_guessed_decimals(frame: pd.DataFrame, table: pa.Table) -> None:
+    """Refuse an object column of ``decimal.Decimal``: pyarrow gives it the precision and
+    scale of each partition's own values (``decimal128(1, 1)`` here, ``(5, 2)`` there), and
+    files written with different ones cannot be read back as one dataset."""
+    for (name, dtype), kind in zip(frame.dtypes.items(), table.schema.types):
+        if pd.api.types.is_object_dtype(dtype) and pa.types.is_decimal(kind):
+            raise TypeError(
+                f"column {name!r} holds Python Decimal objects, whose precision is guessed "
+                f"from each partition's values ({kind} in this one), so the files written "
+                f"would disagree and not load together; give it one type first, e.g. "
+                f"meta[{name!r}] = meta[{name!r}].astype(pd.ArrowDtype(pa.decimal128(38, "
+                f"{kind.scale})))"
+            )
 
 
 def _wide_dictionaries(table: pa.Table) -> pa.Table:

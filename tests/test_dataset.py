@@ -651,6 +651,38 @@ def test_decimal_columns_keep_their_type_through_a_reload_and_a_second_save(tmp_
     assert ds.metadata.dtypes["price"] == pd.ArrowDtype(kind)  # no Python objects
 
 
+def test_python_decimal_objects_are_refused_before_writing(tmp_path):
+    """A user's object column of Decimals gets, from pyarrow, each partition's own precision
+    (decimal128(1, 1) for 0.5, (5, 2) for 123.45): the sidecars saved in place then never
+    load together. Refused before any file changes, with the cast that fixes it."""
+    src = tmp_path / "src"
+    demo.make_demo_dataset(src, n_shards=2, samples_per_shard=4, seed=1)
+    ds = load(src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+
+    def add_prices(df):
+        second = df["_shard"].astype(str).str.endswith("00001.tar")
+        prices = [decimal.Decimal("123.45") if s else decimal.Decimal("0.5") for s in second]
+        return df.assign(price=pd.Series(prices, index=df.index, dtype=object))
+
+    meta = ds.metadata._meta.assign(price=pd.Series([], dtype=object))
+    ds.metadata = ds.metadata.map_partitions(add_prices, meta=meta)
+    with dask.config.set(scheduler="synchronous"):
+        with pytest.raises(TypeError, match="'price' holds Python Decimal objects"):
+            ds.save_metadata()
+        with pytest.raises(TypeError, match="'price' holds Python Decimal objects"):
+            ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=4)
+        assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+        kind = pa.decimal128(38, 2)
+        typed = ds.metadata.assign(price=ds.metadata["price"].astype(pd.ArrowDtype(kind)))
+        ds.metadata = typed
+        ds.save_metadata()  # the cast the message suggests
+    reloaded = load(src).metadata.compute()
+    assert {pq.read_schema(p).field("price").type for p in src.glob("*.parquet")} == {kind}
+    want = ["0.5"] * 4 + ["123.45"] * 4
+    assert [str(v.normalize()) for v in reloaded["price"]] == want
+
+
 @pytest.mark.parametrize("how", ["merge", "concat"])
 def test_save_metadata_refuses_repeated_ids_before_writing(demo_dir, copy_dataset, how):
     """Two rows for one record (a merge with a table that repeats a key; a dataset's
