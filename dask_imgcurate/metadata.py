@@ -267,10 +267,15 @@ def _table_from_members(
         )
     )
     n = len(records)
-    captions = [_caption(blobs[txt[r]]) if r in txt else None for r in range(n)]
-    not_utf8 = [r for r in range(n) if r in txt and captions[r] is _NOT_UTF8]
-    for r in not_utf8:
-        captions[r] = blobs[txt[r]].decode("utf-8", "replace")
+    captions: list[str | None] = [None] * n
+    not_utf8 = []  # records whose caption is shown with U+FFFD for its undecodable bytes
+    for r, member in txt.items():
+        try:
+            captions[r] = blobs[member].decode("utf-8")
+        except UnicodeDecodeError:
+            captions[r] = blobs[member].decode("utf-8", "replace")
+            not_utf8.append(r)
+    not_utf8.sort()
     if not_utf8:
         warnings.warn(
             f"{fsio.qualify(fs, shard.tar)}: {len(not_utf8)} records' .txt member is not "
@@ -338,17 +343,6 @@ def _table_from_members(
     if arrays["caption"].type == pa.null():
         arrays["caption"] = arrays["caption"].cast(pa.string())
     return pa.table(arrays)
-
-
-_NOT_UTF8 = object()
-
-
-def _caption(data: bytes):
-    """A ``.txt`` member's text, or ``_NOT_UTF8``."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return _NOT_UTF8
 
 
 def _beyond_int64(value) -> bool:
