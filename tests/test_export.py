@@ -1460,3 +1460,44 @@ def test_rows_of_another_store_in_a_persisted_frame_are_refused(source, tmp_path
     with pytest.raises(DuplicateKeyError):  # the same ids twice: refused for that, not the store
         two.write_images(str(tmp_path / "images"))
     assert two.to_webdataset(str(tmp_path / "wds")).records_out == 70
+
+
+def _fd_limit_above_open(spare: int):
+    """Lower this process's soft limit on open files so that ``spare`` more can be opened;
+    returns the limits to restore."""
+    resource = pytest.importorskip("resource")
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_fds = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    soft, free = 0, 0
+    while free < spare:  # new descriptors take the lowest free numbers, below the limit
+        free += soft not in open_fds
+        soft += 1
+    if before[0] != resource.RLIM_INFINITY and before[0] <= soft:
+        pytest.skip("the open-file limit is already low")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, before[1]))
+    return before
+
+
+def test_piece_reading_many_tars_keeps_few_files_open(tmp_path):
+    """A piece whose records come from many tars (a frame sorted by score, or a partition of
+    many files) keeps at most ``MAX_OPEN_SOURCES`` of them open: it held every one until the
+    piece was written, so 40 tars under a limit of 24 more open files (a sorted LAION frame
+    under the usual 1024) failed with EMFILE. Same bytes as with every tar open."""
+    src = tmp_path / "src"
+    make_demo_dataset(src, n_shards=40, samples_per_shard=1, seed=5)
+    ds = ImageTextPairDataset.from_webdataset(str(src), files_per_partition=40)
+    assert ds.metadata.npartitions == 1
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "reference"), samples_per_shard=100)
+        import resource
+
+        before = _fd_limit_above_open(24)
+        try:
+            summary = ds.to_webdataset(str(tmp_path / "limited"), samples_per_shard=100)
+            images = ds.write_images(str(tmp_path / "images"), images_per_tar=100)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, before)
+    assert summary.records_out == 40 and images.records_out == 40
+    assert _digest_dir(tmp_path / "limited") == _digest_dir(tmp_path / "reference")

@@ -41,6 +41,7 @@ FINGERPRINT_KEY = b"dask_imgcurate.fingerprint"
 TAR_SIZE_KEY = b"dask_imgcurate.tar_size"
 IDX_SIZE_KEY = b"dask_imgcurate.idx_size"  # of the shard's .idx; absent when it has none
 HEADER_BATCH = 1024  # members whose headers are encoded at once
+MAX_OPEN_SOURCES = 16  # source tars a reader keeps open (a sorted frame mixes thousands)
 _IOV_MAX = 1024  # buffers per writev: IOV_MAX on Linux, macOS and the BSDs
 _ZEROS = memoryview(bytes(BLOCK))
 
@@ -161,12 +162,14 @@ class _RangeReader:
     """Reads byte ranges of source tars: locally with ``preadv`` into this thread's reused
     buffer, elsewhere with ranged GETs (retried on transient errors, see ``fsio.retry``).
     ``versions``: per source, the versions it was indexed at; a local tar that is not at
-    them when opened raises ``ShardChangedError``."""
+    them when opened raises ``ShardChangedError``. At most ``MAX_OPEN_SOURCES`` local tars
+    are open at once (the least recently read is closed first): a piece of a sorted frame
+    reads from as many tars as it has records, more than a process may have files open."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, versions: dict | None = None):
         self.fs = fs
         self.local = fsio.is_local(fs)
-        self.files: dict[str, int] = {}
+        self.files: dict[str, int] = {}  # in order of use, the most recent last
         self.versions = versions or {}
 
     def read(self, source: str, start: int, end: int) -> memoryview | bytes:
@@ -175,10 +178,17 @@ class _RangeReader:
         path = self.fs._strip_protocol(source)
         want = end - start
         if self.local:
-            fd = self.files.get(path)
+            fd = self.files.pop(path, None)
             if fd is None:
-                fd = self.files[path] = os.open(path, os.O_RDONLY)
-                check_unchanged(source, self.versions.get(source, ()), os.fstat(fd))
+                while len(self.files) >= MAX_OPEN_SOURCES:
+                    os.close(self.files.pop(next(iter(self.files))))
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    check_unchanged(source, self.versions.get(source, ()), os.fstat(fd))
+                except BaseException:
+                    os.close(fd)
+                    raise
+            self.files[path] = fd  # the most recently used
             data = _read_buffer(want)
             got = _pread_all(fd, data, start)
         else:
