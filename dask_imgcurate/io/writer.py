@@ -301,10 +301,8 @@ def _copy_large(
 
 def _write(fd: int, tar: str, chunks: list, at: int) -> int:
     """``_pwrite_all``, its errors naming ``tar`` (a full disk: which one)."""
-    try:
+    with fsio.naming(tar):
         return _pwrite_all(fd, chunks, at)
-    except OSError as err:
-        raise OSError(err.errno, f"{err.strerror}: writing {tar}") from err
 
 
 class MissingPieces(RuntimeError):
@@ -378,11 +376,12 @@ def commit_shard(
                     f"not end-of-archive blocks (an inconsistency in dask_imgcurate; please "
                     f"report)"
                 )
-            os.pwrite(f.fileno(), END_OF_ARCHIVE, members_end)
+            with fsio.naming(tar_tmp):
+                os.pwrite(f.fileno(), END_OF_ARCHIVE, members_end)
         text = idx_text(plan, header_at + header_bytes) if write_idx else None
         if text is not None:
             staged.append((fsio.temp_path(out_fs, idx_path), idx_path))
-            with open(staged[-1][0], "w", encoding="utf-8") as f:
+            with fsio.naming(staged[-1][0]), open(staged[-1][0], "w", encoding="utf-8") as f:
                 f.write(text)
         else:
             fsio.remove_file(out_fs, idx_path, missing_ok=True)
@@ -392,7 +391,8 @@ def commit_shard(
         if text is not None:
             schema_meta[IDX_SIZE_KEY] = str(len(text.encode())).encode()
         staged.append((fsio.temp_path(out_fs, parquet_path), parquet_path))
-        pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
+        with fsio.naming(staged[-1][0]):
+            pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
         # an earlier export's Parquet marks its own tar complete: gone before this tar
         # replaces that one, so a crash in between leaves the shard to be written again
         fsio.remove_file(out_fs, parquet_path, missing_ok=True)
