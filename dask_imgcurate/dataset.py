@@ -425,7 +425,7 @@ class _MetadataWriter:
             _refuse_repeated_ids(part.column(self.columns[0]), source)
             out = self._path_for(source)
             fragment = self._fragment_for(out, number)
-            with fsio.atomic_write(self.out_fs, fragment) as tmp:
+            with fsio.atomic_write(self.out_fs, fragment) as tmp, fsio.naming(tmp):
                 pq.write_table(part.select(self.columns), tmp)
             rows.append(
                 {
@@ -538,7 +538,7 @@ def _merge_fragments(fs, fragments: list[str], path: str, id_col: str, shard: st
     # a column all null in one fragment is typed null there (pandas object columns)
     table = pa.concat_tables(tables, promote_options="permissive")
     _refuse_repeated_ids(table.column(id_col), shard)  # rows of one record in two partitions
-    with fsio.atomic_write(fs, path) as tmp:
+    with fsio.atomic_write(fs, path) as tmp, fsio.naming(tmp):
         pq.write_table(table, tmp)
     for fragment in fragments:
         fsio.remove_file(fs, fragment)

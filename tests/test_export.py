@@ -6,6 +6,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -686,6 +687,88 @@ def test_a_full_disk_names_the_file_and_publishes_nothing(source, tmp_path, monk
     assert err.value.errno == errno.ENOSPC
     assert f"No space left on device: writing {out}/.00000.tar.tmp-" in str(err.value)
     assert not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+
+    # as pyarrow says it: an errno, no file name
+    raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space")
+
+
+@pytest.mark.parametrize(
+    ("where", "written"),
+    [
+        ("end-of-archive", r"\.0000[01]\.tar\.tmp-"),  # the commit ends the pieces' tar
+        ("idx", r"\.0000[01]\.idx\.tmp-"),
+        ("parquet", r"\.0000[01]\.parquet\.tmp-"),
+        ("spilled columns", r"\.rows-00000\d\.arrow\.tmp-"),
+    ],
+)
+def test_a_full_disk_while_committing_names_the_file(source, tmp_path, monkeypatch, where, written):
+    """ENOSPC after the pieces (the tar's end blocks, its .idx, its Parquet), or while the
+    selected rows' other columns are set aside, named no file: ``[Errno 28] No space left on
+    device``, from os.pwrite, a text file's flush or pyarrow. Now it names the one being
+    written; nothing is published, nothing is left behind, and a re-run after space is
+    freed writes what a clean run writes."""
+    import builtins
+    import errno
+
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "clean"), samples_per_shard=20)
+    out = tmp_path / "out"
+    if where == "end-of-archive":
+        monkeypatch.setattr(writer.os, "pwrite", _disk_full)
+    elif where == "idx":  # the text file's write (its flush, on a real full disk)
+        real_open = builtins.open
+
+        def open_(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            if ".idx.tmp-" in str(file):
+                f.write = _disk_full
+            return f
+
+        monkeypatch.setattr(builtins, "open", open_)
+    elif where == "parquet":
+        monkeypatch.setattr(writer.pq, "write_table", _disk_full)
+    else:
+        real_open = builtins.open
+
+        def open_(file, mode="r", *args, **kwargs):  # fsio.write_file's (reads pass)
+            return (_disk_full if "w" in mode else real_open)(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(fsio, "open", open_, raising=False)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(OSError) as err:
+        ds.to_webdataset(str(out), samples_per_shard=20)
+    assert err.value.errno == errno.ENOSPC
+    assert re.search(f": writing {re.escape(str(out))}/{written}", str(err.value))
+    assert not out.exists() or not list(out.iterdir())  # no file, no lock
+    monkeypatch.undo()
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(out), samples_per_shard=20)
+    assert _digest_dir(out) == _digest_dir(tmp_path / "clean")
+
+
+def test_a_full_disk_in_save_metadata_names_the_file(source, tmp_path, monkeypatch):
+    """pyarrow's ENOSPC names no file: save_metadata's error now names the Parquet it was
+    writing; no file is published or left, and the next run writes them all."""
+    import errno
+
+    from dask_imgcurate import dataset as dataset_module
+
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    out = tmp_path / "meta"
+    monkeypatch.setattr(dataset_module.pq, "write_table", _disk_full)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(OSError) as err:
+        ds.save_metadata(str(out))
+    assert err.value.errno == errno.ENOSPC
+    assert re.search(rf": writing {re.escape(str(out))}/\.\.0000\d\.parquet\.tmp-", str(err.value))
+    assert not out.exists() or not list(out.iterdir())
+    monkeypatch.undo()
+    with dask.config.set(scheduler="synchronous"):
+        ds.save_metadata(str(out))
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.parquet" for i in range(5)]
 
 
 @pytest.mark.parametrize("layout", ["webdataset", "images"])
@@ -1460,3 +1543,44 @@ def test_rows_of_another_store_in_a_persisted_frame_are_refused(source, tmp_path
     with pytest.raises(DuplicateKeyError):  # the same ids twice: refused for that, not the store
         two.write_images(str(tmp_path / "images"))
     assert two.to_webdataset(str(tmp_path / "wds")).records_out == 70
+
+
+def _fd_limit_above_open(spare: int):
+    """Lower this process's soft limit on open files so that ``spare`` more can be opened;
+    returns the limits to restore."""
+    resource = pytest.importorskip("resource")
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_fds = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    soft, free = 0, 0
+    while free < spare:  # new descriptors take the lowest free numbers, below the limit
+        free += soft not in open_fds
+        soft += 1
+    if before[0] != resource.RLIM_INFINITY and before[0] <= soft:
+        pytest.skip("the open-file limit is already low")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, before[1]))
+    return before
+
+
+def test_piece_reading_many_tars_keeps_few_files_open(tmp_path):
+    """A piece whose records come from many tars (a frame sorted by score, or a partition of
+    many files) keeps at most ``MAX_OPEN_SOURCES`` of them open: it held every one until the
+    piece was written, so 40 tars under a limit of 24 more open files (a sorted LAION frame
+    under the usual 1024) failed with EMFILE. Same bytes as with every tar open."""
+    src = tmp_path / "src"
+    make_demo_dataset(src, n_shards=40, samples_per_shard=1, seed=5)
+    ds = ImageTextPairDataset.from_webdataset(str(src), files_per_partition=40)
+    assert ds.metadata.npartitions == 1
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_webdataset(str(tmp_path / "reference"), samples_per_shard=100)
+        import resource
+
+        before = _fd_limit_above_open(24)
+        try:
+            summary = ds.to_webdataset(str(tmp_path / "limited"), samples_per_shard=100)
+            images = ds.write_images(str(tmp_path / "images"), images_per_tar=100)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, before)
+    assert summary.records_out == 40 and images.records_out == 40
+    assert _digest_dir(tmp_path / "limited") == _digest_dir(tmp_path / "reference")

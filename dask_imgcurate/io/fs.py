@@ -490,6 +490,20 @@ def writing_to(fs: fsspec.AbstractFileSystem, directory: str) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def naming(path: str, action: str = "writing") -> Iterator[None]:
+    """Make an ``OSError`` of the block that names no file name ``path``: a full disk
+    (ENOSPC), a quota, an I/O error while writing say which file (``os.pwrite``, a buffered
+    file's flush and pyarrow name none). The error keeps its errno, hence its class."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or path in str(err):
+            raise
+        reason = err.strerror or " ".join(str(err).split()) or type(err).__name__
+        raise OSError(err.errno, f"{reason}: {action} {path}") from err
+
+
 def remove_file(fs: fsspec.AbstractFileSystem, path: str, missing_ok: bool = False) -> None:
     """Delete the file ``path`` (retried on transient errors when remote); with
     ``missing_ok``, a file that is not there is fine."""
@@ -504,7 +518,7 @@ def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` as the file ``path`` (one upload, retried on transient errors, when
     remote). Not atomic locally: for files under hidden temporary names."""
     if is_local(fs):
-        with open(path, "wb") as f:
+        with naming(path), open(path, "wb") as f:
             f.write(data)
         return
     retry(fs, path, lambda: fs.pipe_file(path, data), action="write")

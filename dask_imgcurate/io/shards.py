@@ -523,6 +523,6 @@ def write_dali_index_noting(
     else:
         idx = fsio.url_to_fs(idx_path, storage_options)[1]
     records = index_shard(fs, Shard(tar=tar), use_idx=False)
-    with fsio.atomic_write(fs, idx) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with fsio.atomic_write(fs, idx) as tmp, fsio.naming(tmp), open(tmp, "w", encoding="utf-8") as f:
         f.write(format_dali_index(records))
     return fsio.qualify(fs, idx), shard_notes(records)

@@ -41,6 +41,7 @@ FINGERPRINT_KEY = b"dask_imgcurate.fingerprint"
 TAR_SIZE_KEY = b"dask_imgcurate.tar_size"
 IDX_SIZE_KEY = b"dask_imgcurate.idx_size"  # of the shard's .idx; absent when it has none
 HEADER_BATCH = 1024  # members whose headers are encoded at once
+MAX_OPEN_SOURCES = 16  # source tars a reader keeps open (a sorted frame mixes thousands)
 _IOV_MAX = 1024  # buffers per writev: IOV_MAX on Linux, macOS and the BSDs
 _ZEROS = memoryview(bytes(BLOCK))
 
@@ -161,12 +162,14 @@ class _RangeReader:
     """Reads byte ranges of source tars: locally with ``preadv`` into this thread's reused
     buffer, elsewhere with ranged GETs (retried on transient errors, see ``fsio.retry``).
     ``versions``: per source, the versions it was indexed at; a local tar that is not at
-    them when opened raises ``ShardChangedError``."""
+    them when opened raises ``ShardChangedError``. At most ``MAX_OPEN_SOURCES`` local tars
+    are open at once (the least recently read is closed first): a piece of a sorted frame
+    reads from as many tars as it has records, more than a process may have files open."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, versions: dict | None = None):
         self.fs = fs
         self.local = fsio.is_local(fs)
-        self.files: dict[str, int] = {}
+        self.files: dict[str, int] = {}  # in order of use, the most recent last
         self.versions = versions or {}
 
     def read(self, source: str, start: int, end: int) -> memoryview | bytes:
@@ -175,10 +178,17 @@ class _RangeReader:
         path = self.fs._strip_protocol(source)
         want = end - start
         if self.local:
-            fd = self.files.get(path)
+            fd = self.files.pop(path, None)
             if fd is None:
-                fd = self.files[path] = os.open(path, os.O_RDONLY)
-                check_unchanged(source, self.versions.get(source, ()), os.fstat(fd))
+                while len(self.files) >= MAX_OPEN_SOURCES:
+                    os.close(self.files.pop(next(iter(self.files))))
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    check_unchanged(source, self.versions.get(source, ()), os.fstat(fd))
+                except BaseException:
+                    os.close(fd)
+                    raise
+            self.files[path] = fd  # the most recently used
             data = _read_buffer(want)
             got = _pread_all(fd, data, start)
         else:
@@ -291,10 +301,8 @@ def _copy_large(
 
 def _write(fd: int, tar: str, chunks: list, at: int) -> int:
     """``_pwrite_all``, its errors naming ``tar`` (a full disk: which one)."""
-    try:
+    with fsio.naming(tar):
         return _pwrite_all(fd, chunks, at)
-    except OSError as err:
-        raise OSError(err.errno, f"{err.strerror}: writing {tar}") from err
 
 
 class MissingPieces(RuntimeError):
@@ -368,11 +376,12 @@ def commit_shard(
                     f"not end-of-archive blocks (an inconsistency in dask_imgcurate; please "
                     f"report)"
                 )
-            os.pwrite(f.fileno(), END_OF_ARCHIVE, members_end)
+            with fsio.naming(tar_tmp):
+                os.pwrite(f.fileno(), END_OF_ARCHIVE, members_end)
         text = idx_text(plan, header_at + header_bytes) if write_idx else None
         if text is not None:
             staged.append((fsio.temp_path(out_fs, idx_path), idx_path))
-            with open(staged[-1][0], "w", encoding="utf-8") as f:
+            with fsio.naming(staged[-1][0]), open(staged[-1][0], "w", encoding="utf-8") as f:
                 f.write(text)
         else:
             fsio.remove_file(out_fs, idx_path, missing_ok=True)
@@ -382,7 +391,8 @@ def commit_shard(
         if text is not None:
             schema_meta[IDX_SIZE_KEY] = str(len(text.encode())).encode()
         staged.append((fsio.temp_path(out_fs, parquet_path), parquet_path))
-        pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
+        with fsio.naming(staged[-1][0]):
+            pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
         # an earlier export's Parquet marks its own tar complete: gone before this tar
         # replaces that one, so a crash in between leaves the shard to be written again
         fsio.remove_file(out_fs, parquet_path, missing_ok=True)
