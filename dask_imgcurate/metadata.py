@@ -310,7 +310,10 @@ def _table_from_members(
                 other_ids.append((records.keys[r], v))
             if k in columns or is_bookkeeping(k) or isinstance(v, (dict, list)):
                 continue
-            fields.setdefault(k, [None] * n)[r] = v
+            column = fields.get(k)
+            if column is None:  # not setdefault: its default, n long, would be built per value
+                column = fields[k] = [None] * n
+            column[r] = v
     if other_ids:
         key, value = other_ids[0]
         warnings.warn(

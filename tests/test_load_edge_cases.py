@@ -16,6 +16,7 @@ import tarfile
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -201,6 +202,25 @@ def test_json_integer_beyond_64_bits_is_kept_as_text(tmp_path):
     message = str(caught[0].message)
     assert message.startswith(f"{tar}: record '000001': .json field 'phash' holds an integer")
     assert str(big) in message and "kept as JSON text" in message
+
+
+def test_json_fields_that_only_some_records_have(tmp_path):
+    """Each field is null in the records whose .json lacks it, whatever record holds it first
+    (the per-field columns are built once per shard, not once per value)."""
+    members = []
+    for key, fields in (
+        ("000001", {"a": 1}),
+        ("000002", {"b": "x"}),
+        ("000003", {}),
+        ("000004", {"a": 4, "b": "y", "c": 2.5}),
+    ):
+        members += records([key], [("json", json.dumps(fields).encode())])
+    write_tar(tmp_path / "ds" / "00000.tar", members)
+    frame, _ = frame_and_warnings(tmp_path / "ds")
+    assert frame["a"].tolist() == [1, pd.NA, pd.NA, 4]
+    assert frame["b"].tolist() == [pd.NA, "x", pd.NA, "y"]
+    assert frame["c"].isna().tolist() == [True, True, True, False]
+    assert frame["c"].iloc[3] == 2.5
 
 
 def test_json_field_types_across_shards(tmp_path):
