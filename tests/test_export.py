@@ -1584,3 +1584,43 @@ def test_piece_reading_many_tars_keeps_few_files_open(tmp_path):
             resource.setrlimit(resource.RLIMIT_NOFILE, before)
     assert summary.records_out == 40 and images.records_out == 40
     assert _digest_dir(tmp_path / "limited") == _digest_dir(tmp_path / "reference")
+
+
+def test_delayed_call_passes_lists_of_delayed_back_as_lists():
+    """``delayed_call`` (which spreads lists of Delayed into top-level arguments: dask
+    optimises and culls Delayed nested in a list once per item, quadratic in the list)
+    calls the function with the same arguments as ``dask.delayed`` would."""
+    from dask_imgcurate.export.run import delayed_call
+
+    parts = [dask.delayed(lambda i: i * 10)(i) for i in range(5)]
+    one = dask.delayed(lambda: "x")()
+
+    def func(a, b, c, d, e, f):
+        return a, b, c, d, e, f
+
+    task = delayed_call(func, parts, [(0, 1), (2, 3)], 7, one, [], parts[:2], key="k-1")
+    assert task.key == "k-1"
+    with dask.config.set(scheduler="synchronous"):
+        (result,) = dask.compute(task, optimize_graph=False)
+    assert result == ([0, 10, 20, 30, 40], [(0, 1), (2, 3)], 7, "x", [], [0, 10])
+
+
+def test_one_output_shard_from_many_partitions_and_its_resume(tmp_path):
+    """Every partition's records in one output shard, in order; a re-run skips it."""
+    src = tmp_path / "src"
+    for s in range(30):
+        write_shard(src / f"{s:05d}.tar", make_shard_records(2 * s, 2, seed=s))
+    ds = ImageTextPairDataset.from_webdataset(str(src))
+    out = tmp_path / "out"
+    summary = ds.to_webdataset(str(out), samples_per_shard=10**6, max_shards=1)
+    assert summary.shards_written == 1 and summary.records_out == 60
+    table = pq.read_table(out / "0.parquet")
+    assert len(table) == 60
+    originals = input_members(src)
+    old = ds.metadata.compute()["key"].tolist()
+    expected = []
+    for new, key in zip(table.column("key").to_pylist(), old):
+        expected += [(f"{new}.{ext}", digest) for ext, digest in originals[key]]
+    assert tar_members(out / "0.tar") == expected
+    again = ds.to_webdataset(str(out), samples_per_shard=10**6, max_shards=1)
+    assert again.shards_skipped == 1 and again.shards_written == 0
