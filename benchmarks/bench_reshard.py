@@ -757,6 +757,7 @@ def main(argv=None) -> int:
         *goals(stats),
     ]
 
+    verification: dict = {}  # stays empty with --no-verify
     if checked is not None:
         verification, digests = checked["verification"], checked["digests"]
         report += ["", f"Correctness ({len(checked['expected'])} records expected):"]
