@@ -183,7 +183,7 @@ class ImageTextPairDataset:
         fsio.refuse_read_only(out_fs, target or self.shards[0].tar, "save_metadata (pass path=)")
         progress = PartitionProgress("save_metadata", frame.npartitions, verbose)
         run = uuid.uuid4().hex[:8]
-        writer = _MetadataWriter(fs, out_fs, target, list(columns), groups, run, progress.topic)
+        writer = _MetadataWriter(fs, out_fs, target, list(columns), run, progress.topic)
         result_meta = pd.DataFrame(
             {
                 "shard": pd.Series([], dtype=object),
@@ -201,7 +201,12 @@ class ImageTextPairDataset:
                 fsio.remove_stale_temps(out_fs, directory)
             try:
                 with dask.config.set({"dataframe.convert-string": False}), progress:
-                    fragments = frame.map_partitions(writer, meta=result_meta).compute()
+                    # the shard groups reach the tasks as one Delayed (a dependency, shipped
+                    # once per worker), not in the writer: it is serialized for every task,
+                    # which with all the groups inside was quadratic in the partitions
+                    groups_arg = None if groups is None else dask.delayed(groups, traverse=False)
+                    fragments = frame.map_partitions(writer, groups_arg, meta=result_meta)
+                    fragments = fragments.compute()
                 written = _publish_fragments(out_fs, fragments, self.id_col)
                 writer.remove_fragments(directories)  # of tasks run again (a worker died)
                 return written
@@ -400,17 +405,19 @@ class _MetadataWriter:
     ``_publish_fragments`` then gives each shard one Parquet, whichever partitions held its
     rows (after ``repartition`` or ``sort_values``, several do)."""
 
-    def __init__(self, fs, out_fs, target, columns, groups, run: str, progress=None):
+    def __init__(self, fs, out_fs, target, columns, run: str, progress=None):
         self.fs, self.out_fs, self.target = fs, out_fs, target  # of the tars, of the output
-        self.columns, self.groups, self.run = columns, groups, run
+        self.columns, self.run = columns, run
         self.progress = progress  # a PartitionProgress topic
 
-    def __call__(self, frame, partition_info=None):
+    def __call__(self, frame, groups=None, partition_info=None):
+        """``groups``: every partition's shards (when the partitions are the loaded ones),
+        so that a shard whose rows were all filtered out still gets its (empty) file."""
         table = to_arrow(frame)
         number = partition_info["number"] if partition_info is not None else 0
         shards = (
-            [fsio.qualify(self.fs, s.tar) for s in self.groups[number]]
-            if self.groups is not None and partition_info is not None
+            [fsio.qualify(self.fs, s.tar) for s in groups[number]]
+            if groups is not None and partition_info is not None
             else []
         )
         present = (

@@ -572,6 +572,36 @@ def test_save_metadata_file_names_follow_shards(tmp_path):
     assert "_members" not in saved.columns and "_shard" not in saved.columns
 
 
+@pytest.mark.parametrize("scheduler", ["synchronous", "cluster"])
+def test_save_metadata_gives_a_shard_filtered_empty_its_file(tmp_path, scheduler):
+    """Every loaded shard gets a Parquet, one whose rows were all filtered out an empty one
+    (each task learns its partition's shards from a Delayed shared by all the tasks)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(3):
+        demo.write_shard(src / f"0000{n}.tar", demo.make_shard_records(5 * n, 5))
+    ds = load(src)
+    gone = str(src / "00001.tar")
+    filtered = ds.with_metadata(ds.metadata[ds.metadata["_shard"] != gone])
+    out = tmp_path / "out"
+    if scheduler == "cluster":
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as c:
+            with Client(c):
+                result = filtered.save_metadata(str(out))
+    else:
+        with dask.config.set(scheduler="synchronous"):
+            result = filtered.save_metadata(str(out))
+    assert result["rows"].tolist() == [5, 0, 5]
+    assert sorted(p.name for p in out.iterdir()) == [f"0000{n}.parquet" for n in range(3)]
+    assert pq.read_table(out / "00001.parquet").num_rows == 0
+    assert (
+        pq.read_table(out / "00002.parquet").column("key").to_pylist()
+        == (ds.metadata.compute()["key"].tolist()[10:])
+    )
+
+
 @pytest.mark.parametrize("reshape", ["repartition", "sort_values"])
 def test_save_metadata_of_a_reshaped_frame_keeps_every_row(demo_dir, tmp_path, reshape):
     """A shard's rows spread over several partitions all reach its one Parquet file."""
@@ -996,10 +1026,10 @@ def test_save_metadata_leaves_no_fragment_of_a_task_run_twice(demo_dir, tmp_path
     real = dataset_mod._MetadataWriter.__call__
     runs = []
 
-    def twice(self, frame, partition_info=None):
+    def twice(self, frame, groups=None, partition_info=None):
         if partition_info is not None and partition_info["number"] == 1 and not runs:
-            runs.append(real(self, frame, partition_info))  # its result lost with its worker
-        return real(self, frame, partition_info)
+            runs.append(real(self, frame, groups, partition_info))  # lost with its worker
+        return real(self, frame, groups, partition_info)
 
     monkeypatch.setattr(dataset_mod._MetadataWriter, "__call__", twice)
     written = load(demo_dir).save_metadata(str(tmp_path / "out"))
