@@ -24,7 +24,7 @@ from dask_imgcurate.errors import ShardWarning
 from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.shards import Shard, find_shards
-from dask_imgcurate.metadata import is_bookkeeping, shard_table, sidecar_schema
+from dask_imgcurate.metadata import is_bookkeeping, repeated_ids, shard_table, sidecar_schema
 from dask_imgcurate.progress import PartitionProgress, nested_column_shuffles, tick
 
 log = logging.getLogger(__name__)
@@ -484,12 +484,11 @@ def _refuse_repeated_ids(ids: pa.ChunkedArray, shard: str) -> None:
     """A sidecar whose ids repeat never loads (``MetadataMismatchError``, whatever
     ``on_mismatch``): refuse to write one, before any file is published (a merge with a
     table that repeats keys, the same dataset concatenated twice)."""
-    counts = pc.value_counts(ids)
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
-    if len(repeated):
+    repeated = repeated_ids(ids)
+    if repeated:
         raise ValueError(
             f"save_metadata: the metadata has several rows for records "
-            f"{sorted(repeated.to_pylist(), key=str)[:10]} of {shard} (ids repeated: "
+            f"{repeated[:10]} of {shard} (ids repeated: "
             f"{len(repeated)}; a merge with a table that repeats keys?): a sidecar with "
             f"repeated ids cannot be loaded; drop the duplicates first (drop_duplicates)"
         )

@@ -202,6 +202,13 @@ def _check_id_column(fs, shard: Shard, id_col: str, columns: list[str]) -> None:
         )
 
 
+def repeated_ids(ids: pa.Array | pa.ChunkedArray) -> list:
+    """The values that occur more than once in ``ids``, sorted."""
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    return sorted(repeated.to_pylist(), key=str)
+
+
 def _align(
     user: pa.Table,
     book: pa.Table,
@@ -214,7 +221,7 @@ def _align(
     ids = user.column(id_col).to_pylist()
     position = {k: i for i, k in enumerate(ids)}
     if len(position) != len(ids):
-        dupes = sorted({k for k in ids if ids.count(k) > 1})[:_MAX_LISTED]
+        dupes = repeated_ids(user.column(id_col))[:_MAX_LISTED]
         raise MetadataMismatchError(f"{source}: sidecar Parquet repeats ids {dupes}")
     key_set = set(keys)
     missing = [k for k in keys if k not in position]  # in the tar, not in the Parquet

@@ -398,3 +398,16 @@ def test_caption_that_is_not_utf8_is_reported(tmp_path):
     assert len(caught) == 1 and caught[0].category is ShardWarning
     message = str(caught[0].message)
     assert message.startswith(f"{tar}: 1 records' .txt member is not UTF-8 (e.g. record '000001')")
+
+
+def test_sidecar_that_repeats_ids_names_them(tmp_path):
+    """A sidecar with two rows for one record cannot be matched to the tar: the error lists
+    the repeated ids, sorted, each once."""
+    from dask_imgcurate.errors import MetadataMismatchError
+
+    write_tar(tmp_path / "ds" / "00000.tar", records(["000001", "000002", "000003"]))
+    ids = ["000003", "000001", "000003", "000002", "000001", "000003"]
+    pq.write_table(pa.table({"key": ids}), tmp_path / "ds" / "00000.parquet")
+    dataset = load(tmp_path / "ds")
+    with pytest.raises(MetadataMismatchError, match=r"repeats ids \['000001', '000003'\]$"):
+        dataset.metadata.compute(scheduler="sync")

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from dask_imgcurate.io.fs import stat_version
+
 T = TypeVar("T")
 
 
@@ -39,18 +41,15 @@ class ProcessCache(Generic[T]):
             self._items.clear()
 
 
-def file_signature(path: str | None) -> tuple | None:
-    """``(size, modification time in ns)`` of a local file; for a directory, those of the
-    files in it, by name; None when ``path`` is None or names nothing here."""
+def file_signature(path: str | None) -> int | tuple | None:
+    """``fsio.stat_version`` (size and modification time) of a local file; for a directory,
+    the files in it with theirs, by name; None when ``path`` is None or names nothing here."""
     if path is None:
         return None
     try:
         if os.path.isdir(path):
             entries = sorted(os.scandir(path), key=lambda e: e.name)
-            return tuple(
-                (e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()
-            )
-        st = os.stat(path)
+            return tuple((e.name, stat_version(e.stat())) for e in entries if e.is_file())
+        return stat_version(os.stat(path))
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns)
