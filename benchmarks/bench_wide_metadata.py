@@ -6,11 +6,13 @@ caption, a json), whose sidecar Parquet holds ``key`` and a 768-d ``image_embedd
 Each of ``to_webdataset``, ``write_images`` and ``save_metadata`` then runs in a fresh
 process (synchronous scheduler); the table gives its seconds and its peak RSS above the
 process's RSS after loading. Memory that stays flat as ``--shards`` grows means an export
-holds no more than a few shards' metadata at once.
+holds no more than a few shards' metadata at once. ``--dim 0`` leaves the embedding out
+(sidecars of keys only, under ``bench-data/records-N-d0``): memory per record, not per column.
 
 Usage::
 
     python benchmarks/bench_wide_metadata.py --shards 50,150
+    python benchmarks/bench_wide_metadata.py --shards 250,500,1000 --dim 0
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PER_SHARD, DIM = 1000, 768
+PER_SHARD = 1000
 
 
-def build(directory: str, shards: int) -> None:
+def build(directory: str, shards: int, dim: int) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -47,11 +49,13 @@ def build(directory: str, shards: int) -> None:
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-        values = pa.array(rng.standard_normal(PER_SHARD * DIM, dtype=np.float32))
-        offsets = pa.array(np.arange(0, PER_SHARD * DIM + 1, DIM, dtype=np.int32))
-        table = pa.table(
-            {"key": keys, "image_embedding": pa.ListArray.from_arrays(offsets, values)}
-        )
+        table = pa.table({"key": keys})
+        if dim:
+            values = pa.array(rng.standard_normal(PER_SHARD * dim, dtype=np.float32))
+            offsets = pa.array(np.arange(0, PER_SHARD * dim + 1, dim, dtype=np.int32))
+            table = table.append_column(
+                "image_embedding", pa.ListArray.from_arrays(offsets, values)
+            )
         pq.write_table(table, os.path.join(directory, f"{s:05d}.parquet"))
     open(os.path.join(directory, "done"), "w").close()
 
@@ -96,6 +100,7 @@ def measure(data: str, mode: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default="50,150", help="comma-separated shard counts")
+    parser.add_argument("--dim", type=int, default=768, help="embedding size (0: none)")
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)  # DATA MODE (internal)
     args = parser.parse_args(argv)
     if args.measure:
@@ -104,14 +109,15 @@ def main(argv=None) -> int:
     print("| records | embeddings MB | export | seconds | peak RSS above base, MB |")
     print("|---:|---:|---|---:|---:|")
     for shards in (int(n) for n in args.shards.split(",")):
-        data = os.path.join(ROOT, "bench-data", f"wide-{shards}")
-        build(data, shards)
+        name = f"wide-{shards}" if args.dim == 768 else f"records-{shards}-d{args.dim}"
+        data = os.path.join(ROOT, "bench-data", name)
+        build(data, shards, args.dim)
         for mode in ("to_webdataset", "write_images", "save_metadata"):
             command = [sys.executable, __file__, "--measure", data, mode]
             seconds, rss = subprocess.run(
                 command, check=True, capture_output=True, text=True
             ).stdout.split()
-            mb = shards * PER_SHARD * DIM * 4 / 2**20
+            mb = shards * PER_SHARD * args.dim * 4 / 2**20
             print(f"| {shards * PER_SHARD} | {mb:.0f} | {mode} | {seconds} | {rss} |", flush=True)
     return 0
 

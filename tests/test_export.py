@@ -1438,10 +1438,12 @@ def test_a_partition_computed_again_is_counted_once(capfd):
     assert "4/3" not in err
 
 
-def test_selections_hold_only_what_pieces_need(source, tmp_path):
-    """A held selection keeps the id and bookkeeping columns; the rest (captions,
-    embeddings, scores: export memory would grow with them) waits in a hidden Arrow file
-    until its shards are committed, then goes."""
+def test_selections_hold_only_what_planning_needs(source, tmp_path):
+    """A held selection keeps its counts and record sizes (8 bytes a record); its kept rows
+    (ids, member lists, captions, embeddings, scores: export memory would grow with them)
+    wait in a hidden Arrow file until its shards are committed, then go."""
+    import pickle
+
     import fsspec.implementations.local
 
     from dask_imgcurate.export import selection
@@ -1453,11 +1455,15 @@ def test_selections_hold_only_what_pieces_need(source, tmp_path):
     chosen = selection.select_partition(
         part, "keep", False, lambda t: np.full(t.num_rows, 9), "key", spill, None, {"number": 1}
     )
-    assert set(chosen.table.column_names) == {"key"} | {c for c in part if c.startswith("_")}
+    assert chosen.table is None
     assert chosen.spilled.path == str(tmp_path / f".rows-000001.arrow{fsio.TEMP_MARK}run0")
     whole = selection.select_partition(part, "keep", False, lambda t: np.full(t.num_rows, 9), "key")
+    kept = whole.table.num_rows
+    assert kept == len(chosen.spans) == int(part["keep"].sum()) > 1
     assert chosen.rows(1, 4).equals(whole.table.slice(1, 3))
-    assert chosen.rows(0, chosen.table.num_rows).column_names == whole.table.column_names
+    assert chosen.rows(0, kept).equals(whole.table)
+    assert whole.table.column_names == [c for c in part.columns]
+    assert len(pickle.dumps(chosen)) < chosen.spans.nbytes + 1500 < len(pickle.dumps(whole))
     out = tmp_path / "out"
     ds.to_webdataset(str(out), filter_column="keep", samples_per_shard=4)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") and "rows-" in p.name]

@@ -418,7 +418,7 @@ def _skipped_if_finished(parts: list[selection.Selection], slices, n: int, job: 
 def _write_piece(
     part: selection.Selection, start: int, stop: int, n: int, position: int, span, tar_tmp, job
 ) -> int:
-    rows = part.table.slice(start, stop - start)
+    rows = part.rows(start, stop)
     keys = job.layout.new_keys_of(n, position, rows)
     offset, size = span
     end = write_piece(tar_tmp, plan_members(rows, keys), offset, job.source_fs)

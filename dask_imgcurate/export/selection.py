@@ -1,11 +1,12 @@
 """Each partition's kept rows, selected in the task that reads it: metadata only, with the
 bytes each record will take in an output tar (``record_spans``).
 
-A selection is held (persisted) until the export ends, so it keeps in memory only what the
-piece tasks need (the id and bookkeeping columns); the other metadata columns (captions,
-embeddings, scores: most of the bytes) go to a hidden Parquet fragment in the output
-directory (Arrow IPC), which the commit of each output shard reads back for its rows. Memory then
-grows with the records' member lists, not with their metadata."""
+A selection is held (persisted) until the export ends, so it keeps in memory only what
+planning needs: its counts and each kept record's size in an output tar (8 bytes a record).
+The kept rows themselves (ids, member lists, captions, embeddings, scores) go to a hidden
+Arrow IPC file in the output directory, which the pieces and the commit of each output shard
+read back for their rows (memory-mapped where local). Memory then stays flat however many
+records an export selects."""
 
 from __future__ import annotations
 
@@ -21,36 +22,26 @@ from dask_imgcurate.backend import to_arrow
 from dask_imgcurate.export import guards
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.writer import record_spans
-from dask_imgcurate.metadata import is_bookkeeping
 from dask_imgcurate.progress import tick
 
 
 @dataclass(frozen=True)
 class Selection:
-    """One partition's kept rows (Arrow), what each takes in an output tar, its counts and,
-    when asked for, its digest."""
+    """One partition's kept rows (Arrow, or where they were spilled), what each takes in an
+    output tar, its counts and, when asked for, its digest."""
 
-    table: pa.Table
+    table: pa.Table | None  # the kept rows, unless spilled
     spans: np.ndarray  # bytes of each kept record in an output tar (``record_spans``)
     records_in: int
     dropped_for_errors: int
     digest: str
     sources: tuple[str, ...]  # the tars its rows come from (``_shard``)
-    spilled: Spilled | None = None  # the other columns, when there are any
+    spilled: Spilled | None = None  # the kept rows, written out
 
     def rows(self, start: int, stop: int) -> pa.Table:
-        """Rows ``start:stop`` with every column, in the frame's order."""
-        held = self.table.slice(start, stop - start)
-        if self.spilled is None:
-            return held
-        fs, path = self.spilled.fs, self.spilled.path
-        what = "the selected rows' columns, written into the output directory by a worker"
-        with fsio.explain_missing(fs, what, path):
-            data = fsio.read_bytes(fs, path)  # retried when remote
-        other = pa.ipc.open_stream(data).read_all().slice(start, stop - start)
-        columns = {name: held.column(name) for name in held.column_names}
-        columns.update({name: other.column(name) for name in other.column_names})
-        return pa.table({name: columns[name] for name in self.spilled.order})
+        """Kept rows ``start:stop``, every column in the frame's order."""
+        table = self.table if self.spilled is None else self.spilled.read()
+        return table.slice(start, stop - start)
 
     def stats(self) -> tuple:
         """What the planner needs: everything but the rows."""
@@ -59,11 +50,27 @@ class Selection:
 
 @dataclass(frozen=True)
 class Spilled:
-    """Where a selection's other columns are, and the frame's column order."""
+    """Where a selection's kept rows are: an Arrow IPC file."""
 
     fs: fsspec.AbstractFileSystem
     path: str
-    order: tuple[str, ...]
+
+    def write(self, table: pa.Table, directory: str) -> None:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)  # Arrow IPC: no encoding, every type as it is
+        with fsio.explain_missing(self.fs, "the output directory, made by the client", directory):
+            fsio.write_file(self.fs, self.path, sink.getvalue().to_pybytes())
+
+    def read(self) -> pa.Table:
+        """The whole table; local files memory-mapped (slices then touch only their pages)."""
+        what = "the selected rows, written into the output directory by a worker"
+        with fsio.explain_missing(self.fs, what, self.path):
+            if fsio.is_local(self.fs):
+                source = pa.memory_map(self.path)
+            else:
+                source = pa.BufferReader(fsio.read_bytes(self.fs, self.path))  # retried
+        return pa.ipc.open_file(source).read_all()
 
 
 def spill_path(directory: str, run: str, partition: int) -> str:
@@ -81,7 +88,7 @@ def select_partition(
     progress: str | None = None,
     partition_info: dict | None = None,
 ) -> Selection:
-    """``spill``: ``(fs, directory, run)`` to hold only the id and bookkeeping columns."""
+    """``spill``: ``(fs, directory, run)`` to hold the kept rows in a file, not in memory."""
     table = to_arrow(frame)
     n_in = table.num_rows
     keep = np.ones(n_in, dtype=bool)
@@ -108,18 +115,12 @@ def select_partition(
     sources = tuple(pc.unique(table.column("_shard")).drop_null().to_pylist())
     number = (partition_info or {}).get("number", 0)
     digested = digest_rows(kept) if digest else ""
-    other = [c for c in kept.column_names if c != id_col and not is_bookkeeping(c)]
     spilled = None
-    if spill is not None and other and kept.num_rows:
+    if spill is not None and kept.num_rows:
         fs, directory, run = spill
-        spilled = Spilled(fs, spill_path(directory, run, number), tuple(kept.column_names))
-        rest = kept.select(other)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, rest.schema) as stream:
-            stream.write_table(rest)  # Arrow IPC: no encoding, every type as it is
-        with fsio.explain_missing(fs, "the output directory, made by the client", directory):
-            fsio.write_file(fs, spilled.path, sink.getvalue().to_pybytes())
-        kept = kept.drop_columns(other)
+        spilled = Spilled(fs, spill_path(directory, run, number))
+        spilled.write(kept, directory)
+        kept = None
     tick(progress, number, n_in)
     return Selection(kept, spans, n_in, errors, digested, sources, spilled)
 
