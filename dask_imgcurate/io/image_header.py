@@ -3,10 +3,12 @@
 Used to refuse decompression bombs (a few KB of PNG or JPEG that decode to gigabytes)
 before a decoder allocates their pixels. JPEG, PNG, GIF and WebP headers are parsed
 here in microseconds; other formats go through PIL's lazy ``Image.open`` (headers only).
+``decoder_reads_header`` asks DALI's own parser (nvImageCodec) whether it reads a header.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import struct
@@ -104,6 +106,27 @@ def pillow_limit_message(err: Exception) -> str:
         f"{size} refused by Pillow's own limit{limit} (2 x PIL.Image.MAX_IMAGE_PIXELS); "
         "raise PIL.Image.MAX_IMAGE_PIXELS where images are decoded to allow it"
     )
+
+
+def decoder_reads_header(data) -> bool:
+    """Whether nvImageCodec, the library DALI decodes with, parses the header of encoded
+    ``data`` (bytes or a uint8 array; not copied). True where its Python package is missing."""
+    nvimgcodec = _nvimgcodec()
+    if nvimgcodec is None:
+        return True
+    try:
+        return nvimgcodec.CodeStream(data).width > 0  # parsing is lazy: reading a field parses
+    except RuntimeError:  # "Failed to get image info"
+        return False
+
+
+@functools.cache
+def _nvimgcodec():
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:  # DALI without the nvidia-nvimgcodec package
+        return None
+    return nvimgcodec
 
 
 class ImageTooLarge(ValueError):
