@@ -8,6 +8,7 @@ import re
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -586,6 +587,25 @@ def test_an_unparsable_image_in_a_large_batch_does_not_crash_the_process(tmp_pat
         (f"b{b}-00", "decode: cannot identify image file (DALI: bad code stream)") for b in range(4)
     ]
     assert child.stdout.strip() == f"252 {errors}"
+
+
+def test_a_large_non_image_is_not_copied_for_pil(tmp_path: Path) -> None:
+    """A 20 MB member of random bytes under a .jpg name: read once; PIL's header check and
+    its fallback read it in place (each made a copy: 2 x its size more)."""
+    size = 20_000_000
+    junk = random.Random(0).randbytes(size)
+    good = encode(synthetic_image(1, (40, 30)), "JPEG")
+    part = partition_from_tar(write_tar(tmp_path / "junk.tar", [("a.jpg", good), ("j.jpg", junk)]))
+    warm = reader(prefetch=0)
+    warm.read(part)  # builds the DALI pipelines (~10 MB of Python objects) before tracing
+    tracemalloc.start()
+    try:
+        batch = warm.read(part)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert batch.keys == ["a"] and batch.errors["j"].startswith("decode: cannot identify image")
+    assert size <= peak < 1.2 * size  # the member as read, once
 
 
 def test_helper_picks_the_image_member_the_library_does(tmp_path: Path) -> None:

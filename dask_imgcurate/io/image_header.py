@@ -86,7 +86,7 @@ def _pil(data) -> tuple[int, int] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(bytes(data))).size
+            return Image.open(BufferFile(data)).size
     except Image.DecompressionBombError as err:  # PIL's own limit: report it as a size
         raise ImageTooLarge(pillow_limit_message(err)) from None
     except Exception:  # noqa: BLE001 - not an image PIL knows: the decoder will say
@@ -127,6 +127,38 @@ def _nvimgcodec():
     except ImportError:  # DALI without the nvidia-nvimgcodec package
         return None
     return nvimgcodec
+
+
+class BufferFile(io.RawIOBase):
+    """A read-only file over a buffer (bytes, a uint8 array), without copying it as
+    ``io.BytesIO`` copies anything but bytes: PIL reads a header, not the whole image."""
+
+    def __init__(self, data) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self._view[self._pos : self._pos + len(buffer)]
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if start + offset < 0:
+            raise ValueError(f"negative seek position {start + offset}")
+        self._pos = start + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 class ImageTooLarge(ValueError):

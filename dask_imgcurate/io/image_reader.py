@@ -431,7 +431,7 @@ class DaliImageReader:
         tensor, reason = (None, failed) if failed is not None else self._attempt([i], [data], False)
         if tensor is None and self.pil_fallback:
             try:
-                pixels = pil_decode(data.tobytes(), self.max_image_pixels, self.preprocess)
+                pixels = pil_decode(data, self.max_image_pixels, self.preprocess)
             except ImageTooLarge as err:  # not decoded: the header check's text
                 return None, f"decode: {short(str(err))}"
             except Exception as pil_err:  # noqa: BLE001
