@@ -6,6 +6,9 @@ import io
 import random
 import re
 import struct
+import subprocess
+import sys
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -555,6 +558,54 @@ def test_nvimagecodec_status_17_is_named(tmp_path: Path) -> None:
     part = partition_from_tar(write_tar(tmp_path / "cut.tar", [("c.png", png[:-100])]))
     batch = reader(pil_fallback=False).read(part)
     assert batch.errors == {"c": "decode: codec extension internal error"}
+
+
+def test_an_unparsable_image_in_a_large_batch_does_not_crash_the_process(tmp_path: Path) -> None:
+    """DALI 2.4 dies (SIGSEGV) in about every other batch of 64 whose first sample has a
+    header its parser rejects; such samples are decoded alone. In a child process, where a
+    crash is an exit status, not the end of the test run: 4 such batches."""
+    good = encode(synthetic_image(0, (64, 48)), "JPEG")
+    members = []
+    for b in range(4):
+        members.append((f"b{b}-00.jpg", b"\xff\xd8"))  # a JPEG that ends after its first marker
+        members += [(f"b{b}-{i:02d}.jpg", good) for i in range(1, 64)]
+    tar = write_tar(tmp_path / "unparsable.tar", members)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from compute_helpers import partition_from_tar\n"
+        "from dask_imgcurate.io.image_reader import DaliImageReader, PreprocessSpec\n"
+        "reader = DaliImageReader(PreprocessSpec(size=(64, 64)), batch_size=64, num_threads=1,"
+        " device='cpu', prefetch=0)\n"
+        f"batch = reader.read(partition_from_tar({str(tar)!r}))\n"
+        "print(len(batch.keys), sorted(batch.errors.items()))\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    errors = [
+        (f"b{b}-00", "decode: cannot identify image file (DALI: bad code stream)") for b in range(4)
+    ]
+    assert child.stdout.strip() == f"252 {errors}"
+
+
+def test_a_large_non_image_is_not_copied_for_pil(tmp_path: Path) -> None:
+    """A 20 MB member of random bytes under a .jpg name: read once; PIL's header check and
+    its fallback read it in place (each made a copy: 2 x its size more)."""
+    size = 20_000_000
+    junk = random.Random(0).randbytes(size)
+    good = encode(synthetic_image(1, (40, 30)), "JPEG")
+    part = partition_from_tar(write_tar(tmp_path / "junk.tar", [("a.jpg", good), ("j.jpg", junk)]))
+    warm = reader(prefetch=0)
+    warm.read(part)  # builds the DALI pipelines (~10 MB of Python objects) before tracing
+    tracemalloc.start()
+    try:
+        batch = warm.read(part)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert batch.keys == ["a"] and batch.errors["j"].startswith("decode: cannot identify image")
+    assert size <= peak < 1.2 * size  # the member as read, once
 
 
 def test_helper_picks_the_image_member_the_library_does(tmp_path: Path) -> None:

@@ -3,10 +3,12 @@
 Used to refuse decompression bombs (a few KB of PNG or JPEG that decode to gigabytes)
 before a decoder allocates their pixels. JPEG, PNG, GIF and WebP headers are parsed
 here in microseconds; other formats go through PIL's lazy ``Image.open`` (headers only).
+``decoder_reads_header`` asks DALI's own parser (nvImageCodec) whether it reads a header.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import struct
@@ -84,7 +86,7 @@ def _pil(data) -> tuple[int, int] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(bytes(data))).size
+            return Image.open(BufferFile(data)).size
     except Image.DecompressionBombError as err:  # PIL's own limit: report it as a size
         raise ImageTooLarge(pillow_limit_message(err)) from None
     except Exception:  # noqa: BLE001 - not an image PIL knows: the decoder will say
@@ -104,6 +106,59 @@ def pillow_limit_message(err: Exception) -> str:
         f"{size} refused by Pillow's own limit{limit} (2 x PIL.Image.MAX_IMAGE_PIXELS); "
         "raise PIL.Image.MAX_IMAGE_PIXELS where images are decoded to allow it"
     )
+
+
+def decoder_reads_header(data) -> bool:
+    """Whether nvImageCodec, the library DALI decodes with, parses the header of encoded
+    ``data`` (bytes or a uint8 array; not copied). True where its Python package is missing."""
+    nvimgcodec = _nvimgcodec()
+    if nvimgcodec is None:
+        return True
+    try:
+        return nvimgcodec.CodeStream(data).width > 0  # parsing is lazy: reading a field parses
+    except RuntimeError:  # "Failed to get image info"
+        return False
+
+
+@functools.cache
+def _nvimgcodec():
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:  # DALI without the nvidia-nvimgcodec package
+        return None
+    return nvimgcodec
+
+
+class BufferFile(io.RawIOBase):
+    """A read-only file over a buffer (bytes, a uint8 array), without copying it as
+    ``io.BytesIO`` copies anything but bytes: PIL reads a header, not the whole image."""
+
+    def __init__(self, data) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self._view[self._pos : self._pos + len(buffer)]
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if start + offset < 0:
+            raise ValueError(f"negative seek position {start + offset}")
+        self._pos = start + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 class ImageTooLarge(ValueError):

@@ -25,6 +25,8 @@ The decode pipeline is ``fn.external_source`` (encoded bytes + a row id per samp
 that has already moved on cannot say which samples were lost. With ``external_source`` the
 caller knows every sample it fed, so a failed batch is retried one sample at a time (each
 failure discards the pipeline and builds a fresh one) and only the bad images are lost.
+Samples whose header nvImageCodec (DALI's decoding library) cannot parse never join a batch:
+in one of about 30 or more, DALI 2.4 can crash the process on them (SIGSEGV).
 Images DALI cannot decode (e.g. GIF data behind a ``.png`` name) are retried with PIL when
 ``pil_fallback`` is on (:mod:`~dask_imgcurate.io.pil_decode`) and then resized and
 normalised by the same DALI ops (:mod:`~dask_imgcurate.io.preprocess`). Images too large
@@ -61,7 +63,7 @@ import torch
 from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_device
 from dask_imgcurate.errors import DecoderUnavailable, RangeRequestsUnsupported
 from dask_imgcurate.io import fs as fsio
-from dask_imgcurate.io.image_header import ImageTooLarge
+from dask_imgcurate.io.image_header import ImageTooLarge, decoder_reads_header
 from dask_imgcurate.io.pil_decode import pil_decode
 from dask_imgcurate.io.pixel_limits import MAX_IMAGE_PIXELS, refuse_oversized
 from dask_imgcurate.io.preprocess import POOL, PreprocessSpec, clear_pipeline_cache
@@ -397,37 +399,48 @@ class DaliImageReader:
     def _decode(
         self, ids: list[int], datas: list[np.ndarray]
     ) -> tuple[list[int], torch.Tensor, dict[int, str]]:
-        """Decode a batch; on failure decode its samples one by one to isolate bad ones."""
-        images, batch_reason = self._attempt(ids, datas, raw=False)
-        if images is not None:
-            return ids, images, {}
-        if len(ids) > 1:
-            log.debug("DALI batch of %d failed (%s); retrying one by one", len(ids), batch_reason)
-        ok_ids: list[int] = []
-        tensors: list[torch.Tensor] = []
+        """Decode a batch. Samples whose header DALI's parser cannot read are decoded one by
+        one (in a batch of about 30 or more, DALI 2.4 can crash the process on one: SIGSEGV),
+        and so are all samples of a batch that fails, to isolate the bad ones."""
+        readable = [decoder_reads_header(data) for data in datas]
+        batch_ids = [i for i, ok in zip(ids, readable) if ok]
+        batch = [data for data, ok in zip(datas, readable) if ok]
+        images, batch_reason = self._attempt(batch_ids, batch, raw=False) if batch else (None, "")
+        if images is None and len(batch) > 1:
+            log.debug("DALI batch of %d failed (%s); retrying one by one", len(batch), batch_reason)
+        ok_ids = batch_ids if images is not None else []
+        tensors = [images] if images is not None else []
         errors: dict[int, str] = {}
-        for i, data in zip(ids, datas):
-            tensor, reason = (None, batch_reason)
-            if len(ids) > 1:
-                tensor, reason = self._attempt([i], [data], raw=False)
-            if tensor is None and self.pil_fallback:
-                try:
-                    pixels = pil_decode(data.tobytes(), self.max_image_pixels, self.preprocess)
-                except ImageTooLarge as err:  # not decoded: the header check's text
-                    errors[i] = f"decode: {short(str(err))}"
-                    continue
-                except Exception as pil_err:  # noqa: BLE001
-                    message = OBJECT_REPR.sub("", str(pil_err)) or type(pil_err).__name__
-                    errors[i] = f"decode: {short(message)} (DALI: {reason})"
-                    continue
-                tensor, reason = self._attempt([i], [pixels], raw=True)
-            if tensor is None:
-                errors[i] = f"decode: {reason}"
+        for i, data, ok in zip(ids, datas, readable):
+            if ok and images is not None:
                 continue
-            tensors.append(tensor)
-            ok_ids.append(i)
-        images = torch.cat(tensors) if tensors else self._empty()
-        return ok_ids, images, errors
+            failed = batch_reason if ok and len(batch) == 1 else None  # already run alone
+            tensor, error = self._decode_one(i, data, failed)
+            if tensor is None:
+                errors[i] = error
+            else:
+                tensors.append(tensor)
+                ok_ids.append(i)
+        return ok_ids, torch.cat(tensors) if tensors else self._empty(), errors
+
+    def _decode_one(
+        self, i: int, data: np.ndarray, failed: str | None
+    ) -> tuple[torch.Tensor | None, str]:
+        """Decode sample ``i`` alone with DALI (unless ``failed`` already says why DALI
+        could not), then with the PIL fallback: its tensor, or None and its error."""
+        tensor, reason = (None, failed) if failed is not None else self._attempt([i], [data], False)
+        if tensor is None and self.pil_fallback:
+            try:
+                pixels = pil_decode(data, self.max_image_pixels, self.preprocess)
+            except ImageTooLarge as err:  # not decoded: the header check's text
+                return None, f"decode: {short(str(err))}"
+            except Exception as pil_err:  # noqa: BLE001
+                message = OBJECT_REPR.sub("", str(pil_err)) or type(pil_err).__name__
+                return None, f"decode: {short(message)} (DALI: {reason})"
+            tensor, reason = self._attempt([i], [pixels], raw=True)
+        if tensor is None:
+            return None, f"decode: {reason}"
+        return tensor, ""
 
 
 def _int_column(df: pd.DataFrame, name: str) -> np.ndarray:

@@ -5,30 +5,29 @@ range is unknown."""
 
 from __future__ import annotations
 
-import io
 import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dask_imgcurate.io.image_header import ImageTooLarge, pillow_limit_message
+from dask_imgcurate.io.image_header import BufferFile, ImageTooLarge, pillow_limit_message
 from dask_imgcurate.io.pixel_limits import oversize_reason
 
 if TYPE_CHECKING:
     from dask_imgcurate.io.preprocess import PreprocessSpec
 
 
-def pil_decode(data: bytes, limit: int | None, spec: PreprocessSpec) -> np.ndarray:
-    """HWC uint8 RGB pixels of ``data`` decoded by PIL, EXIF orientation applied. Raises
-    ``ImageTooLarge`` before decoding an image over ``limit`` pixels (as
-    ``oversize_reason``) or over Pillow's own limit; ``ValueError`` for pixel formats of
-    unknown range (32-bit integer, float)."""
+def pil_decode(data, limit: int | None, spec: PreprocessSpec) -> np.ndarray:
+    """HWC uint8 RGB pixels of ``data`` (bytes or a uint8 array, not copied) decoded by
+    PIL, EXIF orientation applied. Raises ``ImageTooLarge`` before decoding an image over
+    ``limit`` pixels (as ``oversize_reason``) or over Pillow's own limit; ``ValueError`` for
+    pixel formats of unknown range (32-bit integer, float)."""
     from PIL import Image, ImageOps
 
     try:
         with warnings.catch_warnings():  # the limit that applies is ``limit``
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
+            opened = Image.open(BufferFile(data))
     except Image.DecompressionBombError as err:
         raise ImageTooLarge(pillow_limit_message(err)) from None
     with opened as im:
