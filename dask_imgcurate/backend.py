@@ -130,12 +130,25 @@ def _wide_dictionaries(table: pa.Table) -> pa.Table:
     narrowest codes its own categories need (int8 up to 127), so the rows of several
     partitions (one output shard, one shard's merged Parquet) could not share a dictionary,
     and a Parquet file holding them all as int8 could not be read back."""
+    widened = {}
     for i, field in enumerate(table.schema):
         kind = field.type
         if pa.types.is_dictionary(kind) and kind.index_type.bit_width < 32:
             wide = pa.dictionary(pa.int32(), kind.value_type, kind.ordered)
-            table = table.set_column(i, field.with_type(wide), table.column(i).cast(wide))
-    return table
+            widened[i] = (field.with_type(wide), table.column(i).cast(wide))
+    return set_columns(table, widened)
+
+
+def set_columns(table: pa.Table, columns: dict[int, tuple[pa.Field, pa.ChunkedArray]]) -> pa.Table:
+    """``table`` with the columns at the keys of ``columns`` replaced (field, values), in
+    one go: ``Table.set_column`` per column rebuilds the table each time, which for a
+    column of each kind was quadratic in the columns."""
+    if not columns:
+        return table
+    fields, values = list(table.schema), table.columns
+    for i, (field, column) in columns.items():
+        fields[i], values[i] = field, column
+    return pa.Table.from_arrays(values, schema=pa.schema(fields, table.schema.metadata))
 
 
 def _typed_nulls(table: pa.Table, frame) -> pa.Table:

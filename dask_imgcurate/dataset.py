@@ -360,7 +360,10 @@ def _infer_schema(loader: _ShardLoader, shards: list[Shard]) -> pa.Schema:
 
 def _conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
     """Give ``table`` exactly ``schema``'s columns and types; name the shard on failure."""
-    extra = [c for c in table.column_names if c not in schema.names]
+    # names looked up in sets: each column_names / names access builds a list, which per
+    # column made conforming a shard quadratic in its columns
+    present, wanted = set(table.column_names), set(schema.names)
+    extra = [c for c in table.column_names if c not in wanted]
     if extra:
         warnings.warn(
             f"{source}: columns {extra} are not in the dataset's schema (taken from its first "
@@ -370,7 +373,7 @@ def _conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
         )
     columns = []
     for field in schema:
-        if field.name not in table.column_names:
+        if field.name not in present:
             columns.append(pa.nulls(table.num_rows, field.type))
             continue
         column = table.column(field.name)

@@ -195,3 +195,30 @@ def test_a_query_runs_on_pandas_for_a_cudf_partition(cudf, partition):
     assert isinstance(verdict, cudf.Series)
     pd.testing.assert_series_equal(verdict.to_pandas(), _eval_query(partition, query))
     assert 0 < verdict.to_pandas().sum() < len(partition)
+
+
+def test_categoricals_are_widened_and_decoded_in_one_rebuild_of_the_table(monkeypatch):
+    """A wide frame's categoricals are widened (``to_arrow``) and decoded (an export's
+    fingerprint) in one rebuild of its table: ``Table.set_column`` per categorical was
+    quadratic in the columns."""
+    from dask_imgcurate.io import writer
+
+    replaced = []
+
+    def counted(table: pa.Table, columns: dict) -> pa.Table:
+        replaced.append(sorted(columns))
+        return set_columns(table, columns)
+
+    set_columns = backend.set_columns
+    monkeypatch.setattr(backend, "set_columns", counted)
+    monkeypatch.setattr(writer, "set_columns", counted)
+    frame = pd.DataFrame({f"c{i}": pd.Categorical(["a", "b"]) for i in range(4)})
+    frame.insert(2, "x", [1.0, 2.0])
+    table = backend.to_arrow(frame)
+    assert replaced == [[0, 1, 3, 4]]
+    assert [f.type.index_type for f in table.schema if f.name != "x"] == [pa.int32()] * 4
+    members = [[{"name": f"{i}.jpg", "offset": 512 * i, "size": 1}] for i in range(2)]
+    rows = table.append_column("_shard", pa.array(["a.tar"] * 2))
+    rows = rows.append_column("_members", pa.array(members))
+    writer.job_fingerprint(rows, ["0", "1"], {}, table)
+    assert replaced == [[0, 1, 3, 4]] * 2

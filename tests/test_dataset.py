@@ -289,6 +289,30 @@ def test_schema_from_sidecar_footer_matches_rows(tmp_path, columns):
     assert list(got.columns) == rows.column_names
 
 
+def test_conforming_a_shard_lists_its_column_names_once_not_per_column():
+    """A shard's table is conformed to the schema in time linear in its columns: it listed
+    the table's column names once per column (a 500-column sidecar: 0.12 s a shard)."""
+    from dask_imgcurate.dataset import _conform
+
+    class Counted:  # a table counting the lists of names it builds
+        def __init__(self, table: pa.Table):
+            self.table, self.listed = table, 0
+
+        @property
+        def column_names(self) -> list[str]:
+            self.listed += 1
+            return self.table.column_names
+
+        def __getattr__(self, name: str):
+            return getattr(self.table, name)
+
+    for width in (10, 100):
+        table = pa.table({f"c{i}": [i] for i in range(width)})
+        counted = Counted(table)
+        assert _conform(counted, table.schema, "00000.tar").equals(table)
+        assert counted.listed <= 2
+
+
 def test_loading_reads_no_tar_when_a_sidecar_gives_the_schema(demo_dir, monkeypatch):
     import dask_imgcurate.metadata as metadata
 

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dask_imgcurate.backend import set_columns
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.dali_index import VERSION as DALI_VERSION
 from dask_imgcurate.io.records import split_keys
@@ -496,10 +497,12 @@ def job_fingerprint(
     # were laid out (slices, chunks, a trip between workers); bytes under nulls aside, which
     # can only make an unchanged shard look changed, i.e. rewritten, never the reverse
     canonical = parquet.combine_chunks().take(pa.array(np.arange(parquet.num_rows)))
+    decoded = {}
     for i, column in enumerate(canonical.columns):  # categoricals: values, not dictionaries
         if pa.types.is_dictionary(column.type):
-            decoded = pa.chunked_array([c.dictionary_decode() for c in column.chunks])
-            canonical = canonical.set_column(i, canonical.field(i).name, decoded)
+            values = pa.chunked_array([c.dictionary_decode() for c in column.chunks])
+            decoded[i] = (pa.field(canonical.field(i).name, values.type), values)
+    canonical = set_columns(canonical, decoded)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, canonical.schema) as stream:
         stream.write_table(canonical)
