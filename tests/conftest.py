@@ -7,6 +7,7 @@ files (writes ``.idx`` or Parquet files, cuts a tar) copies them first with ``co
 from __future__ import annotations
 
 import shutil
+import signal
 import tarfile
 from pathlib import Path
 
@@ -20,6 +21,14 @@ DEMO_SHARDS = 3
 DEMO_SAMPLES = 12
 NOPQ_SHARDS = 2
 NOPQ_SAMPLES = 10
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run with Ctrl-C handled even when started with SIGINT ignored (a background job of a
+    non-interactive shell, ``nohup``): the Ctrl-C tests' commands inherit an ignored SIGINT
+    and would run on; a handled one is reset to the default in every child process."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _reference_members(path: str | Path) -> list[tuple[str, int, int]]:
