@@ -56,6 +56,8 @@ class Spilled:
     path: str
 
     def write(self, table: pa.Table, directory: str) -> None:
+        """Write ``table`` there as an Arrow IPC file (memory-mappable; ``directory``: the
+        output directory, named when it is missing)."""
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)  # Arrow IPC: no encoding, every type as it is
