@@ -21,6 +21,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -589,7 +590,10 @@ class FaultInjectingProxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = handle_any
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # concurrent connections: none refused, none retried
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -696,6 +700,21 @@ def test_read_ranges_retries_failed_ranges(flaky, error, monkeypatch, caplog):
     # first try: 3 ranges, 2 fail; second try: only those 2
     assert FlakyMemoryFileSystem.calls == 5
     assert "transient error on 2 of 3 byte ranges" in caplog.text
+
+
+def test_read_ranges_of_several_files_in_one_call(flaky, tmp_path, caplog):
+    """One path per range (an export's batch mixing source tars): the same bytes locally
+    and remotely, a failed range retried alone and named by its own file."""
+    flaky.pipe_file("/other", bytes(range(255, -1, -1)))
+    paths, offsets, sizes = ["/blob", "/other", "/blob"], [0, 0, 300], [3, 2, 2]
+    expected = [bytes([0, 1, 2]), bytes([255, 254]), bytes([44, 45])]
+    FlakyMemoryFileSystem.fail_once = {("/blob", 0, 3), ("/blob", 300, 302)}  # failed already
+    assert fsio.read_ranges(flaky, paths, offsets, sizes) == expected
+    assert "flakymem:///other: transient error on 1 of 3 byte ranges" in caplog.text
+    (tmp_path / "blob").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "other").write_bytes(bytes(range(255, -1, -1)))
+    local = [str(tmp_path / p.lstrip("/")) for p in paths]
+    assert fsio.read_ranges(fsspec.filesystem("file"), local, offsets, sizes) == expected
 
 
 def test_retries_give_up_and_permanent_errors_are_not_retried(flaky):
@@ -822,16 +841,33 @@ class StaticFiles:
     listing (a directory is a 404, as on a CDN or the Hugging Face hub)."""
 
     def __init__(
-        self, root: Path, ranges: bool = True, fail: dict | None = None, token: str | None = None
+        self,
+        root: Path,
+        ranges: bool = True,
+        fail: dict | None = None,
+        token: str | None = None,
+        delay: float = 0.0,
     ):
         files = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
         fail = fail if fail is not None else {}  # file name -> statuses to answer first
         self.requests: list[tuple[str, str]] = []
-        requests = self.requests
+        self.most_in_flight = 0  # requests being answered at once, at most
+        requests, in_flight, lock, server = self.requests, [0], threading.Lock(), self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def handle_one_request(self):
+                with lock:
+                    in_flight[0] += 1
+                    server.most_in_flight = max(server.most_in_flight, in_flight[0])
+                try:
+                    time.sleep(delay)  # a store's time to first byte
+                    super().handle_one_request()
+                finally:
+                    with lock:
+                        in_flight[0] -= 1
 
             def _file(self) -> bytes | None:
                 name = self.path.lstrip("/")
@@ -873,7 +909,10 @@ class StaticFiles:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # concurrent connections: none refused, none retried
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -938,6 +977,51 @@ def test_http_credentials_go_in_headers_not_in_the_url(local_data, tmp_path):
     local.to_webdataset(str(tmp_path / "local"), samples_per_shard=5)
     for tar in sorted((tmp_path / "local").glob("*.tar")):
         assert (tmp_path / "out" / tar.name).read_bytes() == tar.read_bytes()
+
+
+def _interleaved(frame):
+    """One partition whose rows alternate between the source tars (keys sorted by their
+    last digits), as a frame sorted by a score is."""
+    one = frame.repartition(npartitions=1)
+    return one.map_partitions(lambda f: f.sort_values("key", key=lambda k: k.str[::-1]))
+
+
+@pytest.mark.parametrize("reorder", [None, _interleaved], ids=["in-order", "interleaved"])
+def test_an_export_from_a_store_fetches_its_byte_ranges_concurrently(
+    reorder, local_data, tmp_path, monkeypatch
+):
+    """Pieces read a remote source's members with concurrent ranged GETs (``cat_ranges``),
+    ``REMOTE_BATCH`` bytes of them at a time, not one request after another, also when
+    consecutive rows come from different tars: with every answer 20 ms away, many are in
+    flight at once; a batch of one read puts them back in line. Output bytes equal a local
+    export's either way."""
+    from dask_imgcurate.io import writer
+
+    source = local_data["pq"]
+    tars = sorted(p.name for p in source.glob("*.tar"))
+    reorder = reorder or (lambda frame: frame)
+    local = ImageTextPairDataset.from_webdataset(str(source))
+    local = local.with_metadata(reorder(local.metadata))
+    local.to_webdataset(str(tmp_path / "local"), samples_per_shard=10)
+    expected = {t.name: t.read_bytes() for t in (tmp_path / "local").glob("*.tar")}
+    monkeypatch.setattr(writer, "REMOTE_MAX_GAP", 0)  # every member a read of its own
+    members = sum(len(tar_members((source / name).read_bytes())) for name in tars)
+    for batch in (writer.REMOTE_BATCH, 1):
+        monkeypatch.setattr(writer, "REMOTE_BATCH", batch)
+        out = tmp_path / f"batch-{batch}"
+        with dask.config.set(scheduler="synchronous"), StaticFiles(source, delay=0.02) as http:
+            remote = ImageTextPairDataset.from_webdataset([f"{http.url}/{n}" for n in tars])
+            remote = remote.with_metadata(reorder(remote.metadata).persist())
+            http.requests.clear()
+            http.most_in_flight = 0
+            remote.to_webdataset(str(out), samples_per_shard=10)
+            ranged = [r for r in http.requests if r[0] == "GET"]
+            assert len(ranged) == members  # one GET per member: nothing read twice
+            if batch > 1:
+                assert http.most_in_flight >= 4
+            else:
+                assert http.most_in_flight == 1
+        assert {t.name: t.read_bytes() for t in out.glob("*.tar")} == expected
 
 
 def test_an_http_server_without_byte_ranges_is_named(local_data, tmp_path):

@@ -496,6 +496,9 @@ def test_merged_reads_rules():
         (4, 6, 0, 110),
         (6, 7, MAX_READ - 50, MAX_READ + 50),
     ]
+    # the limits are parameters (remote sources merge wider gaps, read less at once)
+    assert list(merged_reads(plan, max_gap=MAX_GAP + 1))[0] == (0, 3, 0, offsets[2] + 10)
+    assert list(merged_reads(plan, max_read=150))[:2] == [(0, 1, 0, 100), (1, 2, 100, 200)]
 
 
 def test_pwrite_all_batches_and_resumes_short_writes(tmp_path, monkeypatch):

@@ -373,9 +373,13 @@ def _within(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, data
 
 
 def read_ranges(
-    fs: fsspec.AbstractFileSystem, path: str, offsets: Sequence[int], sizes: Sequence[int]
+    fs: fsspec.AbstractFileSystem,
+    path: str | Sequence[str],
+    offsets: Sequence[int],
+    sizes: Sequence[int],
 ) -> list[bytes]:
-    """Read byte ranges ``[offset, offset + size)`` of one file.
+    """Read byte ranges ``[offset, offset + size)`` of one file (``path``), or of one file
+    per range (a sequence of paths).
 
     Locally with ``pread``; remotely with one ``cat_ranges`` call (concurrent ranged GETs)
     whose failed ranges are retried, only them, on transient errors. A range past the end
@@ -383,9 +387,16 @@ def read_ranges(
     """
     if not len(offsets):
         return []
+    paths = [path] * len(offsets) if isinstance(path, str) else list(path)
     if is_local(fs):
-        with open(path, "rb") as f:
-            return [os.pread(f.fileno(), int(n), int(o)) for o, n in zip(offsets, sizes)]
+        with contextlib.ExitStack() as files:
+            opened: dict[str, int] = {}
+            out = []
+            for p, o, n in zip(paths, offsets, sizes):
+                if p not in opened:
+                    opened[p] = files.enter_context(open(p, "rb")).fileno()
+                out.append(os.pread(opened[p], int(n), int(o)))
+            return out
     starts = [int(o) for o in offsets]
     ends = [int(o) + int(n) for o, n in zip(offsets, sizes)]
     out: list[bytes | None] = [None] * len(starts)
@@ -394,7 +405,9 @@ def read_ranges(
         try:
             # fsspec's cat_ranges returns a failed range's exception in its place
             got = fs.cat_ranges(
-                [path] * len(pending), [starts[i] for i in pending], [ends[i] for i in pending]
+                [paths[i] for i in pending],
+                [starts[i] for i in pending],
+                [ends[i] for i in pending],
             )
         except Exception as err:  # noqa: BLE001 - the whole call failed: every range did
             got = [err] * len(pending)
@@ -403,12 +416,13 @@ def read_ranges(
             if isinstance(data, BaseException):
                 failed.append((i, data))
             else:
-                out[i] = _within(fs, path, starts[i], ends[i], data)
+                out[i] = _within(fs, paths[i], starts[i], ends[i], data)
         if not failed:
             return out  # type: ignore[return-value]
         pending = [i for i, _ in failed]
         what = f"{len(pending)} of {len(starts)} byte ranges"
-        _give_up_or_wait(failed[0][1], fs, path, "read", attempt, what)
+        first = failed[0][0]
+        _give_up_or_wait(failed[0][1], fs, paths[first], "read", attempt, what)
     raise AssertionError("unreachable")
 
 

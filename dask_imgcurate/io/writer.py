@@ -38,6 +38,9 @@ from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE, header_lengths, member_he
 
 MAX_READ = 8 << 20  # bytes per merged read
 MAX_GAP = 64 << 10  # merge two ranges of a source when at most this far apart
+REMOTE_MAX_GAP = 256 << 10  # on object stores, where a request costs more than this read in vain
+REMOTE_MAX_READ = 2 << 20  # bytes per ranged GET (several merged members)
+REMOTE_BATCH = 64 << 20  # bytes of ranged GETs in flight at once (a piece's worth)
 FINGERPRINT_KEY = b"dask_imgcurate.fingerprint"
 TAR_SIZE_KEY = b"dask_imgcurate.tar_size"
 IDX_SIZE_KEY = b"dask_imgcurate.idx_size"  # of the shard's .idx; absent when it has none
@@ -113,10 +116,12 @@ def _source_versions(rows: pa.Table, shards: pa.DictionaryArray) -> list[frozens
     return [frozenset(v) for v in versions]
 
 
-def merged_reads(plan: MemberPlan) -> Iterator[tuple[int, int, int, int]]:
+def merged_reads(
+    plan: MemberPlan, max_gap: int = MAX_GAP, max_read: int = MAX_READ
+) -> Iterator[tuple[int, int, int, int]]:
     """Group members into reads ``(first, stop, start, end)``: members ``first:stop`` of one
-    source, in order and at most ``MAX_GAP`` apart, within its bytes ``[start, end)`` (at
-    most ``MAX_READ`` of them unless one member is larger)."""
+    source, in order and at most ``max_gap`` apart, within its bytes ``[start, end)`` (at
+    most ``max_read`` of them unless one member is larger)."""
     source, offsets = plan.source.tolist(), plan.offsets.tolist()
     ends = (plan.offsets + plan.sizes).tolist()
     if not offsets:
@@ -125,8 +130,8 @@ def merged_reads(plan: MemberPlan) -> Iterator[tuple[int, int, int, int]]:
     for i in range(1, len(offsets)):
         if (
             source[i] != source[first]
-            or not 0 <= offsets[i] - end <= MAX_GAP
-            or ends[i] - start > MAX_READ
+            or not 0 <= offsets[i] - end <= max_gap
+            or ends[i] - start > max_read
         ):
             yield first, i, start, end
             first, start = i, offsets[i]
@@ -195,17 +200,68 @@ class _RangeReader:
         else:
             data = fsio.read_range(self.fs, path, start, end)  # retried when transient
             got = len(data)
-        if got != want:
-            raise OSError(
-                f"{source}: short read at byte offset {start} ({got} of {want} bytes); the "
-                f"tar changed or is truncated since it was indexed"
-            )
+        _check_length(source, start, want, got)
         return data
+
+    def read_many(self, spans: list[tuple[str, int, int]]) -> list[bytes]:
+        """Bytes ``[start, end)`` of ``source`` for each of ``spans``, ``(source, start,
+        end)`` of remote sources, in one ``cat_ranges`` call (concurrent ranged GETs, failed
+        ones retried)."""
+        paths = [self.fs._strip_protocol(source) for source, _, _ in spans]
+        starts = [start for _, start, _ in spans]
+        sizes = [end - start for _, start, end in spans]
+        blobs = fsio.read_ranges(self.fs, paths, starts, sizes)
+        for (source, start, _), want, data in zip(spans, sizes, blobs):
+            _check_length(source, start, want, len(data))
+        return blobs
 
     def close(self) -> None:
         for fd in self.files.values():
             os.close(fd)
         self.files.clear()
+
+
+def _check_length(source: str, start: int, want: int, got: int) -> None:
+    if got != want:
+        raise OSError(
+            f"{source}: short read at byte offset {start} ({got} of {want} bytes); the "
+            f"tar changed or is truncated since it was indexed"
+        )
+
+
+def fetched_reads(
+    plan: MemberPlan, reader: _RangeReader
+) -> Iterator[tuple[int, int, int, int, memoryview | bytes | None]]:
+    """``merged_reads`` of ``plan`` with their bytes (None for a read over ``MAX_READ``: one
+    large member, for the caller to copy a part at a time). Local reads are made one at a
+    time, into the reused buffer; remote ones (gaps up to ``REMOTE_MAX_GAP`` merged) are
+    fetched concurrently, ``REMOTE_BATCH`` bytes at a time, from any of the sources."""
+    if reader.local:
+        for first, stop, start, end in merged_reads(plan, MAX_GAP, MAX_READ):
+            source = plan.sources[plan.source[first]]
+            data = None if end - start > MAX_READ else reader.read(source, start, end)
+            yield first, stop, start, end, data
+        return
+    batch: list[tuple[int, int, int, int]] = []
+    held = 0  # bytes the batch reads
+    for read in merged_reads(plan, REMOTE_MAX_GAP, REMOTE_MAX_READ):
+        _, _, start, end = read
+        if batch and (held + end - start > REMOTE_BATCH or end - start > MAX_READ):
+            yield from _fetch_batch(plan, reader, batch)
+            batch, held = [], 0
+        if end - start > MAX_READ:
+            yield (*read, None)
+        else:
+            batch.append(read)
+            held += end - start
+    yield from _fetch_batch(plan, reader, batch)
+
+
+def _fetch_batch(plan: MemberPlan, reader: _RangeReader, batch: list[tuple[int, int, int, int]]):
+    spans = [(plan.sources[plan.source[first]], start, end) for first, _, start, end in batch]
+    yield from (
+        (*read, data) for read, data in zip(batch, reader.read_many(spans) if spans else [])
+    )
 
 
 def _pwrite_all(fd: int, chunks: list, offset: int) -> int:
@@ -262,12 +318,12 @@ def write_piece(
     at = offset
     batch = batch_end = 0  # headers are made for HEADER_BATCH members at a time
     try:
-        for first, stop, start, end in merged_reads(plan):
-            source = plan.sources[plan.source[first]]
-            if end - start > MAX_READ:  # one large member: copied a MAX_READ at a time
+        for first, stop, start, end, read in fetched_reads(plan, reader):
+            if read is None:  # one large member: copied a MAX_READ at a time
+                source = plan.sources[plan.source[first]]
                 at = _copy_large(fd, tar, reader, source, (start, end), plan, first, at)
                 continue
-            data = memoryview(reader.read(source, start, end))
+            data = memoryview(read)
             chunks: list = []
             for i in range(first, stop):
                 if i >= batch_end:
