@@ -5,8 +5,9 @@
    bytes, plus the bytes each record will take in an output tar (``record_spans``).
 2. Their counts are prefix-summed into global positions (``plan_shards``), so output shard
    ``n`` knows exactly which row slices it holds and where each record goes in its tar. On
-   a distributed client this happens as partitions arrive: a shard is started once every
-   partition before its last row is selected (``run._stream``).
+   a distributed client this happens as partitions arrive (each selection is gathered as
+   it is computed: small, its rows spilled): a shard is started once every partition
+   before its last row is selected (``run._stream``).
 3. Local outputs: each shard is filled by independent piece tasks of about ``PIECE_BYTES``
    that copy their records' byte ranges to precomputed offsets of one temporary tar
    (``write_piece``), then one commit task ends it, writes ``.idx`` + Parquet and renames

@@ -162,14 +162,14 @@ def run_export(
         try:
             with dask.annotate(priority=_in_partition_order):  # on a cluster, for _stream
                 selections = dask.persist(*selecting, optimize_graph=False)  # local: computed
-            stats_tasks = [dask.delayed(selection.Selection.stats)(s) for s in selections]
             submit = _Submitter(job, selections, resume, shard_count_check, run)
             # Stream only when every tar the frame reads is known up front (checked above)
             if client is not None and name_prefix is None and inputs_known:
                 stats, results = _stream(
-                    client, stats_tasks, per_shard, submit, reading, check_sources
+                    client, selections, per_shard, submit, reading, check_sources
                 )
             else:  # all counts first (and, for deterministic names, every partition's digest)
+                stats_tasks = [dask.delayed(selection.Selection.stats)(s) for s in selections]
                 stats = list(dask.compute(*stats_tasks, optimize_graph=False))
                 reading.close()
                 check_sources({t for s in stats for t in s[4]})
@@ -226,15 +226,17 @@ def _in_partition_order(key) -> int:
     return -key[-1] if isinstance(key, tuple) and isinstance(key[-1], int) else 0
 
 
-def _stream(client, stats_tasks: list, per_shard: int, submit, reading, check: Callable) -> tuple:
+def _stream(
+    client, selections: Sequence, per_shard: int, submit, reading, check: Callable
+) -> tuple:
     """On a distributed client: start writing each output shard as soon as the partitions
     before its last row are selected, while later partitions are still being read. Each
     partition's stats pass ``check`` first. ``reading``: the reading progress (closed before
-    the writing's shows)."""
-    from distributed import as_completed, wait
+    the writing's shows). ``selections``: persisted; each is gathered as soon as it is
+    computed (small: its rows are spilled), with no task of its own for its stats."""
+    from distributed import as_completed, futures_of, wait
 
-    # each as soon as its partition is (the graphs need no culling: see compute_with_progress)
-    futures = client.compute(stats_tasks, priority=1, optimize_graph=False)
+    futures = [futures_of(s)[0] for s in selections]
     index = {future.key: i for i, future in enumerate(futures)}
     stats: list = [None] * len(futures)
     known = 0  # partitions selected without a gap from the first
@@ -243,6 +245,7 @@ def _stream(client, stats_tasks: list, per_shard: int, submit, reading, check: C
     try:
         for batch in as_completed(futures).batches():  # all finished since the last batch
             for future, result in zip(batch, client.gather(batch)):
+                result = result.stats()
                 check(result[4])
                 stats[index[future.key]] = result
             while known < len(stats) and stats[known] is not None:
