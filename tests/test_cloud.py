@@ -250,6 +250,38 @@ def test_save_metadata_of_a_local_dataset_to_s3(local_data, remote_data, so, s3)
     ]
 
 
+def test_save_metadata_to_s3_renames_its_fragments_concurrently(
+    remote_data, so, s3, tmp_path, monkeypatch
+):  # remote_data: the bucket
+    """The client publishes the workers' fragments (a copy and a delete each on S3) many at a
+    time, not one after another: with every rename 100 ms long, several are under way at
+    once; each shard still gets its Parquet, and no fragment is left."""
+    make_demo_dataset(tmp_path, n_shards=6, samples_per_shard=2, with_parquet=False, seed=9)
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path))
+    move, in_flight, most, lock = fsio.move, [0], [0], threading.Lock()
+
+    def slow_move(fs, source, target):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            time.sleep(0.1)
+            move(fs, source, target)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(fsio, "move", slow_move)
+    with dask.config.set(scheduler="synchronous"):
+        written = dataset.save_metadata(f"s3://{BUCKET}/renamed", storage_options=so)
+    assert written["rows"].tolist() == [2] * 6
+    assert most[0] >= 4
+    s3.invalidate_cache()
+    assert sorted(s3.ls(f"{BUCKET}/renamed", detail=False)) == [
+        f"{BUCKET}/renamed/0000{i}.parquet" for i in range(6)
+    ]
+
+
 def test_save_metadata_to_s3_from_a_cluster(local_data, remote_data, so, s3):
     """Worker processes write the fragments, the client publishes them: its filesystem's
     cached listing (from loading) must not hide them. A prefix with glob characters is
