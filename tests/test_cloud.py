@@ -884,6 +884,7 @@ class StaticFiles:
         fail = fail if fail is not None else {}  # file name -> statuses to answer first
         self.requests: list[tuple[str, str]] = []
         self.most_in_flight = 0  # requests being answered at once, at most
+        self.spans: list[tuple[str, str, float, float]] = []  # (command, name, start, end)
         requests, in_flight, lock, server = self.requests, [0], threading.Lock(), self
 
         class Handler(BaseHTTPRequestHandler):
@@ -894,15 +895,18 @@ class StaticFiles:
                 with lock:
                     in_flight[0] += 1
                     server.most_in_flight = max(server.most_in_flight, in_flight[0])
+                start, self.name = time.monotonic(), None
                 try:
                     time.sleep(delay)  # a store's time to first byte
                     super().handle_one_request()
                 finally:
                     with lock:
                         in_flight[0] -= 1
+                        if self.name is not None:
+                            server.spans.append((self.command, self.name, start, time.monotonic()))
 
             def _file(self) -> bytes | None:
-                name = self.path.lstrip("/")
+                name = self.name = self.path.lstrip("/")
                 requests.append((self.command, name))
                 if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
                     self.send_error(401)
@@ -1054,6 +1058,33 @@ def test_an_export_from_a_store_fetches_its_byte_ranges_concurrently(
             else:
                 assert http.most_in_flight == 1
         assert {t.name: t.read_bytes() for t in out.glob("*.tar")} == expected
+
+
+@pytest.mark.parametrize("with_idx", [True, False])
+def test_loading_a_remote_shard_requests_its_files_at_once(with_idx, local_data, tmp_path):
+    """A partition asks for a remote shard's .idx, tar size (HEAD) and sidecar Parquet at
+    once, or without an .idx for the whole tar and the sidecar: each an answer 50 ms away,
+    one after another they cost a round trip each. The metadata is a local load's."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for f in local_data["pq"].iterdir():
+        if with_idx or f.suffix != ".idx":
+            (source / f.name).write_bytes(f.read_bytes())
+    tars = sorted(p.name for p in source.glob("*.tar"))
+    expected = ImageTextPairDataset.from_webdataset(str(source)).metadata.compute()
+    with dask.config.set(scheduler="synchronous"), StaticFiles(source, delay=0.05) as http:
+        remote = ImageTextPairDataset.from_webdataset([f"{http.url}/{n}" for n in tars])
+        http.spans.clear()
+        frame = remote.metadata.compute()
+        spans = list(http.spans)
+    for tar in tars:
+        stem = tar[: -len(".tar")]
+        first = [("GET", stem + ".idx"), ("HEAD", tar)] if with_idx else [("GET", tar)]
+        wanted = [*first, ("GET", stem + ".parquet")]
+        found = [s for s in spans if (s[0], s[1]) in wanted]
+        assert len(found) == len(wanted), (tar, found)
+        assert max(s[2] for s in found) < min(s[3] for s in found), tar  # all at once
+    assert frame_table(frame).equals(frame_table(expected))
 
 
 def test_an_http_server_without_byte_ranges_is_named(local_data, tmp_path):

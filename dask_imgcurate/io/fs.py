@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import fsspec
@@ -424,6 +425,17 @@ def read_ranges(
         first = failed[0][0]
         _give_up_or_wait(failed[0][1], fs, paths[first], "read", attempt, what)
     raise AssertionError("unreachable")
+
+
+def concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """``[call() for call in calls]``, the calls made at once, one thread each (remote
+    requests: one round trip for all); once every call has ended, the first failed one's
+    error, in the order of ``calls``, is raised."""
+    if len(calls) < 2:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [future.result() for future in futures]
 
 
 # ---------------------------------------------------------------- writing
