@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from dask_imgcurate import ImageTextPairDataset, export, write_dali_index
 from dask_imgcurate.demo import make_demo_dataset
+from dask_imgcurate.errors import ShardNotice
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.image_reader import DaliImageReader, PreprocessSpec
 from dask_imgcurate.io.writer import _RangeReader
@@ -196,10 +198,10 @@ def test_embed_reads_images_by_range_from_s3(local_data, remote_data, so, heads,
     reads = []
     real = fsio.read_ranges
 
-    def spy(fs, path, offsets, sizes):  # the image reader's reads (not an .idx check's)
+    def spy(fs, path, offsets, sizes, *merging):  # the image reader's (not an .idx check's)
         if sys._getframe(1).f_code.co_filename.endswith("image_reader.py"):
             reads.append((fsio.qualify(fs, path), list(map(int, sizes))))
-        return real(fs, path, offsets, sizes)
+        return real(fs, path, offsets, sizes, *merging)
 
     monkeypatch.setattr(fsio, "read_ranges", spy)
     local = embed(ImageTextPairDataset.from_webdataset(str(local_data["pq"])), heads)
@@ -1084,6 +1086,31 @@ def test_loading_a_remote_shard_requests_its_files_at_once(with_idx, local_data,
         found = [s for s in spans if (s[0], s[1]) in wanted]
         assert len(found) == len(wanted), (tar, found)
         assert max(s[2] for s in found) < min(s[3] for s in found), tar  # all at once
+    assert frame_table(frame).equals(frame_table(expected))
+
+
+def test_the_headers_an_index_is_checked_against_come_in_one_get(local_data, tmp_path):
+    """A small remote tar's header blocks and tail, which an .idx is checked against, are
+    read with one ranged GET (not one per block, some twenty); an index that does not
+    describe its tar is still found out (and the tar read whole instead)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for f in local_data["pq"].iterdir():
+        (source / f.name).write_bytes(f.read_bytes())
+    idx = (source / "00001.idx").read_text()
+    (source / "00001.idx").write_text(idx.replace(".jpg", ".jpeg", 1))  # the first member
+    tars = sorted(p.name for p in source.glob("*.tar"))
+    (source / "00001.idx").rename(source / "00001.idx.bad")
+    expected = ImageTextPairDataset.from_webdataset(str(source)).metadata.compute()
+    (source / "00001.idx.bad").rename(source / "00001.idx")
+    with dask.config.set(scheduler="synchronous"), StaticFiles(source) as http:
+        remote = ImageTextPairDataset.from_webdataset([f"{http.url}/{n}" for n in tars])
+        http.requests.clear()
+        with pytest.warns(ShardNotice, match="00001.tar: ignoring its index"):
+            frame = remote.metadata.compute()
+        gets = Counter(name for command, name in http.requests if command == "GET")
+    assert gets["00000.tar"] == gets["00002.tar"] == 1, gets
+    assert gets["00001.tar"] == 2  # the check, then the whole tar
     assert frame_table(frame).equals(frame_table(expected))
 
 

@@ -457,6 +457,13 @@ def check_unchanged(source: str, indexed: Iterable[int], now: os.stat_result | N
         )
 
 
+CHECK_MAX_GAP = 256 << 10
+"""Remote tars: header blocks (and the tail) this close together are checked with one GET
+(a small shard's with one or two GETs instead of some twenty)."""
+CHECK_MAX_READ = 2 << 20
+"""Remote tars: bytes per such GET, at most."""
+
+
 def _checked_against_tar(
     fs: fsspec.AbstractFileSystem, tar: str, members: TarIndex, tar_size: int
 ) -> TarIndex:
@@ -466,7 +473,8 @@ def _checked_against_tar(
     end = members_end(members)
     tail = max(0, min(tar_size, end + TAIL_READ) - end)
     starts = [*(members.offsets[rows] - BLOCK).tolist(), *gaps.tolist()]
-    blocks = fsio.read_ranges(fs, tar, [*starts, end], [BLOCK] * len(starts) + [tail])
+    sizes = [BLOCK] * len(starts) + [tail]
+    blocks = fsio.read_ranges(fs, tar, [*starts, end], sizes, CHECK_MAX_GAP, CHECK_MAX_READ)
     try:
         problem = check_headers(members, rows, blocks[: len(rows)])
         problem = problem or check_gaps(gaps, blocks[len(rows) : -1])
