@@ -27,7 +27,7 @@ from dask_imgcurate.errors import (
 )
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.records import RecordIndex, split_key
-from dask_imgcurate.io.shards import Shard, index_shard, shard_notes
+from dask_imgcurate.io.shards import Shard, index_shard, prefetch, shard_notes
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def shard_table(
     on_mismatch: str = "raise",
 ) -> pa.Table:
     """Metadata of one shard (see module docstring)."""
-    records = index_shard(fs, shard, strict=strict)
+    fetched = prefetch(fs, shard)  # remote: the .idx, tar size and sidecar at once
+    records = index_shard(fs, shard, strict=strict, prefetched=fetched)
     source = fsio.qualify(fs, shard.tar)
     damaged = records.members.damage is not None
     for message, category in shard_notes(records):
@@ -84,7 +85,7 @@ def shard_table(
     book = bookkeeping_table(records, source)
     lost_rows = 0
     if shard.parquet is not None:
-        user = _read_sidecar(fs, shard, id_col)
+        user = _read_sidecar(fs, shard, id_col, None if fetched is None else fetched.parquet)
         if damaged or records.undecodable:  # it describes lost records: not a mismatch
             present = pa.array(records.keys, pa.string())
             kept = pc.is_in(user.column(id_col), value_set=present)
@@ -178,8 +179,13 @@ def sidecar_schema(
     return pa.schema(fields + [pa.field(name, kind) for name, kind in BOOKKEEPING.items()])
 
 
-def _read_sidecar(fs: fsspec.AbstractFileSystem, shard: Shard, id_col: str) -> pa.Table:
-    table = pq.read_table(io.BytesIO(fsio.read_bytes(fs, shard.parquet)))
+def _read_sidecar(
+    fs: fsspec.AbstractFileSystem, shard: Shard, id_col: str, data: bytes | None = None
+) -> pa.Table:
+    """The sidecar Parquet of ``shard`` (``data``: its bytes, when already read)."""
+    if data is None:
+        data = fsio.read_bytes(fs, shard.parquet)
+    table = pq.read_table(io.BytesIO(data))
     _check_id_column(fs, shard, id_col, table.column_names)
     ids = table.column(id_col).cast(pa.string())
     table = table.set_column(table.column_names.index(id_col), id_col, ids)

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from dask_imgcurate import ImageTextPairDataset, export, write_dali_index
 from dask_imgcurate.demo import make_demo_dataset
+from dask_imgcurate.errors import ShardNotice
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.image_reader import DaliImageReader, PreprocessSpec
 from dask_imgcurate.io.writer import _RangeReader
@@ -196,10 +198,10 @@ def test_embed_reads_images_by_range_from_s3(local_data, remote_data, so, heads,
     reads = []
     real = fsio.read_ranges
 
-    def spy(fs, path, offsets, sizes):  # the image reader's reads (not an .idx check's)
+    def spy(fs, path, offsets, sizes, *merging):  # the image reader's (not an .idx check's)
         if sys._getframe(1).f_code.co_filename.endswith("image_reader.py"):
             reads.append((fsio.qualify(fs, path), list(map(int, sizes))))
-        return real(fs, path, offsets, sizes)
+        return real(fs, path, offsets, sizes, *merging)
 
     monkeypatch.setattr(fsio, "read_ranges", spy)
     local = embed(ImageTextPairDataset.from_webdataset(str(local_data["pq"])), heads)
@@ -247,6 +249,38 @@ def test_save_metadata_of_a_local_dataset_to_s3(local_data, remote_data, so, s3)
     s3.invalidate_cache()
     assert sorted(s3.ls(f"{BUCKET}/from-local", detail=False)) == [
         f"{BUCKET}/from-local/0000{i}.parquet" for i in range(2)
+    ]
+
+
+def test_save_metadata_to_s3_renames_its_fragments_concurrently(
+    remote_data, so, s3, tmp_path, monkeypatch
+):  # remote_data: the bucket
+    """The client publishes the workers' fragments (a copy and a delete each on S3) many at a
+    time, not one after another: with every rename 100 ms long, several are under way at
+    once; each shard still gets its Parquet, and no fragment is left."""
+    make_demo_dataset(tmp_path, n_shards=6, samples_per_shard=2, with_parquet=False, seed=9)
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path))
+    move, in_flight, most, lock = fsio.move, [0], [0], threading.Lock()
+
+    def slow_move(fs, source, target):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            time.sleep(0.1)
+            move(fs, source, target)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(fsio, "move", slow_move)
+    with dask.config.set(scheduler="synchronous"):
+        written = dataset.save_metadata(f"s3://{BUCKET}/renamed", storage_options=so)
+    assert written["rows"].tolist() == [2] * 6
+    assert most[0] >= 4
+    s3.invalidate_cache()
+    assert sorted(s3.ls(f"{BUCKET}/renamed", detail=False)) == [
+        f"{BUCKET}/renamed/0000{i}.parquet" for i in range(6)
     ]
 
 
@@ -852,6 +886,7 @@ class StaticFiles:
         fail = fail if fail is not None else {}  # file name -> statuses to answer first
         self.requests: list[tuple[str, str]] = []
         self.most_in_flight = 0  # requests being answered at once, at most
+        self.spans: list[tuple[str, str, float, float]] = []  # (command, name, start, end)
         requests, in_flight, lock, server = self.requests, [0], threading.Lock(), self
 
         class Handler(BaseHTTPRequestHandler):
@@ -862,15 +897,18 @@ class StaticFiles:
                 with lock:
                     in_flight[0] += 1
                     server.most_in_flight = max(server.most_in_flight, in_flight[0])
+                start, self.name = time.monotonic(), None
                 try:
                     time.sleep(delay)  # a store's time to first byte
                     super().handle_one_request()
                 finally:
                     with lock:
                         in_flight[0] -= 1
+                        if self.name is not None:
+                            server.spans.append((self.command, self.name, start, time.monotonic()))
 
             def _file(self) -> bytes | None:
-                name = self.path.lstrip("/")
+                name = self.name = self.path.lstrip("/")
                 requests.append((self.command, name))
                 if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
                     self.send_error(401)
@@ -1022,6 +1060,58 @@ def test_an_export_from_a_store_fetches_its_byte_ranges_concurrently(
             else:
                 assert http.most_in_flight == 1
         assert {t.name: t.read_bytes() for t in out.glob("*.tar")} == expected
+
+
+@pytest.mark.parametrize("with_idx", [True, False])
+def test_loading_a_remote_shard_requests_its_files_at_once(with_idx, local_data, tmp_path):
+    """A partition asks for a remote shard's .idx, tar size (HEAD) and sidecar Parquet at
+    once, or without an .idx for the whole tar and the sidecar: each an answer 50 ms away,
+    one after another they cost a round trip each. The metadata is a local load's."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for f in local_data["pq"].iterdir():
+        if with_idx or f.suffix != ".idx":
+            (source / f.name).write_bytes(f.read_bytes())
+    tars = sorted(p.name for p in source.glob("*.tar"))
+    expected = ImageTextPairDataset.from_webdataset(str(source)).metadata.compute()
+    with dask.config.set(scheduler="synchronous"), StaticFiles(source, delay=0.05) as http:
+        remote = ImageTextPairDataset.from_webdataset([f"{http.url}/{n}" for n in tars])
+        http.spans.clear()
+        frame = remote.metadata.compute()
+        spans = list(http.spans)
+    for tar in tars:
+        stem = tar[: -len(".tar")]
+        first = [("GET", stem + ".idx"), ("HEAD", tar)] if with_idx else [("GET", tar)]
+        wanted = [*first, ("GET", stem + ".parquet")]
+        found = [s for s in spans if (s[0], s[1]) in wanted]
+        assert len(found) == len(wanted), (tar, found)
+        assert max(s[2] for s in found) < min(s[3] for s in found), tar  # all at once
+    assert frame_table(frame).equals(frame_table(expected))
+
+
+def test_the_headers_an_index_is_checked_against_come_in_one_get(local_data, tmp_path):
+    """A small remote tar's header blocks and tail, which an .idx is checked against, are
+    read with one ranged GET (not one per block, some twenty); an index that does not
+    describe its tar is still found out (and the tar read whole instead)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for f in local_data["pq"].iterdir():
+        (source / f.name).write_bytes(f.read_bytes())
+    idx = (source / "00001.idx").read_text()
+    (source / "00001.idx").write_text(idx.replace(".jpg", ".jpeg", 1))  # the first member
+    tars = sorted(p.name for p in source.glob("*.tar"))
+    (source / "00001.idx").rename(source / "00001.idx.bad")
+    expected = ImageTextPairDataset.from_webdataset(str(source)).metadata.compute()
+    (source / "00001.idx.bad").rename(source / "00001.idx")
+    with dask.config.set(scheduler="synchronous"), StaticFiles(source) as http:
+        remote = ImageTextPairDataset.from_webdataset([f"{http.url}/{n}" for n in tars])
+        http.requests.clear()
+        with pytest.warns(ShardNotice, match="00001.tar: ignoring its index"):
+            frame = remote.metadata.compute()
+        gets = Counter(name for command, name in http.requests if command == "GET")
+    assert gets["00000.tar"] == gets["00002.tar"] == 1, gets
+    assert gets["00001.tar"] == 2  # the check, then the whole tar
+    assert frame_table(frame).equals(frame_table(expected))
 
 
 def test_an_http_server_without_byte_ranges_is_named(local_data, tmp_path):

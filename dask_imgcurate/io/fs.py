@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import fsspec
@@ -372,21 +373,56 @@ def _within(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, data
     return data
 
 
+def merged_spans(
+    offsets: Sequence[int], sizes: Sequence[int], max_gap: int, max_read: int
+) -> list[tuple[int, int, list[int]]]:
+    """Ranges ``[offset, offset + size)`` of one file grouped into reads ``(start, end,
+    [range numbers])``: in offset order, a range joins the read before it when at most
+    ``max_gap`` bytes after its end and the read stays within ``max_read`` bytes."""
+    spans: list[tuple[int, int, list[int]]] = []
+    for i in sorted(range(len(offsets)), key=lambda i: int(offsets[i])):
+        start, end = int(offsets[i]), int(offsets[i]) + int(sizes[i])
+        if (
+            spans
+            and start - spans[-1][1] <= max_gap
+            and max(end, spans[-1][1]) - spans[-1][0] <= max_read
+        ):
+            first, last, members = spans[-1]
+            spans[-1] = (first, max(last, end), [*members, i])
+        else:
+            spans.append((start, end, [i]))
+    return spans
+
+
 def read_ranges(
     fs: fsspec.AbstractFileSystem,
     path: str | Sequence[str],
     offsets: Sequence[int],
     sizes: Sequence[int],
+    max_gap: int = -1,
+    max_read: int = 0,
 ) -> list[bytes]:
     """Read byte ranges ``[offset, offset + size)`` of one file (``path``), or of one file
     per range (a sequence of paths).
 
     Locally with ``pread``; remotely with one ``cat_ranges`` call (concurrent ranged GETs)
     whose failed ranges are retried, only them, on transient errors. A range past the end
-    of the file comes back short; callers check lengths.
+    of the file comes back short; callers check lengths. With ``max_gap`` >= 0 (one file
+    only), remote ranges that ``merged_spans`` groups are fetched by one GET each.
     """
     if not len(offsets):
         return []
+    if max_gap >= 0 and isinstance(path, str) and not is_local(fs):
+        spans = merged_spans(offsets, sizes, max_gap, max_read)
+        if len(spans) < len(offsets):
+            starts = [start for start, _, _ in spans]
+            reads = read_ranges(fs, path, starts, [end - start for start, end, _ in spans])
+            out = [b""] * len(offsets)
+            for (start, _, members), data in zip(spans, reads):
+                for i in members:
+                    at = int(offsets[i]) - start
+                    out[i] = data[at : at + int(sizes[i])]
+            return out
     paths = [path] * len(offsets) if isinstance(path, str) else list(path)
     if is_local(fs):
         with contextlib.ExitStack() as files:
@@ -424,6 +460,17 @@ def read_ranges(
         first = failed[0][0]
         _give_up_or_wait(failed[0][1], fs, paths[first], "read", attempt, what)
     raise AssertionError("unreachable")
+
+
+def concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """``[call() for call in calls]``, the calls made at once, one thread each (remote
+    requests: one round trip for all); once every call has ended, the first failed one's
+    error, in the order of ``calls``, is raised."""
+    if len(calls) < 2:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [future.result() for future in futures]
 
 
 # ---------------------------------------------------------------- writing

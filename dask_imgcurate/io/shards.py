@@ -299,18 +299,60 @@ def _compressed_error(
     )
 
 
+@dataclass(frozen=True)
+class Prefetched:
+    """A remote shard's files read before indexing it, with one round of requests: the
+    ``.idx`` and the tar's size (when the index is used), else the whole tar; the sidecar
+    Parquet (None: not asked for, or no sidecar)."""
+
+    idx: bytes | None = None
+    tar_size: int | None = None
+    tar: bytes | None = None
+    parquet: bytes | None = None
+
+
+def prefetch(
+    fs: fsspec.AbstractFileSystem, shard: Shard, *, use_idx: bool = True, parquet: bool = True
+) -> Prefetched | None:
+    """What ``index_shard`` reads first of ``shard`` (and with ``parquet`` its sidecar), as
+    concurrent requests on object stores, where one after another they cost a round trip
+    each (each read is retried on transient errors); None for local files."""
+    if fsio.is_local(fs):
+        return None
+    calls = {}
+    if use_idx and shard.idx is not None:
+        calls["idx"] = lambda: fsio.read_bytes(fs, shard.idx)
+        calls["tar_size"] = lambda: fs.size(shard.tar)
+    else:
+        calls["tar"] = lambda: fsio.read_bytes(fs, shard.tar)
+    if parquet and shard.parquet is not None:
+        calls["parquet"] = lambda: fsio.read_bytes(fs, shard.parquet)
+    return Prefetched(**dict(zip(calls, fsio.concurrently(list(calls.values())))))
+
+
 def index_shard(
-    fs: fsspec.AbstractFileSystem, shard: Shard, *, strict: bool = True, use_idx: bool = True
+    fs: fsspec.AbstractFileSystem,
+    shard: Shard,
+    *,
+    strict: bool = True,
+    use_idx: bool = True,
+    prefetched: Prefetched | None = None,
 ) -> RecordIndex:
     """Records of a shard, from its ``.idx`` when present and consistent with the tar,
-    else by scanning the tar (an ``.idx`` not used is reported as a ``ShardNotice``)."""
+    else by scanning the tar (an ``.idx`` not used is reported as a ``ShardNotice``).
+    ``prefetched``: its files already read (``prefetch``), read here otherwise."""
     source = fsio.qualify(fs, shard.tar)
     version = fsio.file_version(fs, shard.tar)  # before reading: a later change shows
     scanned = None
-    if use_idx and shard.idx is not None:
+    if prefetched is not None and prefetched.tar is not None:
+        scanned = scan_tar(prefetched.tar, source, strict=strict)
+    elif use_idx and shard.idx is not None:
         try:
-            text = fsio.read_bytes(fs, shard.idx).decode("utf-8")
-            tar_size = fs.size(shard.tar)
+            if prefetched is not None and prefetched.idx is not None:
+                text, tar_size = prefetched.idx.decode("utf-8"), prefetched.tar_size
+            else:
+                text = fsio.read_bytes(fs, shard.idx).decode("utf-8")
+                tar_size = fs.size(shard.tar)
             members = parse_dali_index(text, source, tar_size=tar_size)
             members = _checked_against_tar(fs, shard.tar, members, tar_size)
             if _modified_after(fs, shard.tar, shard.idx):
@@ -415,6 +457,13 @@ def check_unchanged(source: str, indexed: Iterable[int], now: os.stat_result | N
         )
 
 
+CHECK_MAX_GAP = 256 << 10
+"""Remote tars: header blocks (and the tail) this close together are checked with one GET
+(a small shard's with one or two GETs instead of some twenty)."""
+CHECK_MAX_READ = 2 << 20
+"""Remote tars: bytes per such GET, at most."""
+
+
 def _checked_against_tar(
     fs: fsspec.AbstractFileSystem, tar: str, members: TarIndex, tar_size: int
 ) -> TarIndex:
@@ -424,7 +473,8 @@ def _checked_against_tar(
     end = members_end(members)
     tail = max(0, min(tar_size, end + TAIL_READ) - end)
     starts = [*(members.offsets[rows] - BLOCK).tolist(), *gaps.tolist()]
-    blocks = fsio.read_ranges(fs, tar, [*starts, end], [BLOCK] * len(starts) + [tail])
+    sizes = [BLOCK] * len(starts) + [tail]
+    blocks = fsio.read_ranges(fs, tar, [*starts, end], sizes, CHECK_MAX_GAP, CHECK_MAX_READ)
     try:
         problem = check_headers(members, rows, blocks[: len(rows)])
         problem = problem or check_gaps(gaps, blocks[len(rows) : -1])
