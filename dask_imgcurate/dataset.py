@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import posixpath
 import uuid
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import dask
 import dask.dataframe as dd
@@ -549,18 +549,8 @@ def _move_all(fs: fsspec.AbstractFileSystem, moves: list[tuple[str, str]]) -> No
         with fsio.explain_missing(fs, what, source):
             fsio.move(fs, source, target)
 
-    if fsio.is_local(fs) or len(moves) < 2:
-        for source, target in moves:
-            move(source, target)
-        return
-    with ThreadPoolExecutor(max_workers=PUBLISH_CONCURRENCY) as pool:
-        futures = [pool.submit(move, source, target) for source, target in moves]
-        try:
-            for future in futures:
-                future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+    calls = [functools.partial(move, source, target) for source, target in moves]
+    fsio.concurrently(calls, 1 if fsio.is_local(fs) else PUBLISH_CONCURRENCY)
 
 
 def _merged_name(fragment: str) -> str:

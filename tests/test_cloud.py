@@ -9,6 +9,7 @@ by botocore's and then by our own retries), and a flaky in-memory fsspec filesys
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import io
@@ -749,6 +750,31 @@ def test_read_ranges_of_several_files_in_one_call(flaky, tmp_path, caplog):
     (tmp_path / "other").write_bytes(bytes(range(255, -1, -1)))
     local = [str(tmp_path / p.lstrip("/")) for p in paths]
     assert fsio.read_ranges(fsspec.filesystem("file"), local, offsets, sizes) == expected
+
+
+def test_concurrently_bounds_the_calls_and_raises_the_first_failure_in_order():
+    running, most, started, lock = [0], [0], [], threading.Lock()
+
+    def call(i: int, fail: bool = False) -> int:
+        with lock:
+            started.append(i)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        if fail:
+            raise ValueError(f"call {i}")
+        return i * i
+
+    calls = [functools.partial(call, i) for i in range(12)]
+    assert fsio.concurrently(calls, at_once=4) == [i * i for i in range(12)]
+    assert most[0] == 4
+    started.clear()
+    failing = [functools.partial(call, i, i in (1, 2)) for i in range(40)]
+    with pytest.raises(ValueError, match="^call 1$"):  # not call 2, though it fails too
+        fsio.concurrently(failing, at_once=2)
+    assert len(started) < 40  # calls not yet started when it failed were never made
 
 
 def test_retries_give_up_and_permanent_errors_are_not_retried(flaky):

@@ -462,15 +462,20 @@ def read_ranges(
     raise AssertionError("unreachable")
 
 
-def concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
-    """``[call() for call in calls]``, the calls made at once, one thread each (remote
-    requests: one round trip for all); once every call has ended, the first failed one's
-    error, in the order of ``calls``, is raised."""
-    if len(calls) < 2:
+def concurrently(calls: Sequence[Callable[[], T]], at_once: int | None = None) -> list[T]:
+    """``[call() for call in calls]``, made ``at_once`` at a time (all at once by default),
+    one thread each (remote requests: their round trips overlap). The first failed call's
+    error, in the order of ``calls``, is raised once the calls under way have ended; calls
+    not yet started then never start."""
+    if len(calls) < 2 or at_once == 1:
         return [call() for call in calls]
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+    with ThreadPoolExecutor(max_workers=at_once or len(calls)) as pool:
         futures = [pool.submit(call) for call in calls]
-    return [future.result() for future in futures]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 # ---------------------------------------------------------------- writing

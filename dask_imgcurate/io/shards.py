@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -260,8 +260,8 @@ def _looked_up(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, str
         except FileNotFoundError:
             return None
 
-    with ThreadPoolExecutor(max_workers=LOOKUP_CONCURRENCY) as pool:
-        kinds = list(pool.map(kind, candidates))
+    calls = [functools.partial(kind, candidate) for candidate in candidates]
+    kinds = fsio.concurrently(calls, LOOKUP_CONCURRENCY)
     return {c: k for c, k in zip(candidates, kinds) if k is not None}
 
 
