@@ -34,6 +34,7 @@ from dask_imgcurate.errors import (
 )
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io import writer
+from dask_imgcurate.io.ranges import merge_ranges
 from dask_imgcurate.io.writer import MAX_GAP, MAX_READ, MemberPlan, merged_reads, plan_shards
 
 
@@ -499,6 +500,29 @@ def test_merged_reads_rules():
     # the limits are parameters (remote sources merge wider gaps, read less at once)
     assert list(merged_reads(plan, max_gap=MAX_GAP + 1))[0] == (0, 3, 0, offsets[2] + 10)
     assert list(merged_reads(plan, max_read=150))[:2] == [(0, 1, 0, 100), (1, 2, 100, 200)]
+
+
+def test_merge_ranges_rules():
+    starts, ends = [0, 50, 100, 400, 300, 400, 650], [100, 80, 200, 410, 310, 600, 850]
+    # inside the read | adjacent | gap 200 | backwards | gap 90 | read would pass 500
+    assert list(merge_ranges(starts, ends, max_gap=100, max_read=500)) == [
+        (0, 3, 0, 200),
+        (3, 4, 400, 410),
+        (4, 6, 300, 600),
+        (6, 7, 650, 850),
+    ]
+    assert list(merge_ranges(starts, ends, 100, 500, breaks=[False, True, *[False] * 5]))[:2] == [
+        (0, 1, 0, 100),
+        (1, 3, 50, 200),
+    ]
+    assert list(merge_ranges([0], [5000], 0, 10)) == [(0, 1, 0, 5000)]  # alone, may exceed
+    assert list(merge_ranges([], [], 0, 10)) == []
+
+
+def test_merged_spans_sorts_and_maps_back():
+    offsets, sizes = [900, 0, 100, 0, 5000], [100, 100, 50, 100, 10]
+    spans = fsio.merged_spans(offsets, sizes, max_gap=1000, max_read=1000)
+    assert spans == [(0, 1000, [1, 3, 2, 0]), (5000, 5010, [4])]
 
 
 def test_pwrite_all_batches_and_resumes_short_writes(tmp_path, monkeypatch):

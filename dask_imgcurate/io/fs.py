@@ -34,6 +34,7 @@ from dask_imgcurate.errors import (
     StorageAccessDenied,
     StorageNotFound,
 )
+from dask_imgcurate.io.ranges import merge_ranges
 
 log = logging.getLogger(__name__)
 
@@ -377,21 +378,14 @@ def merged_spans(
     offsets: Sequence[int], sizes: Sequence[int], max_gap: int, max_read: int
 ) -> list[tuple[int, int, list[int]]]:
     """Ranges ``[offset, offset + size)`` of one file grouped into reads ``(start, end,
-    [range numbers])``: in offset order, a range joins the read before it when at most
-    ``max_gap`` bytes after its end and the read stays within ``max_read`` bytes."""
-    spans: list[tuple[int, int, list[int]]] = []
-    for i in sorted(range(len(offsets)), key=lambda i: int(offsets[i])):
-        start, end = int(offsets[i]), int(offsets[i]) + int(sizes[i])
-        if (
-            spans
-            and start - spans[-1][1] <= max_gap
-            and max(end, spans[-1][1]) - spans[-1][0] <= max_read
-        ):
-            first, last, members = spans[-1]
-            spans[-1] = (first, max(last, end), [*members, i])
-        else:
-            spans.append((start, end, [i]))
-    return spans
+    [range numbers])``, taken in offset order (``merge_ranges``' rules)."""
+    order = sorted(range(len(offsets)), key=lambda i: int(offsets[i]))
+    starts = [int(offsets[i]) for i in order]
+    ends = [start + int(sizes[i]) for start, i in zip(starts, order)]
+    return [
+        (start, end, order[first:stop])
+        for first, stop, start, end in merge_ranges(starts, ends, max_gap, max_read)
+    ]
 
 
 def read_ranges(

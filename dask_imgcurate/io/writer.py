@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from dask_imgcurate.backend import set_columns
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.dali_index import VERSION as DALI_VERSION
+from dask_imgcurate.io.ranges import merge_ranges
 from dask_imgcurate.io.records import split_keys
 from dask_imgcurate.io.shards import check_unchanged, version_type_error
 from dask_imgcurate.io.tarindex import BLOCK
@@ -120,23 +121,10 @@ def merged_reads(
     plan: MemberPlan, max_gap: int = MAX_GAP, max_read: int = MAX_READ
 ) -> Iterator[tuple[int, int, int, int]]:
     """Group members into reads ``(first, stop, start, end)``: members ``first:stop`` of one
-    source, in order and at most ``max_gap`` apart, within its bytes ``[start, end)`` (at
-    most ``max_read`` of them unless one member is larger)."""
-    source, offsets = plan.source.tolist(), plan.offsets.tolist()
+    source, in order, within its bytes ``[start, end)`` (``merge_ranges``' rules)."""
+    breaks = np.diff(plan.source, prepend=plan.source[:1]).astype(bool).tolist()
     ends = (plan.offsets + plan.sizes).tolist()
-    if not offsets:
-        return
-    first, start, end = 0, offsets[0], ends[0]
-    for i in range(1, len(offsets)):
-        if (
-            source[i] != source[first]
-            or not 0 <= offsets[i] - end <= max_gap
-            or ends[i] - start > max_read
-        ):
-            yield first, i, start, end
-            first, start = i, offsets[i]
-        end = ends[i]
-    yield first, len(offsets), start, end
+    return merge_ranges(plan.offsets.tolist(), ends, max_gap, max_read, breaks)
 
 
 def _pread_all(fd: int, view: memoryview, offset: int) -> int:
