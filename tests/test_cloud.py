@@ -195,6 +195,62 @@ def test_load_from_s3_equals_local(name, local_data, remote_data, so):
         assert frame_table(other.metadata.compute()).equals(frame_table(a))
 
 
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 5500])
+def test_download_of_any_size_reads_a_chunk_per_get(size, s3, so, remote_data, monkeypatch):
+    """A remote file copied to a temporary file: the same bytes, every GET at most one
+    chunk, at most a batch of them at once (an empty object, whose ranges S3 refuses,
+    included). ``remote_data``: the bucket."""
+    monkeypatch.setattr(fsio, "DOWNLOAD_CHUNK", 1000)
+    monkeypatch.setattr(fsio, "DOWNLOAD_BATCH", 2)
+    data = os.urandom(size)
+    s3.pipe_file(f"{BUCKET}/download/{size}", data)
+    fs = fsspec.filesystem("s3", **so)
+    got, batches = [], []
+    cat_file, cat_ranges = fs.cat_file, fs.cat_ranges
+    monkeypatch.setattr(fs, "cat_file", lambda *a, **k: got.append(cat_file(*a, **k)) or got[-1])
+
+    def ranges(paths, starts, ends, **kw):
+        batches.append(len(paths))
+        got.extend(out := cat_ranges(paths, starts, ends, **kw))
+        return out
+
+    monkeypatch.setattr(fs, "cat_ranges", ranges)
+    with fsio.download(fs, f"{BUCKET}/download/{size}") as f:
+        assert f.read() == data
+        with fsio.mapped(f) as buffer:
+            assert bytes(buffer) == data
+    assert max(map(len, got), default=0) <= 1000 and max(batches, default=0) <= 2
+    assert (got == []) == (size == 0)  # S3 refused the empty object's range: its size told
+    assert len(batches) == -(-max(0, size - 1000) // 2000)
+
+
+def test_a_file_that_shrinks_while_downloaded_is_an_error(flaky, monkeypatch):
+    monkeypatch.setattr(fsio, "DOWNLOAD_CHUNK", 100)
+    monkeypatch.setattr(flaky, "size", lambda path: 2000)  # listed as 2000, holds 1024
+    with pytest.raises(OSError, match=r"^flakymem:///blob: 24 bytes at byte offset 1000 .*changed"):
+        fsio.download(flaky, "/blob")
+
+
+def test_a_remote_tar_is_indexed_a_chunk_at_a_time(local_data, remote_data, so, monkeypatch):
+    """Without an .idx, a remote tar is scanned from a temporary copy: the records equal a
+    local load's while no read brings more than a chunk into memory."""
+    monkeypatch.setattr(fsio, "DOWNLOAD_CHUNK", 16 << 10)
+    largest, real = [0], fsio.read_ranges
+
+    def counted(fs, path, offsets, sizes, *args):
+        largest[0] = max(largest[0], *sizes)
+        return real(fs, path, offsets, sizes, *args)
+
+    monkeypatch.setattr(fsio, "read_ranges", counted)
+    local = ImageTextPairDataset.from_webdataset(str(local_data["nopq"]))
+    remote = ImageTextPairDataset.from_webdataset(remote_data["nopq"], storage_options=so)
+    with dask.config.set(scheduler="sync"):
+        frame = remote.metadata.compute()
+    assert frame_table(frame).equals(frame_table(local.metadata.compute()))
+    tar_size = os.path.getsize(local.tar_files[0])
+    assert tar_size > 4 * (16 << 10) and largest[0] == 16 << 10
+
+
 def test_embed_reads_images_by_range_from_s3(local_data, remote_data, so, heads, monkeypatch):
     reads = []
     real = fsio.read_ranges
@@ -830,8 +886,9 @@ def test_pipeline_over_a_flaky_store(flaky, local_data, tmp_path, monkeypatch):
     with dask.config.set(scheduler="sync"):
         summary = remote.to_webdataset(str(tmp_path / "out"), samples_per_shard=100)
     assert summary.records_out == 12
-    failed = {(path, start is None) for path, start, _ in FlakyMemoryFileSystem.fail_once}
-    assert failed == {(f"/data/0000{i}.tar", whole) for i in (0, 1) for whole in (True, False)}
+    first_chunk = (0, fsio.DOWNLOAD_CHUNK)  # the scan's download; then members by range
+    failed = {(path, (a, b) == first_chunk) for path, a, b in FlakyMemoryFileSystem.fail_once}
+    assert failed == {(f"/data/0000{i}.tar", scan) for i in (0, 1) for scan in (True, False)}
     out = tar_members((tmp_path / "out" / "00000.tar").read_bytes())
     assert sorted(out.values()) == sorted(local_members(local_data["nopq"]).values())
 

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -327,21 +327,86 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return retry(fs, path, lambda: fs.cat_file(path))
 
 
+DOWNLOAD_CHUNK = 2 << 20
+"""Remote files copied whole (``download``): bytes per ranged GET."""
+DOWNLOAD_BATCH = 16
+"""... and such GETs in flight at once: at most 32 MB held in memory, whatever the size."""
+
+
+def download(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
+    """A remote file copied into an anonymous temporary file (in ``TMPDIR``; gone once
+    closed), returned open at its start. At most ``DOWNLOAD_BATCH`` ranged GETs of
+    ``DOWNLOAD_CHUNK`` bytes are held in memory: a file smaller than a chunk costs one GET,
+    a larger one a HEAD for its size, then concurrent GETs (each retried on transient
+    errors). A server that ignores byte ranges answers the first GET with the whole file,
+    which is then used."""
+    out = tempfile.TemporaryFile()
+    try:
+        first = _first_chunk(fs, path)
+        out.write(first)
+        if len(first) == DOWNLOAD_CHUNK:
+            size = retry(fs, path, lambda: fs.size(path))
+            if size is None:  # no Content-Length: only the whole file can be asked for
+                out.seek(0)
+                out.write(read_bytes(fs, path))
+            else:
+                starts = list(range(DOWNLOAD_CHUNK, size, DOWNLOAD_CHUNK))
+                for at in range(0, len(starts), DOWNLOAD_BATCH):
+                    batch = starts[at : at + DOWNLOAD_BATCH]
+                    sizes = [min(DOWNLOAD_CHUNK, size - start) for start in batch]
+                    for start, want, data in zip(batch, sizes, read_ranges(fs, path, batch, sizes)):
+                        if len(data) != want:
+                            raise OSError(
+                                f"{qualify(fs, path)}: {len(data)} bytes at byte offset "
+                                f"{start} where {want} were expected: the file changed "
+                                f"while it was read"
+                            )
+                        out.write(data)
+        out.flush()
+        out.seek(0)
+        return out
+    except BaseException:
+        out.close()
+        raise
+
+
+def _first_chunk(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The first ``DOWNLOAD_CHUNK`` bytes of a remote file (all of it if smaller, or if the
+    server ignores byte ranges); an empty file's none (a range of it is refused)."""
+    try:
+        return retry(fs, path, lambda: fs.cat_file(path, start=0, end=DOWNLOAD_CHUNK))
+    except Exception:
+        try:
+            empty = fs.size(path) == 0
+        except Exception:  # noqa: BLE001 - the GET's error is the one to report
+            empty = False
+        if empty:
+            return b""
+        raise
+
+
 @contextlib.contextmanager
 def open_buffer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[bytes | mmap.mmap]:
-    """The whole file as a buffer: an ``mmap`` for local files, bytes otherwise."""
+    """The whole file as a buffer: an ``mmap`` of it, or of its ``download`` when remote."""
     if not is_local(fs):
-        yield read_bytes(fs, path)
+        with download(fs, path) as f, mapped(f) as buffer:
+            yield buffer
         return
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            yield b""
-            return
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            yield mapped
-        finally:
-            _close_mapping(mapped)
+    with open(path, "rb") as f, mapped(f) as buffer:
+        yield buffer
+
+
+@contextlib.contextmanager
+def mapped(f: BinaryIO) -> Iterator[bytes | mmap.mmap]:
+    """An open file's bytes, memory-mapped for reading (an empty file's: ``b""``)."""
+    if os.fstat(f.fileno()).st_size == 0:
+        yield b""
+        return
+    buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield buffer
+    finally:
+        _close_mapping(buffer)
 
 
 def _close_mapping(mapped: mmap.mmap) -> None:

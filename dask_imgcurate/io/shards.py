@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
@@ -307,12 +308,13 @@ def _compressed_error(
 @dataclass(frozen=True)
 class Prefetched:
     """A remote shard's files read before indexing it, with one round of requests: the
-    ``.idx`` and the tar's size (when the index is used), else the whole tar; the sidecar
-    Parquet (None: not asked for, or no sidecar)."""
+    ``.idx`` and the tar's size (when the index is used), else the whole tar (its
+    ``fsio.download``, which ``index_shard`` closes); the sidecar Parquet (None: not asked
+    for, or no sidecar)."""
 
     idx: bytes | None = None
     tar_size: int | None = None
-    tar: bytes | None = None
+    tar: BinaryIO | None = None
     parquet: bytes | None = None
 
 
@@ -329,7 +331,7 @@ def prefetch(
         calls["idx"] = lambda: fsio.read_bytes(fs, shard.idx)
         calls["tar_size"] = lambda: fs.size(shard.tar)
     else:
-        calls["tar"] = lambda: fsio.read_bytes(fs, shard.tar)
+        calls["tar"] = lambda: fsio.download(fs, shard.tar)
     if parquet and shard.parquet is not None:
         calls["parquet"] = lambda: fsio.read_bytes(fs, shard.parquet)
     return Prefetched(**dict(zip(calls, fsio.concurrently(list(calls.values())))))
@@ -350,7 +352,8 @@ def index_shard(
     version = fsio.file_version(fs, shard.tar)  # before reading: a later change shows
     scanned = None
     if prefetched is not None and prefetched.tar is not None:
-        scanned = scan_tar(prefetched.tar, source, strict=strict)
+        with prefetched.tar, fsio.mapped(prefetched.tar) as buffer:
+            scanned = scan_tar(buffer, source, strict=strict)
     elif use_idx and shard.idx is not None:
         try:
             if prefetched is not None and prefetched.idx is not None:
