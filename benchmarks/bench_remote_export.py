@@ -98,13 +98,33 @@ def serve(root: str, names: list[str], latency: float, mbps: float, port, counte
     server.serve_forever()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def server_arguments(doc: str) -> argparse.ArgumentParser:
+    """A parser with the options of the served shards and of the server."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--data", default=os.path.join(bench_reshard.ROOT, "bench-data", "reshard"))
     parser.add_argument("--shards", type=int, default=4, help="input shards served")
     parser.add_argument("--latency", type=float, default=0.03, help="seconds before each answer")
     parser.add_argument("--mbps", type=float, default=100.0, help="MB/s per connection (0: no cap)")
     parser.add_argument("--repeat", type=int, default=3)
+    return parser
+
+
+def start_server(root: str, names: list[str], latency: float, mbps: float):
+    """``serve`` in a forked process: (the process, its base URL, its counters of GETs and
+    bytes sent)."""
+    fork = mp.get_context("fork")
+    counters, port = fork.Array("q", 2), fork.Value("i", 0)
+    server = fork.Process(
+        target=serve, args=(root, names, latency, mbps, port, counters), daemon=True
+    )
+    server.start()
+    while not port.value:
+        time.sleep(0.01)
+    return server, f"http://127.0.0.1:{port.value}", counters
+
+
+def main(argv=None) -> int:
+    parser = server_arguments(__doc__)
     parser.add_argument("--samples-per-shard", type=int, default=5000)
     args = parser.parse_args(argv)
 
@@ -117,15 +137,8 @@ def main(argv=None) -> int:
     _data.ensure_dataset(args.data, log=lambda m: print(m, file=sys.stderr))
     tars = sorted(n for n in os.listdir(args.data) if n.endswith(".tar"))[: args.shards]
     names = [n for t in tars for n in (t, t[:-4] + ".parquet")]
-    counters = mp.get_context("fork").Array("q", 2)
-    port = mp.get_context("fork").Value("i", 0)
-    server = mp.get_context("fork").Process(
-        target=serve, args=(args.data, names, args.latency, args.mbps, port, counters), daemon=True
-    )
-    server.start()
-    while not port.value:
-        time.sleep(0.01)
-    urls = [f"http://127.0.0.1:{port.value}/{t}" for t in tars]
+    server, base_url, counters = start_server(args.data, names, args.latency, args.mbps)
+    urls = [f"{base_url}/{t}" for t in tars]
     input_mb = sum(os.path.getsize(os.path.join(args.data, t)) for t in tars) / 1e6
     scratch = tempfile.mkdtemp(prefix="bench-remote-")
     concurrent = {

@@ -20,7 +20,6 @@ RSS above what it held after a warm-up on a small file: all of it, and its anony
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import resource
@@ -34,7 +33,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import _data  # noqa: E402
 import bench_remote_export  # noqa: E402
-import bench_reshard  # noqa: E402
 
 CONTENDERS = ("chunked", "whole")
 
@@ -119,12 +117,7 @@ def joined(data: str, tars: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=os.path.join(bench_reshard.ROOT, "bench-data", "reshard"))
-    parser.add_argument("--shards", type=int, default=4, help="tars indexed")
-    parser.add_argument("--latency", type=float, default=0.03, help="seconds before each answer")
-    parser.add_argument("--mbps", type=float, default=100.0, help="MB/s per connection (0: no cap)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser = bench_remote_export.server_arguments(__doc__)
     parser.add_argument("--chunk-mb", type=float, default=0, help="DOWNLOAD_CHUNK (0: default)")
     parser.add_argument("--batch", type=int, default=0, help="DOWNLOAD_BATCH (0: default)")
     parser.add_argument(
@@ -136,17 +129,7 @@ def main(argv=None) -> int:
     tars = sorted(n for n in os.listdir(args.data) if n.endswith(".tar"))[: args.shards]
     if args.joined:
         args.data, tars = joined(args.data, tars), ["joined.tar"]
-    fork = mp.get_context("fork")
-    counters, port = fork.Array("q", 2), fork.Value("i", 0)
-    server = fork.Process(
-        target=bench_remote_export.serve,
-        args=(args.data, tars, args.latency, args.mbps, port, counters),
-        daemon=True,
-    )
-    server.start()
-    while not port.value:
-        time.sleep(0.01)
-    base_url = f"http://127.0.0.1:{port.value}"
+    server, base_url, _ = bench_remote_export.start_server(args.data, tars, args.latency, args.mbps)
     urls = [f"{base_url}/{t}" for t in tars]
     spawn = mp.get_context("spawn")
     results: dict[str, list[tuple[float, float, float, int]]] = {c: [] for c in CONTENDERS}
