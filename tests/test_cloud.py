@@ -30,6 +30,7 @@ from pathlib import Path
 
 import dask
 import dask.dataframe as dd
+import distributed
 import fsspec
 import pandas as pd
 import pyarrow as pa
@@ -932,7 +933,7 @@ def test_staging_files_of_killed_processes_are_removed(tmp_path, monkeypatch):
     """Uploads stage each file locally; a process killed meanwhile leaves its staging files,
     which the next process that stages one removes (not those of running processes)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(fsio, "_swept", False)
+    monkeypatch.setattr(fsio, "_swept", set())
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
@@ -947,6 +948,38 @@ def test_staging_files_of_killed_processes_are_removed(tmp_path, monkeypatch):
     staged = fsio.temp_path(fsspec.filesystem("memory"), "/bucket/00000.tar")
     assert Path(staged).parent == tmp_path and Path(staged).exists()
     assert not left.exists() and mine.exists() and other.exists()
+
+
+def test_scratch_files_go_to_dasks_temporary_directory(flaky, tmp_path, monkeypatch):
+    """Scratch files (a remote tar downloaded to be indexed, an upload's staging file) go to
+    a worker's local directory in a worker, else to Dask's ``temporary-directory`` when set,
+    else to ``TMPDIR``."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmpdir"))
+    (tmp_path / "tmpdir").mkdir()
+    for configured, expected in (
+        (None, "tmpdir"),
+        (str(tmp_path / "dask-scratch"), "dask-scratch"),
+    ):
+        with dask.config.set({"temporary-directory": configured}):
+            with fsio.download(flaky, "/blob") as f:
+                where = os.readlink(f"/proc/self/fd/{f.fileno()}")  # unlinked: "... (deleted)"
+                assert where.startswith(str(tmp_path / expected) + "/"), where
+                assert f.read() == flaky.cat_file("/blob")
+            staged = fsio.temp_path(flaky, "/out/00000.tar")
+            assert Path(staged).parent == tmp_path / expected
+            os.remove(staged)
+    local_directory = tmp_path / "worker-disk"
+    with (
+        distributed.LocalCluster(
+            n_workers=1,
+            processes=False,
+            local_directory=str(local_directory),
+            dashboard_address=None,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        in_worker = client.submit(fsio.scratch_dir, pure=False).result()
+    assert Path(in_worker).is_relative_to(local_directory), in_worker
 
 
 # --------------------------------------------------------------------------- HTTP(S)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, TypeVar
 
+import dask.config
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
@@ -71,14 +72,20 @@ def qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return os.path.abspath(path) if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def _worker_address() -> str | None:
-    """The address of the Dask worker running this code; None outside one."""
+def _worker():
+    """The Dask worker running this code; None outside one."""
     try:
         from distributed import get_worker
 
-        return get_worker().address
+        return get_worker()
     except (ImportError, ValueError):
         return None
+
+
+def _worker_address() -> str | None:
+    """The address of the Dask worker running this code; None outside one."""
+    worker = _worker()
+    return None if worker is None else worker.address
 
 
 @contextlib.contextmanager
@@ -334,13 +341,12 @@ DOWNLOAD_BATCH = 16
 
 
 def download(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
-    """A remote file copied into an anonymous temporary file (in ``TMPDIR``; gone once
-    closed), returned open at its start. At most ``DOWNLOAD_BATCH`` ranged GETs of
+    """A remote file copied into an anonymous temporary file (gone once closed, in ``scratch_dir()``), returned open at its start. At most ``DOWNLOAD_BATCH`` ranged GETs of
     ``DOWNLOAD_CHUNK`` bytes are held in memory: a file smaller than a chunk costs one GET,
     a larger one a HEAD for its size, then concurrent GETs (each retried on transient
     errors). A server that ignores byte ranges answers the first GET with the whole file,
     which is then used."""
-    out = tempfile.TemporaryFile()
+    out = tempfile.TemporaryFile(dir=scratch_dir())
     try:
         first = _first_chunk(fs, path)
         out.write(first)
@@ -694,24 +700,38 @@ def temp_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
         return os.path.join(
             directory, f".{os.path.basename(path)}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
         )
-    _sweep_staging()
-    fd, tmp = tempfile.mkstemp(prefix=f"{_STAGING}{os.getpid()}-", suffix=".part")
+    directory = scratch_dir()
+    _sweep_staging(directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_STAGING}{os.getpid()}-", suffix=".part", dir=directory)
     os.close(fd)
     return tmp
 
 
 _STAGING = "dask-imgcurate-"  # local staging files of uploads: dask-imgcurate-<pid>-*.part
-_swept = False
+_swept: set[str] = set()  # scratch directories swept by this process
 
 
-def _sweep_staging() -> None:
-    """Once per process: remove the staging files of processes that no longer run (killed
-    while uploading; they never got to remove theirs)."""
-    global _swept
-    if _swept:
+def scratch_dir() -> str:
+    """Where local scratch files go (uploads staged, remote tars downloaded to be indexed):
+    in a Dask worker its local directory (``--local-directory``), else Dask's
+    ``temporary-directory`` when set, else ``TMPDIR``."""
+    worker = _worker()
+    if worker is not None:
+        return worker.local_directory
+    configured = dask.config.get("temporary-directory", None)
+    if not configured:
+        return tempfile.gettempdir()
+    directory = os.path.expanduser(str(configured))
+    os.makedirs(directory, exist_ok=True)
+    return directory
+
+
+def _sweep_staging(directory: str) -> None:
+    """Once per process and ``directory``: remove the staging files of processes that no
+    longer run (killed while uploading; they never got to remove theirs)."""
+    if directory in _swept:
         return
-    _swept = True
-    directory = tempfile.gettempdir()
+    _swept.add(directory)
     for name in os.listdir(directory):
         pid = name[len(_STAGING) :].split("-", 1)[0]
         if name.startswith(_STAGING) and name.endswith(".part") and pid.isdigit():
