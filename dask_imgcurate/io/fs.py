@@ -341,7 +341,8 @@ DOWNLOAD_BATCH = 16
 
 
 def download(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
-    """A remote file copied into an anonymous temporary file (gone once closed, in ``scratch_dir()``), returned open at its start. At most ``DOWNLOAD_BATCH`` ranged GETs of
+    """A remote file copied into an anonymous temporary file (in ``scratch_dir()``, gone
+    once closed), returned open at its start. At most ``DOWNLOAD_BATCH`` ranged GETs of
     ``DOWNLOAD_CHUNK`` bytes are held in memory: a file smaller than a chunk costs one GET,
     a larger one a HEAD for its size, then concurrent GETs (each retried on transient
     errors). A server that ignores byte ranges answers the first GET with the whole file,

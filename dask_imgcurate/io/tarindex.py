@@ -312,8 +312,7 @@ class _ReleasedPages:
 
     def __init__(self, buffer, header_starts: list[int]):
         self.buffer, self.header_starts = buffer, header_starts
-        self.mapped = isinstance(buffer, mmap.mmap)
-        self.next_release = RELEASE_EVERY if self.mapped else len(buffer) + 1
+        self.next_release = RELEASE_EVERY if isinstance(buffer, mmap.mmap) else len(buffer) + 1
         self.copied: list[np.ndarray] = []  # header blocks copied before a release
         self.done = 0  # header_starts copied
         self.released = 0  # bytes of the mapping released
