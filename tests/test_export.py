@@ -1505,6 +1505,57 @@ def test_selections_hold_only_what_planning_needs(source, tmp_path):
         )
 
 
+def test_spilled_rows_are_read_by_the_segments_that_hold_them(tmp_path, monkeypatch):
+    """A spilled selection is Arrow IPC segments of about ``SEGMENT_BYTES``: any slice
+    comes back whole and typed, locally and from an object store, and an output shard that
+    takes a few rows of a large partition reads only their segments (one ranged GET)."""
+    import fsspec.implementations.local
+
+    from dask_imgcurate.export import selection
+
+    monkeypatch.setattr(selection, "SEGMENT_BYTES", 4096)
+    n = 300
+    table = pa.table(
+        {
+            "key": [f"{i:09d}" for i in range(n)],
+            "caption": pa.array([f"caption {i}" for i in range(n)]).dictionary_encode(),
+            "_members": [
+                [{"name": f"{i:09d}.jpg", "offset": 512 * i, "size": i}] for i in range(n)
+            ],
+            "embedding": [np.full(8, i, dtype=np.float32) for i in range(n)],
+        }
+    )
+    local = fsspec.implementations.local.LocalFileSystem()
+    memory = fsspec.filesystem("memory")
+    spilled = [
+        selection.Spilled.write(table, local, str(tmp_path / "rows.arrow"), str(tmp_path)),
+        selection.Spilled.write(table, memory, "/spill/rows.arrow", "/spill"),
+    ]
+    segments = len(spilled[0].starts) - 1
+    assert 5 < segments < 40 and spilled[0].starts == spilled[1].starts
+    assert spilled[0].bounds[-1] == (tmp_path / "rows.arrow").stat().st_size
+    reads = []
+    read_range = fsio.read_range
+    monkeypatch.setattr(
+        fsio,
+        "read_range",
+        lambda fs, path, at, end: reads.append(end - at) or read_range(fs, path, at, end),
+    )
+    cuts = sorted({0, 1, n - 1, n, *spilled[0].starts, *(s + 1 for s in spilled[0].starts[:-1])})
+    for start, stop in [(a, b) for a in cuts for b in cuts if a <= b]:
+        for rows in spilled:
+            got = rows.read(start, stop)
+            assert got.equals(table.slice(start, stop - start)), (start, stop)
+            assert got.schema == table.schema
+    largest = max(b - a for a, b in zip(spilled[1].bounds, spilled[1].bounds[1:]))
+    reads.clear()
+    spilled[1].read(150, 160)  # a shard of 10 rows: one GET of at most two segments
+    assert len(reads) == 1 and reads[0] <= 2 * largest < spilled[1].bounds[-1] / 3
+    memory.pipe_file("/spill/rows.arrow", b"short")  # replaced behind the export's back
+    with pytest.raises(OSError, match=r"rows\.arrow: 5 bytes at byte offset 0, expected \d+: "):
+        spilled[1].read(0, 1)
+
+
 def _missing_file_message(path: str, what: str) -> str:
     with pytest.raises(FileNotFoundError) as info:
         with fsio.explain_missing(fsspec.implementations.local.LocalFileSystem(), what, path):

@@ -4,12 +4,13 @@ bytes each record will take in an output tar (``record_spans``).
 A selection is held (persisted) until the export ends, so it keeps in memory only what
 planning needs: its counts and each kept record's size in an output tar (8 bytes a record).
 The kept rows themselves (ids, member lists, captions, embeddings, scores) go to a hidden
-Arrow IPC file in the output directory, which the pieces and the commit of each output shard
-read back for their rows (memory-mapped where local). Memory then stays flat however many
-records an export selects."""
+file of Arrow IPC segments in the output directory, from which the pieces and the commit of
+each output shard read back the segments that hold their rows (memory-mapped where local).
+Memory then stays flat however many records an export selects."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
 
@@ -40,39 +41,72 @@ class Selection:
 
     def rows(self, start: int, stop: int) -> pa.Table:
         """Kept rows ``start:stop``, every column in the frame's order."""
-        table = self.table if self.spilled is None else self.spilled.read()
-        return table.slice(start, stop - start)
+        if self.spilled is not None:
+            return self.spilled.read(start, stop)
+        return self.table.slice(start, stop - start)
 
     def stats(self) -> tuple:
         """What the planner needs: everything but the rows."""
         return self.spans, self.records_in, self.dropped_for_errors, self.digest, self.sources
 
 
+SEGMENT_BYTES = 256 << 10
+"""A spilled selection's rows are Arrow IPC files of about this many bytes each, one after
+another in one file: a shard that takes a few rows of a partition reads only their segments
+(one ranged GET on object stores), not every row of the partition."""
+
+
 @dataclass(frozen=True)
 class Spilled:
-    """Where a selection's kept rows are: an Arrow IPC file."""
+    """Where a selection's kept rows are: Arrow IPC files (segments) in one file."""
 
     fs: fsspec.AbstractFileSystem
     path: str
+    bounds: tuple[int, ...]  # segment i: bytes [bounds[i], bounds[i + 1]) of the file
+    starts: tuple[int, ...]  # ... rows [starts[i], starts[i + 1]) of the table
 
-    def write(self, table: pa.Table, directory: str) -> None:
-        """Write ``table`` there as an Arrow IPC file (memory-mappable; ``directory``: the
-        output directory, named when it is missing)."""
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)  # Arrow IPC: no encoding, every type as it is
-        with fsio.explain_missing(self.fs, "the output directory, made by the client", directory):
-            fsio.write_file(self.fs, self.path, sink.getvalue().to_pybytes())
+    @classmethod
+    def write(
+        cls, table: pa.Table, fs: fsspec.AbstractFileSystem, path: str, directory: str
+    ) -> Spilled:
+        """Write ``table`` (at least one row) as ``path``; ``directory``: the output
+        directory, named when it is missing."""
+        per = max(1, SEGMENT_BYTES * table.num_rows // max(table.nbytes, 1))
+        segments, starts = [], list(range(0, table.num_rows, per))
+        for start in starts:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table.slice(start, per))  # Arrow IPC: no encoding
+            segments.append(sink.getvalue())
+        with fsio.explain_missing(fs, "the output directory, made by the client", directory):
+            fsio.write_file(fs, path, b"".join(segments))
+        bounds = np.cumsum([0] + [segment.size for segment in segments]).tolist()
+        return cls(fs, path, tuple(bounds), (*starts, table.num_rows))
 
-    def read(self) -> pa.Table:
-        """The whole table; local files memory-mapped (slices then touch only their pages)."""
+    def read(self, start: int, stop: int) -> pa.Table:
+        """Rows ``start:stop``, read from the segments that hold them; local files are
+        memory-mapped (a slice touches only its pages), remote ones read by one ranged GET."""
+        first = min(bisect.bisect_right(self.starts, start), len(self.starts) - 1) - 1
+        last = max(bisect.bisect_left(self.starts, stop), first + 1)
+        at, end = self.bounds[first], self.bounds[last]
         what = "the selected rows, written into the output directory by a worker"
         with fsio.explain_missing(self.fs, what, self.path):
             if fsio.is_local(self.fs):
-                source = pa.memory_map(self.path)
+                mapped = pa.memory_map(self.path)
+                mapped.seek(at)
+                data = mapped.read_buffer(end - at)  # no copy
             else:
-                source = pa.BufferReader(fsio.read_bytes(self.fs, self.path))  # retried
-        return pa.ipc.open_file(source).read_all()
+                data = pa.py_buffer(fsio.read_range(self.fs, self.path, at, end))
+        if data.size != end - at:
+            raise OSError(
+                f"{fsio.qualify(self.fs, self.path)}: {data.size} bytes at byte offset {at}, "
+                f"expected {end - at}: the file changed after a worker wrote it"
+            )
+        tables = [
+            pa.ipc.open_file(data.slice(lo - at, hi - lo)).read_all()
+            for lo, hi in zip(self.bounds[first:last], self.bounds[first + 1 : last + 1])
+        ]
+        return pa.concat_tables(tables).slice(start - self.starts[first], stop - start)
 
 
 def spill_path(directory: str, run: str, partition: int) -> str:
@@ -120,8 +154,7 @@ def select_partition(
     spilled = None
     if spill is not None and kept.num_rows:
         fs, directory, run = spill
-        spilled = Spilled(fs, spill_path(directory, run, number))
-        spilled.write(kept, directory)
+        spilled = Spilled.write(kept, fs, spill_path(directory, run, number), directory)
         kept = None
     tick(progress, number, n_in)
     return Selection(kept, spans, n_in, errors, digested, sources, spilled)
