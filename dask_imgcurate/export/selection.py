@@ -56,13 +56,17 @@ another in one file: a shard that takes a few rows of a partition reads only the
 (one ranged GET on object stores), not every row of the partition."""
 
 
+ALIGN = 64  # segments start at multiples of this: their buffers stay aligned for Arrow
+
+
 @dataclass(frozen=True)
 class Spilled:
     """Where a selection's kept rows are: Arrow IPC files (segments) in one file."""
 
     fs: fsspec.AbstractFileSystem
     path: str
-    bounds: tuple[int, ...]  # segment i: bytes [bounds[i], bounds[i + 1]) of the file
+    offsets: tuple[int, ...]  # segment i: ``sizes[i]`` bytes at ``offsets[i]`` in the file,
+    sizes: tuple[int, ...]
     starts: tuple[int, ...]  # ... rows [starts[i], starts[i + 1]) of the table
 
     @classmethod
@@ -72,23 +76,28 @@ class Spilled:
         """Write ``table`` (at least one row) as ``path``; ``directory``: the output
         directory, named when it is missing."""
         per = max(1, SEGMENT_BYTES * table.num_rows // max(table.nbytes, 1))
-        segments, starts = [], list(range(0, table.num_rows, per))
+        starts = list(range(0, table.num_rows, per))
+        chunks, offsets, sizes, at = [], [], [], 0
         for start in starts:
             sink = pa.BufferOutputStream()
             with pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table.slice(start, per))  # Arrow IPC: no encoding
-            segments.append(sink.getvalue())
+            segment = sink.getvalue()
+            padding = bytes(-segment.size % ALIGN)
+            chunks += [segment, padding]
+            offsets.append(at)
+            sizes.append(segment.size)
+            at += segment.size + len(padding)
         with fsio.explain_missing(fs, "the output directory, made by the client", directory):
-            fsio.write_file(fs, path, b"".join(segments))
-        bounds = np.cumsum([0] + [segment.size for segment in segments]).tolist()
-        return cls(fs, path, tuple(bounds), (*starts, table.num_rows))
+            fsio.write_file(fs, path, b"".join(chunks))
+        return cls(fs, path, tuple(offsets), tuple(sizes), (*starts, table.num_rows))
 
     def read(self, start: int, stop: int) -> pa.Table:
         """Rows ``start:stop``, read from the segments that hold them; local files are
         memory-mapped (a slice touches only its pages), remote ones read by one ranged GET."""
         first = min(bisect.bisect_right(self.starts, start), len(self.starts) - 1) - 1
         last = max(bisect.bisect_left(self.starts, stop), first + 1)
-        at, end = self.bounds[first], self.bounds[last]
+        at, end = self.offsets[first], self.offsets[last - 1] + self.sizes[last - 1]
         what = "the selected rows, written into the output directory by a worker"
         with fsio.explain_missing(self.fs, what, self.path):
             if fsio.is_local(self.fs):
@@ -103,8 +112,8 @@ class Spilled:
                 f"expected {end - at}: the file changed after a worker wrote it"
             )
         tables = [
-            pa.ipc.open_file(data.slice(lo - at, hi - lo)).read_all()
-            for lo, hi in zip(self.bounds[first:last], self.bounds[first + 1 : last + 1])
+            pa.ipc.open_file(data.slice(self.offsets[i] - at, self.sizes[i])).read_all()
+            for i in range(first, last)
         ]
         return pa.concat_tables(tables).slice(start - self.starts[first], stop - start)
 
