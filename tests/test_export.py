@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import warnings
 from pathlib import Path
 
 import dask
@@ -1260,6 +1261,30 @@ def test_a_shard_that_cannot_have_an_idx_removes_an_earlier_one(tmp_path):
     assert [d for _, d in written] == [d for _, d in read]
     assert [n for n, _ in written] == [n for n, _ in read]  # ids 0..3 keep their names here
     assert "000000001.my note.txt" in [n for n, _ in written]
+
+
+@pytest.mark.parametrize("space", ["\u3000", "\xa0", "\v", "\x1c", "\x85"])
+def test_ids_with_any_white_space_get_no_idx(tmp_path, space):
+    """White space is what ``str.split`` splits on, Unicode's too (an ideographic space in a
+    Japanese file name): write_images keeps such ids, so its shard gets no .idx (one would
+    not parse), as write_dali_index refuses one, and loads back without a notice."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(src / "00000.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+        for key in (f"photo{space}1", "photo2"):
+            for ext, data in (("jpg", b"\xff\xd8 image"), ("txt", key.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"1 output shards have no \.idx"):
+        ImageTextPairDataset.from_webdataset(str(src)).write_images(str(out))
+    assert not list(out.glob("*.idx"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reloaded = ImageTextPairDataset.from_webdataset(str(out)).metadata.compute()
+    assert sorted(reloaded["key"]) == sorted([f"photo{space}1", "photo2"])
+    assert sorted(tar_members(next(out.glob("*.tar")))) == sorted(tar_members(src / "00000.tar"))
 
 
 def test_resume_rewrites_shards_whose_metadata_changed(source, tmp_path, monkeypatch):

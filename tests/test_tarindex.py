@@ -338,6 +338,25 @@ def test_truncated_mid_payload(records_tar, tarfile_members):
     assert records.dropped_incomplete == 1
 
 
+def test_truncated_in_a_records_first_member_keeps_the_record_before(records_tar, tarfile_members):
+    # Cut in the payload of 000005.jpg (a download cut in an image): its header, intact,
+    # names record 5, so record 4 ended before it and is complete; record 5 is cut.
+    expected = tarfile_members(records_tar)
+    name, offset, size = expected[15]
+    assert name == "000005.jpg"
+    lenient = scan_tar(records_tar.read_bytes()[: offset + size // 2], "x", strict=False)
+    assert lenient.names == [m[0] for m in expected[:15]]
+    records = group_records(lenient)
+    assert records.keys == [f"{r:06d}" for r in range(5)]
+    assert records.dropped_incomplete == 1
+    # a header that fails its checksum names nothing: record 4 may be incomplete
+    data = bytearray(records_tar.read_bytes()[: offset + size // 2])
+    data[offset - 512 + 3] ^= 0x01
+    assert group_records(scan_tar(bytes(data), "x", strict=False)).keys == [
+        f"{r:06d}" for r in range(4)
+    ]
+
+
 def test_truncated_mid_header(records_tar, tarfile_members):
     expected = tarfile_members(records_tar)
     name, offset, _ = expected[17]  # 000005.json

@@ -80,9 +80,11 @@ def group_records(index: TarIndex, *, strict: bool = True) -> RecordIndex:
     member name that is not UTF-8 raises ``TarFormatError``; with ``strict=False`` the
     record is left out and counted in ``undecodable``. When the index carries damage, the
     record in progress at the damage is dropped (it may be missing members) and counted in
-    ``dropped_incomplete``.
+    ``dropped_incomplete``; the last record listed is kept when an intact header shows that
+    the damage cut a member of a later record (``TarIndex.cut_member``).
     """
-    names_array, index, ignored, undecodable, damaged_dropped = _decodable(index, strict)
+    cut = _cuts_last_record(index)
+    names_array, index, ignored, undecodable, damaged_dropped = _decodable(index, strict, cut)
     key_array, ext_array = split_keys(names_array)
     if key_array.null_count:
         in_record = key_array.is_valid()
@@ -115,7 +117,7 @@ def group_records(index: TarIndex, *, strict: bool = True) -> RecordIndex:
     stops = starts[1:] + [len(names)]
     dropped = 0
     if index.damage is not None and (keys or damaged_dropped):
-        if not damaged_dropped:  # else the record in progress is gone already
+        if cut and not damaged_dropped:  # else the record in progress is gone already
             keys, starts, stops, images = keys[:-1], starts[:-1], stops[:-1], images[:-1]
         dropped = 1
     return RecordIndex(
@@ -142,13 +144,24 @@ def _subset(index: TarIndex, rows: np.ndarray) -> TarIndex:
     )
 
 
+def _cuts_last_record(index: TarIndex) -> bool:
+    """Whether ``index``'s damage may have cut its last record short: unless the damage cut a
+    member of another record, named by its intact header."""
+    if index.damage is None:
+        return False
+    cut = None if index.cut_member is None else split_key(index.cut_member)[0]
+    last = next((k for k, _ in map(split_key, reversed(index.names)) if k is not None), None)
+    return cut is None or cut == last
+
+
 def _decodable(
-    index: TarIndex, strict: bool
+    index: TarIndex, strict: bool, cut: bool
 ) -> tuple[pa.Array, TarIndex, list[str], tuple[int, int | None], bool]:
     """The member names as an Arrow array, once the members whose names are not UTF-8 are
     gone: (names, index, ignored, (records dropped, first offset), whether the last record
-    was dropped). A name that is not UTF-8 is a clear error in a record (with ``strict``;
-    else its record is dropped) and ignored in no record."""
+    was dropped; ``cut``: whether the damage cut it). A name that is not UTF-8 is a clear
+    error in a record (with ``strict``; else its record is dropped) and ignored in no
+    record."""
     try:
         return pa.array(index.names, pa.string()), index, [], (0, None), False
     except UnicodeEncodeError:
@@ -173,8 +186,8 @@ def _decodable(
     dropped = {record_of[i] for i in in_records}
     ignored = [names[i] for i in bad if record_of[i] is None]
     keep = [r not in dropped and (r is not None or _is_utf8(n)) for r, n in zip(record_of, names)]
-    # with damage, the last record is dropped anyway (it may be incomplete): not counted here
-    last_dropped = index.damage is not None and record in dropped
+    # a last record the damage cut is dropped anyway (it may be incomplete): not counted here
+    last_dropped = cut and record in dropped
     counted = [i for i in in_records if not (last_dropped and record_of[i] == record)]
     offset = int(index.offsets[counted[0]]) if counted else None
     index = _subset(index, np.flatnonzero(keep))

@@ -56,6 +56,8 @@ class TarIndex:
     # where non-zero data follows the end-of-archive blocks (``cat a.tar b.tar``: readers,
     # GNU tar without --ignore-zeros included, stop at the first end), else None
     data_after_end: int | None = None
+    # the regular member whose data the damage cuts short, named by its intact header
+    cut_member: str | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -72,6 +74,17 @@ def _number(field_bytes: bytes) -> int:
         value = int.from_bytes(field_bytes[1:], "big")
         return value - (1 << (8 * (len(field_bytes) - 1))) if field_bytes[0] & 0x40 else value
     return int(field_bytes.strip(b" \x00") or b"0", 8)
+
+
+def _own_name(buffer, pos: int, name_b: bytes, magic: bytes, has_prefix: bytes) -> str:
+    """The member name the header at ``pos`` holds by itself (with its ustar prefix)."""
+    try:
+        name = name_b.partition(b"\x00")[0].decode()
+    except UnicodeDecodeError:
+        name = _text(name_b)
+    if has_prefix != b"\x00" and magic == _USTAR:
+        name = f"{_text(bytes(buffer[pos + 345 : pos + 500]))}/{name}"
+    return name
 
 
 def parse_pax(data: bytes) -> dict[str, str]:
@@ -113,6 +126,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
     damage: TarFormatError | None = None
     ends_marked = True
     data_after_end: int | None = None
+    cut_member: str | None = None
     plain: list[int] = []  # indices into names of members named later, from their headers
     plain_rows: list[int] = []  # ... and their headers' indices into header_starts
     walk = _walk_plain if isinstance(buffer, (bytes, bytearray, mmap.mmap)) else None
@@ -155,6 +169,11 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
             if size < 0:
                 raise TarFormatError(source, pos, "corrupt tar header (negative size)")
             if data + size > size_total:
+                if typeflag in _REGULAR:
+                    named = long_name if long_name is not None else pax.get("path")
+                    cut_member = (pending and named) or _own_name(
+                        buffer, pos, name_b, magic, has_prefix
+                    )
                 raise TarFormatError(
                     source, pos, f"truncated tar member (needs {size} bytes, file ends first)"
                 )
@@ -168,12 +187,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
                 else:
                     name = None
                 if name is None:
-                    try:
-                        name = name_b.partition(b"\x00")[0].decode()
-                    except UnicodeDecodeError:
-                        name = _text(name_b)
-                    if has_prefix != b"\x00" and magic == _USTAR:
-                        name = f"{_text(bytes(buffer[pos + 345 : pos + 500]))}/{name}"
+                    name = _own_name(buffer, pos, name_b, magic, has_prefix)
                 add_name(name)
                 add_offset(data)
                 add_size(size)
@@ -203,7 +217,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
         # intact too, and a bad one among them is the first damage.
         _verify_checksums(headers, header_starts, source)
     except TarFormatError as err:
-        damage = err
+        damage, cut_member = err, None  # a header that fails its checksum names nothing
     if plain:
         _name_plain(names, plain, headers[plain_rows, :100])
     if damage is not None:
@@ -220,6 +234,7 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
         skipped=skipped,
         ends_marked=ends_marked or damage is not None,
         data_after_end=data_after_end if damage is None else None,
+        cut_member=cut_member,
     )
 
 

@@ -49,6 +49,7 @@ HEADER_BATCH = 1024  # members whose headers are encoded at once
 MAX_OPEN_SOURCES = 16  # source tars a reader keeps open (a sorted frame mixes thousands)
 _IOV_MAX = 1024  # buffers per writev: IOV_MAX on Linux, macOS and the BSDs
 _ZEROS = memoryview(bytes(BLOCK))
+_SPACE = r"[\t-\r\x1c-\x1f\x85\pZ]"  # str.isspace's characters (RE2's \s: ASCII ones only)
 
 
 @dataclass(frozen=True)
@@ -501,7 +502,7 @@ def idx_text(plan: MemberPlan, payload_at: np.ndarray) -> str | None:
     """The DALI ``.idx`` of a tar holding ``plan``'s members with payloads at
     ``payload_at``: a line per run of members with one key; None if a name has white space
     or no extension."""
-    if pc.any(pc.match_substring_regex(plan.names, r"\s")).as_py():  # as format_dali_index
+    if pc.any(pc.match_substring_regex(plan.names, _SPACE)).as_py():  # as format_dali_index
         return None
     keys, exts = split_keys(plan.names)
     if pc.any(pc.equal(exts, "")).as_py():  # a line's fields would not parse
