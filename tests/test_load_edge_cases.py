@@ -296,6 +296,23 @@ def test_directories_named_like_tars(tmp_path):
         load(tmp_path / "notes.txt")
 
 
+def test_upper_case_tar_names_are_explained_not_skipped_silently(tmp_path):
+    """Shard names end in '.tar' (case-sensitive, as WebDataset's): a directory of '.TAR'
+    files is an error saying why, and '.TAR' files beside '.tar' shards get a warning."""
+    only = tmp_path / "upper"
+    write_tar(only / "00000.TAR", records(["000001"]))
+    write_tar(only / "00001.Tar", records(["000002"]))
+    case = r"shard names end in '\.tar', matched case-sensitively \(rename the files\)"
+    with pytest.raises(FileNotFoundError, match=rf"00000\.TAR \(and 1 more\): {case}"):
+        load(only)
+    with pytest.raises(ValueError, match=rf"00000\.TAR: not a \.tar shard \(.*; {case}"):
+        load(only / "00000.TAR")
+    write_tar(only / "00002.tar", records(["000003"]))
+    with pytest.warns(ShardWarning, match=rf"not read: .*00000\.TAR \(and 1 more\): {case}"):
+        dataset = load(only)
+    assert list(dataset.metadata.compute()["key"]) == ["000003"]
+
+
 # --- each shard indexed once per compute ------------------------------------------------------
 
 

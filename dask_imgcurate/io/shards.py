@@ -113,6 +113,7 @@ def find_shards(fs: fsspec.AbstractFileSystem, path: str | Sequence[str]) -> lis
             compressed = sorted(name for name in files if _compression(name))
             if compressed:
                 raise _compressed_error(fs, compressed[0], len(compressed) - 1)
+        _refuse_other_case(fs, files, found_shards=bool(tars))
         listings = _listings(fs, tars)
     shards = []
     for tar in sorted(tars):
@@ -284,7 +285,9 @@ def _check_named(fs: fsspec.AbstractFileSystem, path: str, kind: str | None) -> 
         raise _compressed_error(fs, path)
     if not path.endswith(".tar"):
         hint = ""
-        if url.startswith(("http://", "https://")):
+        if path.lower().endswith(".tar"):
+            hint = f"; {_CASE}"
+        elif url.startswith(("http://", "https://")):
             hint = "; over HTTP there is no directory listing to rely on: list the tars' URLs"
         raise ValueError(f"{url}: not a .tar shard (shards are uncompressed .tar files{hint})")
 
@@ -292,6 +295,21 @@ def _check_named(fs: fsspec.AbstractFileSystem, path: str, kind: str | None) -> 
 def _compression(path: str) -> str | None:
     lower = path.lower()
     return next((k for suffix, k in _COMPRESSED_SUFFIXES.items() if lower.endswith(suffix)), None)
+
+
+_CASE = "shard names end in '.tar', matched case-sensitively (rename the files)"
+
+
+def _refuse_other_case(fs: fsspec.AbstractFileSystem, files: list[str], found_shards: bool):
+    """Files ending in '.TAR' (any case but '.tar'): an error when no shard was found,
+    else a warning that they are not read."""
+    other = sorted(name for name in files if name.lower().endswith(".tar") and name[-4:] != ".tar")
+    if not other:
+        return
+    what = f"{fsio.qualify(fs, other[0])}" + (f" (and {len(other) - 1} more)" if other[1:] else "")
+    if not found_shards:
+        raise FileNotFoundError(f"no .tar shards found, but {what}: {_CASE}")
+    warnings.warn(f"not read: {what}: {_CASE}", ShardWarning, stacklevel=4)
 
 
 def _compressed_error(
