@@ -245,18 +245,31 @@ def _align(
             f"{source}: sidecar Parquet and tar disagree: {len(missing)} records in the tar "
             f"have no Parquet row (e.g. {missing[:_MAX_LISTED]}), {len(extra)} Parquet rows "
             f"have no record in the tar (e.g. {extra[:_MAX_LISTED]})"
-        )
+        ) + _zero_padding_hint(missing, extra)
         if on_mismatch != "drop":
             raise MetadataMismatchError(
                 what
                 + "; pass on_mismatch='drop' (command line: --on-mismatch drop) to keep the intersection"
             )
         warnings.warn(
-            f"{what}; dropped {len(missing) + len(extra)} rows", ShardWarning, stacklevel=3
+            f"{what}; dropped those {len(missing)} records and {len(extra)} Parquet rows",
+            ShardWarning,
+            stacklevel=3,
         )
     kept = [i for i, k in enumerate(keys) if k in position]
     user = user.take(pa.array([position[keys[i]] for i in kept], pa.int64()))
     return user, book.take(pa.array(kept, pa.int64()))
+
+
+def _zero_padding_hint(missing: list[str], extra: list[str]) -> str:
+    """A hint when the Parquet's ids are the tar's keys without their leading zeros."""
+    unpadded = set(extra)
+    if any(k[:1] == "0" and k.isdigit() and (k.lstrip("0") or "0") in unpadded for k in missing):
+        return (
+            " (the Parquet's ids are the tar's keys without their leading zeros: written as "
+            "integers? store the ids as strings)"
+        )
+    return ""
 
 
 def _table_from_members(

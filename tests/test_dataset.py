@@ -468,7 +468,8 @@ def test_parquet_mismatch(tmp_path):
     assert f"{10:09d}" not in msg  # at most 10 ids listed
     assert f"{28:09d}" in msg and f"{29:09d}" in msg
 
-    with pytest.warns(ShardWarning, match="dropped 16 rows"):
+    assert "leading zeros" not in msg
+    with pytest.warns(ShardWarning, match="dropped those 14 records and 2 Parquet rows"):
         frame = load(tmp_path, on_mismatch="drop").metadata.compute()
     assert frame["key"].tolist() == [f"{i:09d}" for i in range(14, 28)]
     captions = {r["__key__"]: r["txt"] for r in records}
@@ -477,6 +478,21 @@ def test_parquet_mismatch(tmp_path):
     assert frame["_image_offset"].tolist() == [image_offsets[k] for k in frame["key"]]
     with pytest.raises(ValueError):
         load(tmp_path, on_mismatch="ignore")
+
+
+def test_integer_ids_in_the_sidecar_get_a_hint(tmp_path):
+    """Ids written as integers lose the keys' zero-padding: the mismatch says so."""
+    records = demo.make_shard_records(0, 12)
+    demo.write_shard(tmp_path / "00000.tar", records)
+    demo.write_parquet(tmp_path / "00000.parquet", records)
+    table = pq.read_table(tmp_path / "00000.parquet")
+    ids = pa.array([int(k) for k in table.column("key").to_pylist()], pa.int64())
+    pq.write_table(
+        table.set_column(table.column_names.index("key"), "key", ids), tmp_path / "00000.parquet"
+    )
+    hint = r"the Parquet's ids are the tar's keys without their leading zeros: written as integers"
+    with pytest.raises(MetadataMismatchError, match=rf"12 records in the tar .*\({hint}"):
+        load(tmp_path).metadata.compute()
 
 
 def test_img2dataset_rows_of_samples_not_downloaded_are_no_mismatch(tmp_path):
