@@ -371,6 +371,25 @@ def test_truncated_mid_header(records_tar, tarfile_members):
     assert group_records(lenient).keys == [f"{r:06d}" for r in range(5)]
 
 
+def test_truncated_in_the_last_members_padding_names_the_files_end(records_tar, tarfile_members):
+    """All of the last member's data is there, its padding is not: the error is at the
+    file's end (not past it) and says what is missing; the last record may have had more
+    members, so lenient scans drop it as at any other cut between members."""
+    expected = tarfile_members(records_tar)
+    name, offset, size = expected[17]
+    assert size % 512
+    data = records_tar.read_bytes()[: offset + size]
+    short = -size % 512
+    with pytest.raises(
+        TarFormatError, match=rf"ends {short} bytes before the end of its last"
+    ) as err:
+        scan_tar(data, "shard-x.tar")
+    assert err.value.offset == len(data)
+    lenient = scan_tar(data, "shard-x.tar", strict=False)
+    assert lenient.names == [m[0] for m in expected[:18]]
+    assert group_records(lenient).keys == [f"{r:06d}" for r in range(5)]
+
+
 def test_truncated_at_record_boundary_drops_the_unverifiable_last_record(
     records_tar, tarfile_members
 ):

@@ -148,6 +148,13 @@ def scan_tar(buffer, source: str = "<tar>", *, strict: bool = True) -> TarIndex:
                 if pos == size_total and not pending:
                     ends_marked = False  # accepted, like GNU tar; reported by the caller
                     break
+                if pos > size_total:  # the last member's data is whole, its padding is not
+                    raise TarFormatError(
+                        source,
+                        size_total,
+                        f"truncated tar: the file ends {pos - size_total} bytes before the "
+                        f"end of its last member's padding to a {BLOCK}-byte block",
+                    )
                 raise TarFormatError(source, pos, "truncated tar header")
             name_b, size_b, typeflag, magic, has_prefix = unpack(buffer, pos)
             if name_b[0] == 0 and buffer[pos : pos + BLOCK] == _ZERO_BLOCK:
