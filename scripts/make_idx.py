@@ -38,13 +38,15 @@ def main(argv: list[str] | None = None) -> int:
             tars = sorted(fs.glob(root.rstrip("/") + "/*.tar"))
         if not tars:
             raise FileNotFoundError(f"no .tar shards found in {args.path}")
-        todo = [t for t in tars if args.force or not fs.exists(t[: -len(".tar")] + ".idx")]
+        had = {t for t in tars if fs.exists(t[: -len(".tar")] + ".idx")}
+        todo = [t for t in tars if args.force or t not in had]
         with ThreadPoolExecutor(max_workers=max(1, args.threads)) as pool:
             written = list(pool.map(lambda tar: write_dali_index(fs.unstrip_protocol(tar)), todo))
     for path in written:
         print(path)
     print(
-        f"indexed {len(written)} of {len(tars)} shards ({len(tars) - len(written)} had one)",
+        f"indexed {len(written)} of {len(tars)} shards "
+        f"({len(had)} had one, {'rewritten' if args.force else 'kept'})",
         file=sys.stderr,
     )
     return 0

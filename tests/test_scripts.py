@@ -98,8 +98,9 @@ def test_make_idx(copy, tmp_path):
         reference = write_dali_index(str(tar), str(tmp_path / f"{tar.stem}.idx"))
         assert path.read_bytes() == Path(reference).read_bytes()
     again = script("make_idx.py", copy)  # existing files are kept unless --force
-    assert "indexed 0 of 3" in again.stderr
-    assert "indexed 3 of 3" in script("make_idx.py", copy, "--force").stderr
+    assert "indexed 0 of 3 shards (3 had one, kept)" in again.stderr
+    forced = script("make_idx.py", copy, "--force").stderr
+    assert "indexed 3 of 3 shards (3 had one, rewritten)" in forced
     one = copy / "00001.tar"
     assert "indexed 1 of 1" in script("make_idx.py", one, "--force").stderr  # a tar named
 
