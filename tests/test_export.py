@@ -1543,7 +1543,7 @@ def test_spilled_rows_are_read_by_the_segments_that_hold_them(tmp_path, monkeypa
     table = pa.table(
         {
             "key": [f"{i:09d}" for i in range(n)],
-            "caption": pa.array([f"caption {i}" for i in range(n)]).dictionary_encode(),
+            "caption": pa.array([f"caption {i % 3}" for i in range(n)]).dictionary_encode(),
             "_members": [
                 [{"name": f"{i:09d}.jpg", "offset": 512 * i, "size": i}] for i in range(n)
             ],
@@ -1579,6 +1579,18 @@ def test_spilled_rows_are_read_by_the_segments_that_hold_them(tmp_path, monkeypa
     reads.clear()
     spilled[1].read(150, 160)  # a shard of 10 rows: one GET of at most two segments
     assert len(reads) == 1 and reads[0] <= 2 * largest + 64 < size / 3
+    # a large dictionary (every segment holds it whole) makes segments larger, not the file
+    categories = pa.array([f"category {i}" for i in range(150)])
+    codes = pa.array(np.arange(n, dtype=np.int32) % 7)
+    wide = table.append_column("kind", pa.DictionaryArray.from_arrays(codes, categories))
+    alone = pa.BufferOutputStream()
+    with pa.ipc.new_file(alone, wide.schema) as writer:
+        writer.write_table(wide)
+    dictionary = selection.Spilled.write(wide, local, str(tmp_path / "d.arrow"), str(tmp_path))
+    assert len(dictionary.starts) > 2  # still segments
+    size = (tmp_path / "d.arrow").stat().st_size
+    assert size < 1.5 * alone.getvalue().size  # (2x when segments were sized by all bytes)
+    assert dictionary.read(0, n).equals(wide) and dictionary.read(99, 211).equals(wide[99:211])
     memory.pipe_file("/spill/rows.arrow", b"short")  # replaced behind the export's back
     with pytest.raises(OSError, match=r"rows\.arrow: 5 bytes at byte offset 0, expected \d+: "):
         spilled[1].read(0, 1)

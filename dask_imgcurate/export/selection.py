@@ -75,7 +75,7 @@ class Spilled:
     ) -> Spilled:
         """Write ``table`` (at least one row) as ``path``; ``directory``: the output
         directory, named when it is missing."""
-        per = max(1, SEGMENT_BYTES * table.num_rows // max(table.nbytes, 1))
+        per = rows_per_segment(table)
         starts = list(range(0, table.num_rows, per))
         chunks, offsets, sizes, at = [], [], [], 0
         for start in starts:
@@ -116,6 +116,18 @@ class Spilled:
             for i in range(first, last)
         ]
         return pa.concat_tables(tables).slice(start - self.starts[first], stop - start)
+
+
+def rows_per_segment(table: pa.Table) -> int:
+    """About ``SEGMENT_BYTES`` of the rows' own data, and enough rows that the dictionaries,
+    which every segment repeats whole, add at most a quarter to the file."""
+    dictionaries = sum(
+        max(chunk.dictionary.nbytes for chunk in column.chunks)
+        for column in table.columns
+        if pa.types.is_dictionary(column.type) and column.num_chunks
+    )
+    data = max(table.nbytes - dictionaries, 1)
+    return max(1, max(SEGMENT_BYTES, 4 * dictionaries) * table.num_rows // data)
 
 
 def spill_path(directory: str, run: str, partition: int) -> str:
