@@ -203,7 +203,9 @@ class ImageEmbeddingStage(Stage):
         embedder = ClipImageEmbedder(
             model_name=self.model_name,
             pretrained=self.pretrained,
-            batch_size=self.batch_size or reader.get("batch_size", 256),
+            batch_size=reader.get("batch_size", 256)
+            if self.batch_size is None
+            else self.batch_size,
             device=self.device,
             **options,
         )

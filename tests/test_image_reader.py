@@ -494,6 +494,22 @@ def test_pil_fallback_refuses_32_bit_samples(tmp_path: Path) -> None:
     )
 
 
+def test_floating_point_tiffs_are_refused_not_decoded_by_dali(tmp_path: Path) -> None:
+    """DALI decodes a floating-point TIFF as if its samples were in [0, 1]: one holding
+    0..255 would be embedded as a white picture, with no error. Its range is unknown, so it
+    gets the PIL fallback's error instead (with or without the fallback)."""
+    grey = np.asarray(synthetic_image(6, (60, 50), "L"))
+    floats = encode(Image.fromarray(grey.astype(np.float32)), "TIFF")
+    jpeg = encode(synthetic_image(7, (60, 50)), "JPEG")
+    part = partition_from_tar(write_tar(tmp_path / "f.tar", [("a.jpg", jpeg), ("f.png", floats)]))
+    for pil_fallback in (True, False):
+        batch = reader(pil_fallback=pil_fallback).read(part)
+        assert batch.keys == ["a"]
+        assert batch.errors == {
+            "f": "decode: unsupported pixel format: floating-point samples (mode F)"
+        }
+
+
 def test_junk_before_a_jpeg_marker_does_not_bypass_the_limit(tmp_path: Path) -> None:
     """libjpeg skips bytes where a marker is expected; so does the header check."""
     jpeg = encode(synthetic_image(2, (120, 100)), "JPEG")

@@ -564,6 +564,18 @@ def test_stage_options_are_checked_when_the_stage_is_built(data, models) -> None
         ).validate()
 
 
+def test_an_embedding_batch_size_of_zero_is_refused_not_replaced(data, models) -> None:
+    """``batch_size=0`` is no batch size: an error, not the reader stage's silently."""
+    root, _ = data
+    stages = [
+        FilePartitioningStage(str(root)),
+        ImageReaderStage(task_batch_size=5, num_threads=2),
+        ImageEmbeddingStage(models.clip_model, None, batch_size=0, device="cpu"),
+    ]
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        Pipeline("p", stages).run()
+
+
 def test_wrong_head_weights_name_the_file(models, tmp_path: Path) -> None:
     head = dict(embedding_dim=models.embedding_dim, device="cpu")
     with pytest.raises(ValueError, match=f"AestheticClassifier: {models.nsfw} holds weights of"):

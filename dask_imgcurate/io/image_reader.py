@@ -31,6 +31,7 @@ Images DALI cannot decode (e.g. GIF data behind a ``.png`` name) are retried wit
 ``pil_fallback`` is on (:mod:`~dask_imgcurate.io.pil_decode`) and then resized and
 normalised by the same DALI ops (:mod:`~dask_imgcurate.io.preprocess`). Images too large
 to decode are refused first (:mod:`~dask_imgcurate.io.pixel_limits`).
+Floating-point TIFFs are refused too: DALI decodes them as if their samples were in [0, 1].
 
 Row ids travel through the pipeline next to the pixels and are checked on the way out;
 callers match results to metadata rows by key, never by position. Preprocessing follows
@@ -64,7 +65,7 @@ from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_d
 from dask_imgcurate.errors import DecoderUnavailable, RangeRequestsUnsupported
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.image_header import ImageTooLarge, decoder_reads_header
-from dask_imgcurate.io.pil_decode import pil_decode
+from dask_imgcurate.io.pil_decode import float_tiff_reason, pil_decode
 from dask_imgcurate.io.pixel_limits import MAX_IMAGE_PIXELS, refuse_oversized
 from dask_imgcurate.io.preprocess import POOL, PreprocessSpec, clear_pipeline_cache
 from dask_imgcurate.io.reasons import OBJECT_REPR, dali_reason, machine_failure, short
@@ -204,6 +205,9 @@ class DaliImageReader:
                     ids, datas, self.max_image_pixels, self.preprocess
                 )
                 batch_errors.update({keys[i]: reason for i, reason in too_large.items()})
+            if ids:
+                ids, datas, floats = _refuse_float_tiffs(ids, datas)
+                batch_errors.update({keys[i]: reason for i, reason in floats.items()})
             if ids:
                 out_ids, images, decode_errors = self._decode(ids, datas)
                 batch_errors.update({keys[i]: reason for i, reason in decode_errors.items()})
@@ -441,6 +445,22 @@ class DaliImageReader:
         if tensor is None:
             return None, f"decode: {reason}"
         return tensor, ""
+
+
+def _refuse_float_tiffs(
+    ids: list[int], datas: list[np.ndarray]
+) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
+    """Keep the images that are no floating-point TIFFs; those become errors (DALI would
+    decode them as if their samples were in [0, 1]: 0..255 as white)."""
+    kept_ids, kept, errors = [], [], {}
+    for i, data in zip(ids, datas):
+        reason = float_tiff_reason(data)
+        if reason is None:
+            kept_ids.append(i)
+            kept.append(data)
+        else:
+            errors[i] = f"decode: {reason}"
+    return kept_ids, kept, errors
 
 
 def _int_column(df: pd.DataFrame, name: str) -> np.ndarray:

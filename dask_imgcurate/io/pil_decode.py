@@ -34,10 +34,10 @@ def pil_decode(data, limit: int | None, spec: PreprocessSpec) -> np.ndarray:
         reason = None if limit is None else oversize_reason(*im.size, limit, spec)
         if reason is not None:
             raise ImageTooLarge(reason)
-        sixteen_bits = im.mode.startswith("I;16") or (im.mode == "I" and _holds_16_bits(im))
-        if im.mode in ("I", "F") and not sixteen_bits:
-            kind = "floating-point" if im.mode == "F" else "32-bit or signed integer"
-            raise ValueError(f"unsupported pixel format: {kind} samples (mode {im.mode})")
+        sixteen_bits = _sixteen_bits(im)
+        unknown = _unknown_range(im)
+        if unknown is not None:
+            raise ValueError(unknown)
         im.load()
         im = ImageOps.exif_transpose(im)
         if sixteen_bits:
@@ -45,6 +45,39 @@ def pil_decode(data, limit: int | None, spec: PreprocessSpec) -> np.ndarray:
         if im.mode != "RGB":
             im = im.convert("RGB")
         return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+
+
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
+
+
+def float_tiff_reason(data) -> str | None:
+    """``pil_decode``'s error for a TIFF of floating-point samples ``data``, from its header
+    (DALI decodes them as if in [0, 1], but their range is unknown); None for other data."""
+    if bytes(memoryview(data).cast("B")[:4]) not in _TIFF_MAGIC:
+        return None
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(BufferFile(data)) as im:
+                return _unknown_range(im) if im.mode == "F" else None
+    except Exception:  # noqa: BLE001 - not a TIFF PIL reads: the decoders will say
+        return None
+
+
+def _unknown_range(im) -> str | None:
+    """Why the samples of opened (not loaded) image ``im`` have no known range: 32-bit
+    integer or floating-point; None when they have one."""
+    if im.mode not in ("I", "F") or _sixteen_bits(im):
+        return None
+    kind = "floating-point" if im.mode == "F" else "32-bit or signed integer"
+    return f"unsupported pixel format: {kind} samples (mode {im.mode})"
+
+
+def _sixteen_bits(im) -> bool:
+    """Whether opened (not loaded) image ``im`` holds unsigned 16-bit samples."""
+    return im.mode.startswith("I;16") or (im.mode == "I" and _holds_16_bits(im))
 
 
 _UINT16_RAWMODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
