@@ -53,7 +53,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +66,7 @@ from dask_imgcurate.errors import DecoderUnavailable, RangeRequestsUnsupported
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.image_header import ImageTooLarge, decoder_reads_header
 from dask_imgcurate.io.pil_decode import float_tiff_reason, pil_decode
-from dask_imgcurate.io.pixel_limits import MAX_IMAGE_PIXELS, refuse_oversized
+from dask_imgcurate.io.pixel_limits import MAX_IMAGE_PIXELS, oversized
 from dask_imgcurate.io.preprocess import POOL, PreprocessSpec, clear_pipeline_cache
 from dask_imgcurate.io.reasons import OBJECT_REPR, dali_reason, machine_failure, short
 from dask_imgcurate.io.shards import check_unchanged, version_type_error
@@ -197,17 +197,21 @@ class DaliImageReader:
 
     # ---- encoded bytes
 
+    def _refusal(self, data: np.ndarray) -> str | None:
+        """Why an image is refused before decoding (too many pixels; floating-point TIFF,
+        which DALI would decode as if in [0, 1]); None when it is not."""
+        if self.max_image_pixels is not None:
+            reason = oversized(data, self.max_image_pixels, self.preprocess)
+            if reason is not None:
+                return reason
+        reason = float_tiff_reason(data)
+        return None if reason is None else f"decode: {reason}"
+
     def _produce(self, partition: pd.DataFrame, keys: list[str]) -> Iterator[ImageBatch]:
         for ids, datas, errors in self._encoded_batches(partition):
             batch_errors = {keys[i]: reason for i, reason in errors.items()}
-            if ids and self.max_image_pixels is not None:
-                ids, datas, too_large = refuse_oversized(
-                    ids, datas, self.max_image_pixels, self.preprocess
-                )
-                batch_errors.update({keys[i]: reason for i, reason in too_large.items()})
-            if ids:
-                ids, datas, floats = _refuse_float_tiffs(ids, datas)
-                batch_errors.update({keys[i]: reason for i, reason in floats.items()})
+            ids, datas, refused = _refuse(ids, datas, self._refusal)
+            batch_errors.update({keys[i]: reason for i, reason in refused.items()})
             if ids:
                 out_ids, images, decode_errors = self._decode(ids, datas)
                 batch_errors.update({keys[i]: reason for i, reason in decode_errors.items()})
@@ -447,19 +451,19 @@ class DaliImageReader:
         return tensor, ""
 
 
-def _refuse_float_tiffs(
-    ids: list[int], datas: list[np.ndarray]
+def _refuse(
+    ids: list[int], datas: list[np.ndarray], reason_of: Callable[[np.ndarray], str | None]
 ) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
-    """Keep the images that are no floating-point TIFFs; those become errors (DALI would
-    decode them as if their samples were in [0, 1]: 0..255 as white)."""
+    """Keep the images that ``reason_of`` has no reason to refuse; the others become
+    errors (that reason)."""
     kept_ids, kept, errors = [], [], {}
     for i, data in zip(ids, datas):
-        reason = float_tiff_reason(data)
+        reason = reason_of(data)
         if reason is None:
             kept_ids.append(i)
             kept.append(data)
         else:
-            errors[i] = f"decode: {reason}"
+            errors[i] = reason
     return kept_ids, kept, errors
 
 

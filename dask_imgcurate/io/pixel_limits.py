@@ -18,26 +18,16 @@ if TYPE_CHECKING:
 MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
-def refuse_oversized(
-    ids: list[int], datas: list[np.ndarray], limit: int, spec: PreprocessSpec
-) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
-    """Keep the images whose headers declare at most ``limit`` pixels, and that resize to
-    at most ``limit`` pixels (``spec``); the others (decompression bombs, extreme aspect
-    ratios) become errors before a decoder or a resize allocates their pixels."""
-    kept_ids, kept, errors = [], [], {}
-    for i, data in zip(ids, datas):
-        try:
-            size = image_dimensions(data)
-        except ImageTooLarge as err:
-            errors[i] = f"decode: {short(str(err))}"
-            continue
-        reason = None if size is None else oversize_reason(*size, limit, spec)
-        if reason is not None:
-            errors[i] = f"decode: {reason}"
-            continue
-        kept_ids.append(i)
-        kept.append(data)
-    return kept_ids, kept, errors
+def oversized(data: np.ndarray, limit: int, spec: PreprocessSpec) -> str | None:
+    """Why the image ``data`` is refused before a decoder or a resize allocates its pixels:
+    its header declares more than ``limit`` pixels, or it resizes to more (``spec``:
+    extreme aspect ratios); None when it is not."""
+    try:
+        size = image_dimensions(data)
+    except ImageTooLarge as err:
+        return f"decode: {short(str(err))}"
+    reason = None if size is None else oversize_reason(*size, limit, spec)
+    return None if reason is None else f"decode: {reason}"
 
 
 def oversize_reason(width: int, height: int, limit: int, spec: PreprocessSpec) -> str | None:
