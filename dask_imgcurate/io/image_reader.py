@@ -200,11 +200,10 @@ class DaliImageReader:
     def _refusal(self, data: np.ndarray) -> str | None:
         """Why an image is refused before decoding (too many pixels; floating-point TIFF,
         which DALI would decode as if in [0, 1]); None when it is not."""
+        reason = None
         if self.max_image_pixels is not None:
             reason = oversized(data, self.max_image_pixels, self.preprocess)
-            if reason is not None:
-                return reason
-        reason = float_tiff_reason(data)
+        reason = reason or float_tiff_reason(data)
         return None if reason is None else f"decode: {reason}"
 
     def _produce(self, partition: pd.DataFrame, keys: list[str]) -> Iterator[ImageBatch]:

@@ -25,9 +25,8 @@ def oversized(data: np.ndarray, limit: int, spec: PreprocessSpec) -> str | None:
     try:
         size = image_dimensions(data)
     except ImageTooLarge as err:
-        return f"decode: {short(str(err))}"
-    reason = None if size is None else oversize_reason(*size, limit, spec)
-    return None if reason is None else f"decode: {reason}"
+        return short(str(err))
+    return None if size is None else oversize_reason(*size, limit, spec)
 
 
 def oversize_reason(width: int, height: int, limit: int, spec: PreprocessSpec) -> str | None:
