@@ -24,6 +24,7 @@ TINY_CONFIG = {
     "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
 }
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+OTHER_IMAGE_EXTS = ("avif", "bmp", "gif", "j2k", "jp2", "pbm", "pgm", "pnm", "ppm", "tif", "tiff")
 
 _registered: str | None = None
 
@@ -116,13 +117,18 @@ def split_key(name: str) -> tuple[str | None, str | None]:
 
 
 def image_rank(ext: str) -> int:
-    """README rule for a record's image: 0 for an image extension (``jpg``, any case), 1 for
-    one whose last part is (``seg.png``, ``0.jpg``), 2 otherwise; the first member in tar
-    order of the lowest rank is the image."""
+    """README rule for a record's image: 0 for a web image extension (``jpg``, any case), 1
+    for another image format's (``tif``), 2 and 3 for one whose last part is one of those
+    (``seg.png``, ``0.jpg``; ``x.bmp``), 4 otherwise; the first member in tar order of the
+    lowest rank is the image."""
     ext = ext.lower()
-    if ext in IMAGE_EXTS:
-        return 0
-    return 1 if ext.rsplit(".", 1)[-1] in IMAGE_EXTS else 2
+    last = ext.rsplit(".", 1)[-1]
+    for rank, (part, names) in enumerate(
+        [(ext, IMAGE_EXTS), (ext, OTHER_IMAGE_EXTS), (last, IMAGE_EXTS), (last, OTHER_IMAGE_EXTS)]
+    ):
+        if part in names:
+            return rank
+    return 4
 
 
 def partition_from_tar(path: str | Path, id_col: str = "key") -> pd.DataFrame:
@@ -149,7 +155,7 @@ def partition_from_tar(path: str | Path, id_col: str = "key") -> pd.DataFrame:
                 },
             )
             rank = image_rank(ext)
-            if rank < rec.get("_rank", 2):
+            if rank < rec.get("_rank", 4):
                 rec.update(
                     _image_member=m.name,
                     _image_offset=m.offset_data,

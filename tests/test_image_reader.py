@@ -625,8 +625,8 @@ def test_a_large_non_image_is_not_copied_for_pil(tmp_path: Path) -> None:
 
 
 def test_helper_picks_the_image_member_the_library_does(tmp_path: Path) -> None:
-    """compute_helpers follows the README: the first image member in tar order, an image
-    extension (any case) before one that only ends in one."""
+    """compute_helpers follows the README: the first image member in tar order, a web image
+    extension (any case) before another format's, before one that only ends in one."""
     from dask_imgcurate import ImageTextPairDataset
 
     png, jpg = encode(synthetic_image(1, (20, 20)), "PNG"), encode(synthetic_image(2), "JPEG")
@@ -639,12 +639,54 @@ def test_helper_picks_the_image_member_the_library_does(tmp_path: Path) -> None:
         ("c.jpeg", jpg),
         ("d.0.jpg", jpg),
         ("d.1.png", png),
+        ("e.tif", png),
+        ("e.0.jpg", jpg),
+        ("f.json", b"{}"),
+        ("f.mask.bmp", png),
+        ("f.GIF", png),
+        ("g.txt", b"no image"),
+        ("g.tiff.txt", b"no image either"),
     ]
     path = write_tar(tmp_path / "pick.tar", members)
     columns = ["key", "_image_member", "_image_offset", "_image_size"]
     library = ImageTextPairDataset.from_webdataset(str(path)).metadata.compute()
     helper = partition_from_tar(path)
-    assert helper["_image_member"].tolist() == ["a.png", "b.JPG", "c.webp", "d.0.jpg"]
-    pd.testing.assert_frame_equal(
-        helper[columns].astype(object), library[columns].reset_index(drop=True).astype(object)
-    )
+    picked = helper["_image_member"].tolist()
+    assert picked[:6] == ["a.png", "b.JPG", "c.webp", "d.0.jpg", "e.tif", "f.GIF"]
+    assert pd.isna(picked[6])  # g has no image
+
+    def plain(frame: pd.DataFrame) -> pd.DataFrame:  # NaN / <NA> alike: None
+        frame = frame[columns].reset_index(drop=True).astype(object)
+        return frame.where(frame.notna(), None)
+
+    pd.testing.assert_frame_equal(plain(helper), plain(library))
+
+
+@pytest.mark.parametrize("source", ["range", "webdataset"])
+def test_other_image_formats_are_decoded(tmp_path: Path, source: str) -> None:
+    """TIFF, BMP, PNM and JPEG 2000 (DALI), GIF and AVIF (the PIL fallback) are images too:
+    each decodes like PIL + open_clip's transform, and a record with a JPEG and a TIFF
+    embeds the JPEG."""
+    rgb = synthetic_image(21, (97, 71))
+    images = {
+        "a": ("tif", encode(rgb, "TIFF")),
+        "b": ("TIFF", encode(rgb, "TIFF", compression="tiff_lzw")),
+        "c": ("bmp", encode(rgb, "BMP")),
+        "d": ("ppm", encode(rgb, "PPM")),
+        "e": ("pgm", encode(rgb.convert("L"), "PPM")),
+        "f": ("jp2", encode(rgb, "JPEG2000")),
+        "g": ("gif", encode(rgb.convert("P"), "GIF")),
+        "h": ("avif", encode(rgb, "AVIF", quality=90)),
+    }
+    jpeg = encode(rgb, "JPEG", quality=95)
+    members = [(f"{key}.{ext}", data) for key, (ext, data) in images.items()]
+    members += [("i.tif", encode(synthetic_image(22, (50, 50)), "TIFF")), ("i.jpg", jpeg)]
+    path = write_tar(tmp_path / "formats.tar", members)
+    partition = partition_from_tar(path)
+    batch = reader(source=source).read(partition)
+    assert batch.errors == {}
+    assert sorted(batch.keys) == [*images, "i"]
+    got = by_key(batch)
+    for key, (_, data) in [*images.items(), ("i", ("jpg", jpeg))]:
+        diff = (got[key] - reference(SPEC, data)).abs()
+        assert diff.mean() < 0.01, (key, diff.mean())

@@ -20,7 +20,13 @@ import pyarrow.compute as pc
 from dask_imgcurate.errors import DuplicateKeyError, TarFormatError
 from dask_imgcurate.io.tarindex import TarIndex
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+WEB_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""What img2dataset writes: picked over the other image formats in a record."""
+OTHER_IMAGE_EXTENSIONS = (
+    "avif", "bmp", "gif", "j2k", "jp2", "pbm", "pgm", "pnm", "ppm", "tif", "tiff",
+)  # fmt: skip
+"""Formats DALI decodes (BMP, JPEG 2000, PNM, TIFF) or the PIL fallback does (AVIF, GIF)."""
+IMAGE_EXTENSIONS = WEB_IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS
 _KEY_DOT_EXT = r"(?s)^(?P<key>(?:.*/)?[^/.][^/.]*)\.(?P<ext>[^/]*)$"  # split_key's rule
 
 
@@ -99,19 +105,7 @@ def group_records(index: TarIndex, *, strict: bool = True) -> RecordIndex:
     new_record[1:] = member_keys[1:] != member_keys[:-1]
     starts = np.flatnonzero(new_record).tolist()
     keys = member_keys[starts].tolist()
-    # the image: the first member whose extension is an image's (jpg), else the first whose
-    # last part is (0.jpg, HEIC.jpg); an extension with more parts (seg.png) is not picked
-    # over a plain one
-    lower = pc.utf8_lower(ext_array)
-    plain = pc.is_in(lower, value_set=pa.array(IMAGE_EXTENSIONS)).to_numpy(zero_copy_only=False)
-    last = pc.replace_substring_regex(lower, pattern=r"^.*\.", replacement="")
-    suffixed = pc.is_in(last, value_set=pa.array(IMAGE_EXTENSIONS)).to_numpy(zero_copy_only=False)
-    position = np.arange(count)
-    candidates = np.where(plain, position, np.where(suffixed, count + position, 2 * count))
-    images = np.minimum.reduceat(candidates, starts) if starts else np.zeros(0, np.int64)
-    images = np.where(images >= count, images - count, images)  # a suffixed one's position
-    bounds = np.append(starts, count)
-    images = np.where(images < bounds[1:], images, -1).tolist()
+    images = _image_members(ext_array, starts).tolist()
     if len(set(keys)) != len(keys) or len(set(names)) != len(names):
         _raise_duplicate(index, keys, starts)
     stops = starts[1:] + [len(names)]
@@ -131,6 +125,32 @@ def group_records(index: TarIndex, *, strict: bool = True) -> RecordIndex:
         undecodable=undecodable[0],
         undecodable_offset=undecodable[1],
     )
+
+
+def _image_members(extensions: pa.Array, starts: list[int]) -> np.ndarray:
+    """Each record's image: the position of its first member with a web image's extension
+    (``jpg``), else another image format's (``tif``), else one whose extension's last part
+    is a web image's (``0.jpg``; ``seg.png`` is not picked over a ``jpg``), else another's;
+    -1 when none. ``extensions`` are the members', in tar order; records start at
+    ``starts``."""
+    count = len(extensions)
+    if not starts:
+        return np.zeros(0, dtype=np.int64)
+    lower = pc.utf8_lower(extensions)
+    last = pc.replace_substring_regex(lower, pattern=r"^.*\.", replacement="")
+    rank = np.full(count, 4, dtype=np.int64)  # 4: not an image
+    for tier, (values, names) in enumerate(
+        [
+            (lower, WEB_IMAGE_EXTENSIONS),
+            (lower, OTHER_IMAGE_EXTENSIONS),
+            (last, WEB_IMAGE_EXTENSIONS),
+            (last, OTHER_IMAGE_EXTENSIONS),
+        ]
+    ):
+        found = pc.is_in(values, value_set=pa.array(names)).to_numpy(zero_copy_only=False)
+        rank = np.where(found & (rank == 4), tier, rank)
+    best = np.minimum.reduceat(rank * count + np.arange(count), starts)
+    return np.where(best < 4 * count, best % count, -1)
 
 
 def _subset(index: TarIndex, rows: np.ndarray) -> TarIndex:
