@@ -690,3 +690,36 @@ def test_other_image_formats_are_decoded(tmp_path: Path, source: str) -> None:
     for key, (_, data) in [*images.items(), ("i", ("jpg", jpeg))]:
         diff = (got[key] - reference(SPEC, data)).abs()
         assert diff.mean() < 0.01, (key, diff.mean())
+
+
+def test_formats_dali_cannot_decode_go_to_pil_without_a_failed_dali_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GIF or an AVIF costs no DALI run on its encoded bytes (each failure rebuilds the
+    pipeline); without the PIL fallback its error is DALI's as before."""
+    rgb = synthetic_image(23, (80, 60))
+    members = [
+        ("a.gif", encode(rgb.convert("P"), "GIF")),
+        ("b.avif", encode(rgb, "AVIF")),
+        ("c.jpg", encode(rgb, "JPEG")),
+        ("d.gif", b"GIF89a" + bytes(20)),
+    ]
+    partition = partition_from_tar(write_tar(tmp_path / "pil.tar", members))
+    encoded_runs: list[int] = []
+    run = DaliImageReader._run
+
+    def counting(self, ids, datas, raw):
+        if not raw:
+            encoded_runs.append(len(ids))
+        return run(self, ids, datas, raw)
+
+    monkeypatch.setattr(DaliImageReader, "_run", counting)
+    batch = reader().read(partition)
+    assert encoded_runs == [1]  # the JPEG's batch
+    assert sorted(batch.keys) == ["a", "b", "c"]
+    assert batch.errors == {
+        "d": "decode: cannot identify image file (DALI: unsupported or unrecognised image format)"
+    }
+    without = reader(pil_fallback=False).read(partition)
+    assert without.keys == ["c"]
+    assert set(without.errors.values()) == {"decode: unsupported or unrecognised image format"}

@@ -3,7 +3,8 @@
 Used to refuse decompression bombs (a few KB of PNG or JPEG that decode to gigabytes)
 before a decoder allocates their pixels. JPEG, PNG, GIF and WebP headers are parsed
 here in microseconds; other formats go through PIL's lazy ``Image.open`` (headers only).
-``decoder_reads_header`` asks DALI's own parser (nvImageCodec) whether it reads a header.
+``decoder_reads_header`` asks DALI's own parser (nvImageCodec) whether it reads a header;
+``dali_lacks_decoder`` names the formats DALI cannot decode at all.
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def decoder_reads_header(data) -> bool:
         return nvimgcodec.CodeStream(data).width > 0  # parsing is lazy: reading a field parses
     except RuntimeError:  # "Failed to get image info"
         return False
+
+
+def dali_lacks_decoder(data) -> bool:
+    """Whether encoded ``data`` is a GIF or an ISO base media file (AVIF, HEIC): formats
+    DALI has no decoder for."""
+    head = bytes(memoryview(data).cast("B")[:12])
+    return head[:6] in (b"GIF87a", b"GIF89a") or head[4:8] == b"ftyp"
 
 
 @functools.cache

@@ -64,11 +64,21 @@ import torch
 from dask_imgcurate.device import dali_decoder_device, dali_device_id, resolve_device
 from dask_imgcurate.errors import DecoderUnavailable, RangeRequestsUnsupported
 from dask_imgcurate.io import fs as fsio
-from dask_imgcurate.io.image_header import ImageTooLarge, decoder_reads_header
+from dask_imgcurate.io.image_header import (
+    ImageTooLarge,
+    dali_lacks_decoder,
+    decoder_reads_header,
+)
 from dask_imgcurate.io.pil_decode import float_tiff_reason, pil_decode
 from dask_imgcurate.io.pixel_limits import MAX_IMAGE_PIXELS, oversized
 from dask_imgcurate.io.preprocess import POOL, PreprocessSpec, clear_pipeline_cache
-from dask_imgcurate.io.reasons import OBJECT_REPR, dali_reason, machine_failure, short
+from dask_imgcurate.io.reasons import (
+    OBJECT_REPR,
+    UNSUPPORTED_FORMAT,
+    dali_reason,
+    machine_failure,
+    short,
+)
 from dask_imgcurate.io.shards import check_unchanged, version_type_error
 
 __all__ = [  # PreprocessSpec, MAX_IMAGE_PIXELS, clear_pipeline_cache: imported from here too
@@ -408,7 +418,8 @@ class DaliImageReader:
     ) -> tuple[list[int], torch.Tensor, dict[int, str]]:
         """Decode a batch. Samples whose header DALI's parser cannot read are decoded one by
         one (in a batch of about 30 or more, DALI 2.4 can crash the process on one: SIGSEGV),
-        and so are all samples of a batch that fails, to isolate the bad ones."""
+        and so are all samples of a batch that fails, to isolate the bad ones; GIF and AVIF
+        go to the PIL fallback directly (a failed DALI run costs a pipeline rebuild)."""
         readable = [decoder_reads_header(data) for data in datas]
         batch_ids = [i for i, ok in zip(ids, readable) if ok]
         batch = [data for data, ok in zip(datas, readable) if ok]
@@ -422,6 +433,8 @@ class DaliImageReader:
             if ok and images is not None:
                 continue
             failed = batch_reason if ok and len(batch) == 1 else None  # already run alone
+            if not ok and dali_lacks_decoder(data):  # a run alone would fail: skip it
+                failed = UNSUPPORTED_FORMAT
             tensor, error = self._decode_one(i, data, failed)
             if tensor is None:
                 errors[i] = error

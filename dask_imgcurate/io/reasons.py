@@ -25,6 +25,7 @@ _NVIMGCODEC_STATUS = {
     6: "execution failed",
     17: "codec extension internal error",  # e.g. a PNG cut short
 }
+UNSUPPORTED_FORMAT = _NVIMGCODEC_STATUS[4]
 _STATUS_RE = re.compile(r"nvImageCodec failure: '#(\d+)'")
 _SAMPLE_RE = re.compile(r"Failed to decode sample #\d+\s*:?\s*")
 
