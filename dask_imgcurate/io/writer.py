@@ -442,6 +442,7 @@ def commit_shard(
         staged.append((fsio.temp_path(out_fs, parquet_path), parquet_path))
         with fsio.naming(staged[-1][0]):
             pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
+            schema = pq.read_schema(staged[-1][0]).remove_metadata()  # as read (s -> ms)
         # an earlier export's Parquet marks its own tar complete: gone before this tar
         # replaces that one, so a crash in between leaves the shard to be written again
         fsio.remove_file(out_fs, parquet_path, missing_ok=True)
@@ -457,7 +458,7 @@ def commit_shard(
         len(rows),
         tar_size,
         idx=fsio.qualify(out_fs, idx_path) if text is not None else None,
-        schema=parquet_table.schema.remove_metadata(),
+        schema=schema,
     )
 
 
