@@ -25,6 +25,7 @@ from dask_imgcurate.errors import ShardWarning
 from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.shards import Shard, find_shards
+from dask_imgcurate.io.writer import common_schema
 from dask_imgcurate.metadata import is_bookkeeping, repeated_ids, shard_table, sidecar_schema
 from dask_imgcurate.progress import PartitionProgress, nested_column_shuffles, tick
 
@@ -192,6 +193,7 @@ class ImageTextPairDataset:
                 "fragment": pd.Series([], dtype=object),
                 "rows": pd.Series([], dtype="int64"),
                 "errors": pd.Series([], dtype="int64"),
+                "schema": pd.Series([], dtype=object),
             }
         )
         directories = writer.directories(export.guards.input_tars(self)[0])
@@ -436,8 +438,9 @@ class _MetadataWriter:
             _refuse_repeated_ids(part.column(self.columns[0]), source)
             out = self._path_for(source)
             fragment = self._fragment_for(out, number)
+            written = part.select(self.columns)
             with fsio.atomic_write(self.out_fs, fragment) as tmp, fsio.naming(tmp):
-                pq.write_table(part.select(self.columns), tmp)
+                pq.write_table(written, tmp)
             rows.append(
                 {
                     "shard": source,
@@ -445,9 +448,10 @@ class _MetadataWriter:
                     "fragment": fragment,
                     "rows": part.num_rows,
                     "errors": _error_count(part),
+                    "schema": written.schema,
                 }
             )
-        columns = ["shard", "path", "fragment", "rows", "errors"]
+        columns = ["shard", "path", "fragment", "rows", "errors", "schema"]
         tick(self.progress, number, table.num_rows)
         return pd.DataFrame(rows, columns=columns).astype({"rows": "int64", "errors": "int64"})
 
@@ -500,7 +504,8 @@ def _refuse_repeated_ids(ids: pa.ChunkedArray, shard: str) -> None:
 
 def _publish_fragments(fs, fragments: pd.DataFrame, id_col: str) -> pd.DataFrame:
     """One Parquet per shard from its fragments: a rename for one fragment, a merge (rows
-    in partition order) for several. Every merge is done (and checked) before any file is
+    in partition order) for several, or for one whose columns typed null another fragment
+    types (``common_schema``). Every merge is done (and checked) before any file is
     published."""
     shards_of = fragments.groupby("path", sort=False)["shard"].unique()
     for path, shards in shards_of.items():
@@ -512,13 +517,16 @@ def _publish_fragments(fs, fragments: pd.DataFrame, id_col: str) -> pd.DataFrame
     for directory in {posixpath.dirname(f) for f in fragments["fragment"]}:
         fs.invalidate_cache(directory)  # workers wrote the fragments: a cached listing lacks them
     merges, rows, sources = [], [], []
+    common = common_schema(fragments["schema"].tolist())
     for (shard, path), group in fragments.groupby(["shard", "path"], sort=False):
         parts = group["fragment"].tolist()
-        if len(parts) == 1:
+        typed = common is None or all(s == common for s in group["schema"])
+        if len(parts) == 1 and typed:
             sources.append(parts[0])
         else:
             merged = _merged_name(parts[0])
-            merges.append(dask.delayed(_merge_fragments)(fs, parts, merged, id_col, shard))
+            merge = dask.delayed(_merge_fragments)
+            merges.append(merge(fs, parts, merged, id_col, shard, common))
             sources.append(merged)
         rows.append(
             {
@@ -559,10 +567,14 @@ def _merged_name(fragment: str) -> str:
     return f"{fragment.rsplit('-part', 1)[0]}-part-merged-{uuid.uuid4().hex[:8]}"
 
 
-def _merge_fragments(fs, fragments: list[str], path: str, id_col: str, shard: str) -> None:
+def _merge_fragments(
+    fs, fragments: list[str], path: str, id_col: str, shard: str, schema: pa.Schema | None
+) -> None:
     tables = [pq.read_table(io.BytesIO(fsio.read_bytes(fs, fragment))) for fragment in fragments]
     # a column all null in one fragment is typed null there (pandas object columns)
     table = pa.concat_tables(tables, promote_options="permissive")
+    if schema is not None:  # and in every file of this save, as in the others
+        table = table.cast(schema)
     _refuse_repeated_ids(table.column(id_col), shard)  # rows of one record in two partitions
     with fsio.atomic_write(fs, path) as tmp, fsio.naming(tmp):
         pq.write_table(table, tmp)

@@ -421,6 +421,53 @@ def test_categoricals_of_over_127_values_across_partitions_export(tmp_path):
     assert not [p for p in (tmp_path / "wds").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("layout", ["webdataset", "images"])
+def test_a_column_null_in_one_output_shard_has_the_others_type_there(source, tmp_path, layout):
+    """pyarrow types a pandas object column per partition: all None there is Arrow null. An
+    output shard of only such rows had that type in its Parquet, list<string> in the others,
+    and reading the directory as one dataset failed (pyarrow, pandas: 'Unsupported cast from
+    list<element: string> to null'; polars, duckdb alike). Every shard's Parquet now has the
+    one type, and a re-run still skips them all."""
+    seconds = pd.ArrowDtype(pa.timestamp("s"))
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+
+    def add(frame: pd.DataFrame) -> pd.DataFrame:
+        first = frame["_shard"].str.endswith("00000.tar").tolist()
+        tags = [None if f else [k[-1], "x"] for k, f in zip(frame["key"], first)]
+        seen = pd.Series([0] * len(frame), index=frame.index).astype(seconds)  # read as ms
+        return frame.assign(tags=pd.Series(tags, index=frame.index, dtype=object), seen=seen)
+
+    meta = ds.metadata._meta.assign(
+        tags=pd.Series([], dtype=object), seen=pd.Series([], dtype=seconds)
+    )
+    ds = ds.with_metadata(ds.metadata.map_partitions(add, meta=meta))
+    expected = ds.metadata.compute()
+    out = tmp_path / "out"
+    with dask.config.set(scheduler="synchronous"):
+
+        def export():  # shard 0: the first tar's rows
+            if layout == "webdataset":
+                return ds.to_webdataset(str(out), samples_per_shard=7)
+            return ds.write_images(str(out), images_per_tar=7)
+
+        export()
+        files = sorted(out.glob("*.parquet"))
+        written = {p: p.read_bytes() for p in files}
+        assert export().shards_skipped == len(files)
+        assert {p: p.read_bytes() for p in files} == written
+        files[0].unlink()  # written again, beside shards skipped: typed as they are
+        assert export().shards_skipped == len(files) - 1
+    assert len(files) == 5
+    (kind,) = {pq.read_schema(p).field("tags").type for p in files}
+    assert pa.types.is_list(kind) and kind.value_type == pa.string()
+    table = pq.read_table(files)  # one dataset: the directory's Parquet files
+    assert table.column("tags").to_pylist()[:7] == [None] * 7
+    want = [None if t is None else list(t) for t in expected["tags"]]
+    assert [None if t is None else list(t) for t in table.column("tags").to_pylist()] == want
+    assert pd.read_parquet(files)["tags"].isna().sum() == 7
+    assert dd.read_parquet(str(out / "*.parquet"))["tags"].isna().sum().compute() == 7
+
+
 def test_write_images_keeps_ids_with_dots_in_directories(source, tmp_path):
     import webdataset as wds
 

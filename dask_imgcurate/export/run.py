@@ -32,6 +32,7 @@ from dask_imgcurate.io.writer import (
     finished,
     job_fingerprint,
     plan_members,
+    type_null_columns,
     write_piece,
     write_shard,
 )
@@ -178,6 +179,8 @@ def run_export(
                 shards = planning.plan_pieces(stats, per_shard)
                 tasks = submit(shards) if shards else []
                 results = compute_with_progress(tasks, verbose, "export: writing")
+            if type_null_columns(out_fs, results):  # still under the lock
+                log.info("%s: typed the columns null in some shards' Parquet", out_root)
         finally:  # the selections' spilled columns
             fsio.remove_stale_temps(out_fs, out_root, mark=fsio.TEMP_MARK + run)
     summary.records_in = sum(s[1] for s in stats)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import io
 import json
 import os
 import threading
@@ -62,6 +64,7 @@ class ShardResult:
     bytes: int
     skipped: bool = False
     idx: str | None = None  # its DALI index, when it has one
+    schema: pa.Schema | None = None  # its Parquet's (without metadata)
 
 
 @dataclass(frozen=True)
@@ -439,6 +442,7 @@ def commit_shard(
         staged.append((fsio.temp_path(out_fs, parquet_path), parquet_path))
         with fsio.naming(staged[-1][0]):
             pq.write_table(parquet_table.replace_schema_metadata(schema_meta), staged[-1][0])
+            schema = pq.read_schema(staged[-1][0]).remove_metadata()  # as read (s -> ms)
         # an earlier export's Parquet marks its own tar complete: gone before this tar
         # replaces that one, so a crash in between leaves the shard to be written again
         fsio.remove_file(out_fs, parquet_path, missing_ok=True)
@@ -454,6 +458,7 @@ def commit_shard(
         len(rows),
         tar_size,
         idx=fsio.qualify(out_fs, idx_path) if text is not None else None,
+        schema=schema,
     )
 
 
@@ -563,7 +568,8 @@ def finished(
     None when there is none."""
     try:
         with fs.open(parquet, "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
+            schema = pq.read_schema(f)
+        meta = schema.metadata or {}
         if meta.get(FINGERPRINT_KEY) != fingerprint.encode():
             return None
         tar_size = int(meta.get(TAR_SIZE_KEY, -1))
@@ -580,7 +586,41 @@ def finished(
         tar_size,
         skipped=True,
         idx=fsio.qualify(fs, idx) if IDX_SIZE_KEY in meta else None,
+        schema=schema.remove_metadata(),
     )
+
+
+def common_schema(schemas: Sequence[pa.Schema]) -> pa.Schema | None:
+    """One schema for Parquet files of ``schemas``: a column typed null in some (pyarrow's
+    type for a pandas object column without values) gets the type the others give it. None
+    when they disagree otherwise (other types, other columns)."""
+    if not schemas or any(s.names != schemas[0].names for s in schemas):
+        return None
+    try:
+        return pa.unify_schemas([s.remove_metadata() for s in schemas])
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # not only nulls differ: left as they are
+        return None
+
+
+def retype_parquet(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema) -> None:
+    """Rewrite the Parquet file ``path`` with its columns cast to ``schema`` (null columns
+    to ``common_schema``'s types), keeping its schema metadata; atomically."""
+    table = pq.read_table(io.BytesIO(fsio.read_bytes(fs, path)))
+    table = table.cast(schema.with_metadata(table.schema.metadata))
+    with fsio.atomic_write(fs, path) as tmp, fsio.naming(tmp):
+        pq.write_table(table, tmp)
+
+
+def type_null_columns(fs: fsspec.AbstractFileSystem, results: Sequence[ShardResult]) -> int:
+    """Give each written shard's Parquet the ``common_schema`` of them all, so readers of the
+    directory as one dataset see one type per column; the number of files rewritten."""
+    common = common_schema([r.schema for r in results if r.schema is not None])
+    if common is None:
+        return 0
+    stale = [r.parquet for r in results if r.schema is not None and r.schema != common]
+    paths = [fs._strip_protocol(p) for p in stale]
+    fsio.concurrently([functools.partial(retype_parquet, fs, p, common) for p in paths], 8)
+    return len(paths)
 
 
 def plan_shards(
