@@ -7,6 +7,7 @@ backend matters, so the rest of the code has a single path.
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 
 import pandas as pd
@@ -93,6 +94,22 @@ def column_names(frame) -> list[str]:
     return [*meta.columns, *_index_columns(meta)]
 
 
+def _conversion_error(frame: pd.DataFrame, err: Exception):
+    """``ColumnTypeConflict`` for a pandas frame pyarrow cannot convert, naming a tar of its
+    rows (``_shard``) and pyarrow's reason."""
+    from dask_imgcurate.errors import ColumnTypeConflict
+
+    shards = frame["_shard"].dropna().unique() if "_shard" in frame else []
+    where = f"the rows of {str(shards[0]).rsplit('/', 1)[-1]}" if len(shards) else "a partition"
+    reason = "; ".join(str(a) for a in reversed(err.args)) or type(err).__name__
+    named = re.search(r"column (.+?) with type", reason)
+    column = repr(named.group(1)) if named else "'column'"
+    return ColumnTypeConflict(
+        f"{where} cannot be converted to Arrow: {reason} (a column holding values of several "
+        f"types? give it one type first, e.g. metadata.astype({{{column}: 'string'}}))"
+    )
+
+
 def to_arrow(frame) -> pa.Table:
     """The inverse of ``to_frame`` for either backend. Named index levels
     (``set_index("url")``) are kept as columns, last, as ``to_parquet`` keeps them; unnamed
@@ -104,7 +121,10 @@ def to_arrow(frame) -> pa.Table:
     if hasattr(frame, "to_arrow"):  # cudf (its default keeps a non-range index as a column)
         table = _typed_nulls(frame.to_arrow(preserve_index=False), frame)
     else:
-        table = pa.Table.from_pandas(frame, preserve_index=False)
+        try:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:  # an object column of mixed values
+            raise _conversion_error(frame, err) from err
         _refuse_guessed_decimals(frame, table)
     table = _wide_dictionaries(table)
     return table.replace_schema_metadata(None)  # no pandas dtype notes in our Parquet files

@@ -24,8 +24,8 @@ from dask_imgcurate.backend import column_names, resolve_backend, to_arrow, to_f
 from dask_imgcurate.errors import ShardWarning
 from dask_imgcurate.export import ExportSummary
 from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.schemas import ColumnTypes, common_schema
 from dask_imgcurate.io.shards import Shard, find_shards
-from dask_imgcurate.io.writer import common_schema
 from dask_imgcurate.metadata import is_bookkeeping, repeated_ids, shard_table, sidecar_schema
 from dask_imgcurate.progress import PartitionProgress, nested_column_shuffles, tick
 
@@ -518,6 +518,9 @@ def _publish_fragments(fs, fragments: pd.DataFrame, id_col: str) -> pd.DataFrame
         fs.invalidate_cache(directory)  # workers wrote the fragments: a cached listing lacks them
     merges, rows, sources = [], [], []
     common = common_schema(fragments["schema"].tolist())
+    types = ColumnTypes("save_metadata")
+    for schema, shard in zip(fragments["schema"], fragments["shard"]):
+        types.add(schema, [shard])
     for (shard, path), group in fragments.groupby(["shard", "path"], sort=False):
         parts = group["fragment"].tolist()
         typed = common is None or all(s == common for s in group["schema"])

@@ -35,6 +35,11 @@ class TooManyShards(CurateError, ValueError):
     """An export needs more output shards than ``max_shards`` digits can number."""
 
 
+class ColumnTypeConflict(CurateError, TypeError):
+    """A metadata column holds values of different types in different partitions (a pandas
+    object column of ints in one, strings in another): their Parquet files would disagree."""
+
+
 class ShardChangedError(CurateError, RuntimeError):
     """A tar changed after it was indexed: the metadata's byte offsets may point at other
     bytes now (names the tar, its version then and now)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -28,6 +29,7 @@ import pytest
 from dask_imgcurate import ImageTextPairDataset, export
 from dask_imgcurate.demo import make_demo_dataset, make_shard_records, write_shard
 from dask_imgcurate.errors import (
+    ColumnTypeConflict,
     CurateError,
     DuplicateKeyError,
     ShardChangedError,
@@ -1795,3 +1797,55 @@ def test_one_output_shard_from_many_partitions_and_its_resume(tmp_path):
     assert tar_members(out / "0.tar") == expected
     again = ds.to_webdataset(str(out), samples_per_shard=10**6, max_shards=1)
     assert again.shards_skipped == 1 and again.shards_written == 0
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "distributed"])
+def test_a_column_typed_differently_by_partition_is_an_error(source, tmp_path, scheduler):
+    """An object column holding ints in one partition's rows and strings in another's gave
+    Parquet files no reader takes as one dataset, or a bare ArrowTypeError from the commit
+    of a shard spanning both: now an error naming the column, both types and a tar of each,
+    before anything is published (exports on a cluster undo shards already written);
+    save_metadata alike. Mixed values within one partition name its tar."""
+    from distributed import Client, LocalCluster
+
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+
+    def add(frame: pd.DataFrame) -> pd.DataFrame:
+        last = frame["_shard"].str.endswith(f"{ds.metadata.npartitions - 1:05d}.tar").tolist()
+        mixed = [k if f else len(k) for k, f in zip(frame["key"], last)]
+        return frame.assign(mixed=pd.Series(mixed, index=frame.index, dtype=object))
+
+    meta = ds.metadata._meta.assign(mixed=pd.Series([], dtype=object))
+    mixed = ds.with_metadata(ds.metadata.map_partitions(add, meta=meta))
+    message = r"column 'mixed' holds int64 values in the rows of 00000.tar and string in those of"
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    sidecars = {p: p.read_bytes() for p in copy.glob("*.parquet")}
+    with contextlib.ExitStack() as stack:
+        if scheduler == "distributed":
+            cluster = stack.enter_context(
+                LocalCluster(n_workers=1, processes=False, dashboard_address=":0")
+            )
+            stack.enter_context(Client(cluster))
+        else:
+            stack.enter_context(dask.config.set(scheduler="synchronous"))
+        for layout in ("wds", "images"):
+            out = tmp_path / layout
+            with pytest.raises(ColumnTypeConflict, match=message):
+                if layout == "wds":
+                    mixed.to_webdataset(str(out), samples_per_shard=3)  # shards span partitions
+                else:
+                    mixed.write_images(str(out), images_per_tar=3)
+            assert not (out.exists() and list(out.iterdir())), layout
+        with pytest.raises(ColumnTypeConflict, match="save_metadata: " + message):
+            mixed.with_metadata(mixed.metadata).save_metadata(str(copy))
+        assert {p: p.read_bytes() for p in copy.glob("*.parquet")} == sidecars
+
+        def one_string(frame: pd.DataFrame) -> pd.DataFrame:  # among the first tar's ints
+            values = frame["mixed"].tolist()
+            values[1] = "x"
+            return frame.assign(mixed=pd.Series(values, index=frame.index, dtype=object))
+
+        within = mixed.metadata.partitions[0].map_partitions(one_string, meta=meta)
+        with pytest.raises(ColumnTypeConflict, match=r"the rows of 00000.tar .*column mixed"):
+            ds.with_metadata(within).to_webdataset(str(tmp_path / "within"))

@@ -22,9 +22,10 @@ import pyarrow as pa
 from dask.delayed import Delayed
 
 from dask_imgcurate.backend import column_names
-from dask_imgcurate.errors import TooManyShards
+from dask_imgcurate.errors import ColumnTypeConflict, TooManyShards
 from dask_imgcurate.export import guards, planning, selection
 from dask_imgcurate.io import fs as fsio
+from dask_imgcurate.io.schemas import ColumnTypes
 from dask_imgcurate.io.writer import (
     MissingPieces,
     ShardResult,
@@ -153,9 +154,14 @@ def run_export(
     job = _Job(out_fs, out_root, dataset.fs, layout, write_idx)
     client = current_client()
 
-    def check_sources(tars) -> None:  # the tars a partition's rows come from
+    types = ColumnTypes("export")
+
+    def check(stats: tuple) -> None:  # a partition's, as it comes in
+        tars = stats[4]  # the tars its rows come from
         guards.refuse_other_stores(dataset.fs, tars)
         guards.refuse_input_directory(out_fs, out_root, tars)  # (directories: cached)
+        if stats[5] is not None:
+            types.add(stats[5], tars)
 
     with fsio.writing_to(out_fs, out_root), reading:  # no other export there meanwhile
         if fsio.remove_stale_temps(out_fs, out_root):  # before this run writes any
@@ -166,14 +172,13 @@ def run_export(
             submit = _Submitter(job, selections, resume, shard_count_check, run)
             # Stream only when every tar the frame reads is known up front (checked above)
             if client is not None and name_prefix is None and inputs_known:
-                stats, results = _stream(
-                    client, selections, per_shard, submit, reading, check_sources
-                )
+                stats, results = _stream(client, selections, per_shard, submit, reading, check)
             else:  # all counts first (and, for deterministic names, every partition's digest)
                 stats_tasks = [dask.delayed(selection.Selection.stats)(s) for s in selections]
                 stats = list(dask.compute(*stats_tasks, optimize_graph=False))
                 reading.close()
-                check_sources({t for s in stats for t in s[4]})
+                for partition in stats:
+                    check(partition)
                 if name_prefix is not None:
                     name_prefix([s[3] for s in stats])
                 shards = planning.plan_pieces(stats, per_shard)
@@ -249,7 +254,7 @@ def _stream(
         for batch in as_completed(futures).batches():  # all finished since the last batch
             for future, result in zip(batch, client.gather(batch)):
                 result = result.stats()
-                check(result[4])
+                check(result)
                 stats[index[future.key]] = result
             while known < len(stats) and stats[known] is not None:
                 known += 1
@@ -263,7 +268,7 @@ def _stream(
         if reading.topic is not None and writing:
             show_progress(writing, "export: writing")
         return stats, client.gather(writing)
-    except TooManyShards:  # found when the last partitions came in: undo what was written
+    except (TooManyShards, ColumnTypeConflict):  # found as partitions came in: undo writes
         wait(writing)  # what runs would still publish files
         for result in client.gather(writing, errors="skip"):
             if not result.skipped:

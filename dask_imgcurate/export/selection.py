@@ -37,6 +37,7 @@ class Selection:
     dropped_for_errors: int
     digest: str
     sources: tuple[str, ...]  # the tars its rows come from (``_shard``)
+    schema: pa.Schema | None  # the kept rows', when there are any
     spilled: Spilled | None = None  # the kept rows, written out
 
     def rows(self, start: int, stop: int) -> pa.Table:
@@ -47,7 +48,14 @@ class Selection:
 
     def stats(self) -> tuple:
         """What the planner needs: everything but the rows."""
-        return self.spans, self.records_in, self.dropped_for_errors, self.digest, self.sources
+        return (
+            self.spans,
+            self.records_in,
+            self.dropped_for_errors,
+            self.digest,
+            self.sources,
+            self.schema,
+        )
 
 
 SEGMENT_BYTES = 256 << 10
@@ -172,13 +180,13 @@ def select_partition(
     sources = tuple(pc.unique(table.column("_shard")).drop_null().to_pylist())
     number = (partition_info or {}).get("number", 0)
     digested = digest_rows(kept) if digest else ""
-    spilled = None
+    spilled, schema = None, kept.schema if kept.num_rows else None  # types of kept values
     if spill is not None and kept.num_rows:
         fs, directory, run = spill
         spilled = Spilled.write(kept, fs, spill_path(directory, run, number), directory)
         kept = None
     tick(progress, number, n_in)
-    return Selection(kept, spans, n_in, errors, digested, sources, spilled)
+    return Selection(kept, spans, n_in, errors, digested, sources, schema, spilled)
 
 
 def digest_rows(kept: pa.Table) -> str:

@@ -35,6 +35,7 @@ from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.dali_index import VERSION as DALI_VERSION
 from dask_imgcurate.io.ranges import merge_ranges
 from dask_imgcurate.io.records import split_keys
+from dask_imgcurate.io.schemas import common_schema
 from dask_imgcurate.io.shards import check_unchanged, version_type_error
 from dask_imgcurate.io.tarindex import BLOCK
 from dask_imgcurate.io.tarwrite import END_OF_ARCHIVE, header_lengths, member_headers
@@ -588,18 +589,6 @@ def finished(
         idx=fsio.qualify(fs, idx) if IDX_SIZE_KEY in meta else None,
         schema=schema.remove_metadata(),
     )
-
-
-def common_schema(schemas: Sequence[pa.Schema]) -> pa.Schema | None:
-    """One schema for Parquet files of ``schemas``: a column typed null in some (pyarrow's
-    type for a pandas object column without values) gets the type the others give it. None
-    when they disagree otherwise (other types, other columns)."""
-    if not schemas or any(s.names != schemas[0].names for s in schemas):
-        return None
-    try:
-        return pa.unify_schemas([s.remove_metadata() for s in schemas])
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # not only nulls differ: left as they are
-        return None
 
 
 def retype_parquet(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema) -> None:
