@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -1008,6 +1009,39 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
     assert first.to_pylist() == sorted(first.to_pylist()) and len(first) == 6
     saved = pq.read_table(tmp_path / "ranked-meta").column("key").to_pylist()
     assert sorted(saved) == sorted(meta.compute(scheduler="synchronous")["key"])
+
+
+def _fail_after_first_shard(part: pd.DataFrame, bad: str, first: str) -> pd.DataFrame:
+    """Raise for the partition of the tar ``bad`` once the file ``first`` exists."""
+    if len(part) and part["_shard"].iloc[0].endswith(bad):
+        for _ in range(600):
+            if os.path.exists(first):
+                raise ValueError(f"{bad}: cannot be read")
+            time.sleep(0.05)
+    return part
+
+
+def test_a_failed_export_on_a_cluster_leaves_the_client_usable(source, tmp_path, caplog):
+    """A shard that fails while earlier output shards are being written raises its error;
+    cancelling the rest keeps the client's connection to the scheduler, and its results."""
+    from distributed import Client, LocalCluster
+
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    out = tmp_path / "out"
+    first = str(out / "00000.parquet")
+    failing = ds.with_metadata(
+        ds.metadata.map_partitions(_fail_after_first_shard, "00002.tar", first)
+    )
+    with LocalCluster(n_workers=2, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            held = client.submit(sum, [1, 2], pure=False)
+            assert held.result() == 3
+            with pytest.raises(ValueError, match=r"00002\.tar: cannot be read"):
+                failing.to_webdataset(str(out), samples_per_shard=4)
+            summary = ds.to_webdataset(str(out), samples_per_shard=4)
+            assert held.result(timeout=10) == 3  # not lost with the connection
+    assert summary.records_out == 35
+    assert "Exception while handling op" not in caplog.text
 
 
 def test_write_images_layout_and_types(source, tmp_path):

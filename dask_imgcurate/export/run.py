@@ -267,7 +267,12 @@ def _stream(
                 submit.job.remove(result)
         raise
     except BaseException:  # (Ctrl-C too) tasks not yet started never start
-        client.cancel([*futures, *writing])
+        # the commits first, which releases their pieces: cancelling a selection first
+        # reaches the pieces reading it, which no client wants itself, and the scheduler
+        # (distributed 2026.8) fails an assertion there, dropping this client's connection
+        # and with it every result the client held
+        client.cancel(writing)
+        client.cancel(futures)
         raise
 
 
