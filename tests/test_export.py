@@ -1044,6 +1044,47 @@ def test_a_failed_export_on_a_cluster_leaves_the_client_usable(source, tmp_path,
     assert "Exception while handling op" not in caplog.text
 
 
+def _die_publishing(name: str, marker: str) -> None:
+    """In a worker: the first publishing of a file named ``name`` kills the process (once,
+    guarded by the file ``marker``)."""
+    real = fsio.publish
+
+    def publish(fs, tmp, path):
+        if path.endswith(name) and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), 9)
+        real(fs, tmp, path)
+
+    fsio.publish = publish
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "images"])
+def test_a_worker_killed_while_committing(source, tmp_path, layout):
+    """kill -9 of a worker between publishing a shard's tar and its Parquet: the commit runs
+    again elsewhere; the output equals a single-process run's, with no temporary file."""
+    from distributed import Client, LocalCluster
+
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+
+    def export_to(out: Path):
+        if layout == "webdataset":
+            return ds.to_webdataset(str(out), samples_per_shard=4)
+        return ds.write_images(str(out), images_per_tar=4)
+
+    with dask.config.set(scheduler="synchronous"):
+        export_to(tmp_path / "single")
+    marker = tmp_path / "killed"
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        with Client(cluster) as client:
+            client.run(_die_publishing, "1.parquet", str(marker))  # output shard 1
+            summary = export_to(tmp_path / "cluster")
+    assert marker.exists()  # a worker died
+    assert summary.shards_written == 9
+    assert _digest_dir(tmp_path / "cluster") == _digest_dir(tmp_path / "single")
+
+
 def test_write_images_layout_and_types(source, tmp_path):
     ds = load_with_keep(source)
     meta = ds.metadata

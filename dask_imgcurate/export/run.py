@@ -178,8 +178,11 @@ def run_export(
                 shards = planning.plan_pieces(stats, per_shard)
                 tasks = submit(shards) if shards else []
                 results = compute_with_progress(tasks, verbose, "export: writing")
-        finally:  # the selections' spilled columns
+        except BaseException:  # tasks may still run: only the selections' spilled columns
             fsio.remove_stale_temps(out_fs, out_root, mark=fsio.TEMP_MARK + run)
+            raise
+        # every task has ended: also the files of a commit whose worker died mid-way
+        fsio.remove_stale_temps(out_fs, out_root)
     summary.records_in = sum(s[1] for s in stats)
     summary.dropped_for_errors = sum(s[2] for s in stats)
     summary.records_out = sum(len(s[0]) for s in stats)
