@@ -33,6 +33,7 @@ from dask_imgcurate.errors import (
     DuplicateKeyError,
     ShardChangedError,
     TooManyShards,
+    WorkersKilled,
 )
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io import writer
@@ -1083,6 +1084,47 @@ def test_a_worker_killed_while_committing(source, tmp_path, layout):
     assert marker.exists()  # a worker died
     assert summary.shards_written == 9
     assert _digest_dir(tmp_path / "cluster") == _digest_dir(tmp_path / "single")
+
+
+def _die_embedding(tar: str) -> None:
+    """In a worker: embedding the partition of ``tar`` kills the process."""
+    from dask_imgcurate.embed import ClipImageEmbedder
+
+    def embed_partition(self, df, *args):
+        if df["_shard"].str.endswith(tar).any():
+            time.sleep(0.2)  # as a crash while decoding would come, after the read
+            os.kill(os.getpid(), 9)
+        raise AssertionError("only the deadly partition is embedded")
+
+    ClipImageEmbedder.embed_partition = embed_partition
+
+
+def test_a_partition_that_kills_every_worker_names_its_tar(source, tmp_path):
+    """KilledWorker (each worker that ran a task died) becomes WorkersKilled naming the
+    tars that task read, for exports and save_metadata alike."""
+    from distributed import Client, LocalCluster
+
+    from dask_imgcurate import ClipImageEmbedder
+    from dask_imgcurate.errors import RandomWeightsWarning
+
+    tar = str(source / "00003.tar")
+    ds = ImageTextPairDataset.from_webdataset([tar])  # alone: no other task dies with it
+    with pytest.warns(RandomWeightsWarning):
+        embedder = ClipImageEmbedder(model_name="dask-imgcurate-tiny", pretrained=None)
+    deadly = embedder(ds)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster:
+            with Client(cluster) as client:
+                client.run(_die_embedding, "00003.tar")
+                with pytest.raises(WorkersKilled, match=re.escape(tar)) as info:
+                    deadly.to_webdataset(str(tmp_path / "out"), samples_per_shard=4)
+                client.run(_die_embedding, "00003.tar")  # (the restarted worker too)
+                with pytest.raises(WorkersKilled, match=re.escape(tar)):
+                    deadly.save_metadata(str(tmp_path / "meta"))
+    assert type(info.value.__cause__).__name__ == "KilledWorker"
+    assert "out of memory" in str(info.value)
 
 
 def test_write_images_layout_and_types(source, tmp_path):

@@ -40,6 +40,7 @@ from dask_imgcurate.progress import (
     PartitionProgress,
     compute_with_progress,
     current_client,
+    naming_killed_tasks,
     nested_column_shuffles,
     show_progress,
 )
@@ -87,6 +88,7 @@ class Layout:
 
 
 @nested_column_shuffles()
+@naming_killed_tasks()
 def run_export(
     dataset,
     path: str,
