@@ -848,6 +848,22 @@ def test_a_tar_changed_after_indexing_is_refused(source, tmp_path, layout, chang
     )
 
 
+def test_a_tar_removed_after_indexing_is_named_by_the_export(source, tmp_path):
+    """A tar deleted after its rows were indexed: the error says what the file is and where
+    it was looked for (a worker that does not share the client's disk)."""
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    ds = ImageTextPairDataset.from_webdataset(str(data))
+    ds = ds.with_metadata(ds.metadata.persist())
+    gone = data / "00002.tar"
+    gone.unlink()
+    with (
+        dask.config.set(scheduler="synchronous"),
+        pytest.raises(FileNotFoundError, match=f"^{gone}: a source tar of this export, is"),
+    ):
+        ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=3)
+
+
 def test_pieces_written_into_different_files_never_make_one_tar(source, tmp_path, monkeypatch):
     """A retried piece (its worker died after an earlier commit renamed the shard's file)
     creates the temporary file anew: the commit finds its pieces in different files and
