@@ -422,6 +422,14 @@ def test_a_tar_removed_after_indexing_is_an_error(tmp_path: Path, source: str) -
         reader(source=source).read(frame)
     kept = frame[frame["_shard"] != str(gone)]
     assert sorted(reader(source=source).read(kept).keys) == sorted(kept["key"])
+    if source == "range":  # read ahead in a thread of a Dask worker's task: names the worker
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+            with Client(cluster) as client:
+                worker = next(iter(client.nthreads()))
+                with pytest.raises(FileNotFoundError, match=f"is missing on Dask worker {worker}"):
+                    client.submit(reader(source=source).read, frame).result()
 
 
 def test_a_machine_failure_is_raised_not_recorded_per_image(shuffled_shard, monkeypatch) -> None:

@@ -47,6 +47,7 @@ Errors are strings: ``"no image"``, ``"read: <reason>"`` or ``"decode: <reason>"
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import numbers
 import os
@@ -549,7 +550,9 @@ def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
             put((None, err))
 
-    thread = threading.Thread(target=work, name="dali-image-reader", daemon=True)
+    context = contextvars.copy_context()  # the task's: errors name its Dask worker
+    thread = threading.Thread(target=context.run, args=(work,), name="dali-image-reader")
+    thread.daemon = True
     thread.start()
     try:
         while True:
