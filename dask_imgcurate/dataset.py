@@ -27,7 +27,13 @@ from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io.schemas import ColumnTypes, common_schema
 from dask_imgcurate.io.shards import Shard, find_shards
 from dask_imgcurate.metadata import is_bookkeeping, repeated_ids, shard_table, sidecar_schema
-from dask_imgcurate.progress import PartitionProgress, nested_column_shuffles, tick
+from dask_imgcurate.progress import (
+    PartitionProgress,
+    naming_killed_tasks,
+    nested_column_shuffles,
+    note_reading,
+    tick,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +139,7 @@ class ImageTextPairDataset:
         return cls(path, ddf, shards, id_col, storage_options, files_per_partition)
 
     @nested_column_shuffles()
+    @naming_killed_tasks()
     def save_metadata(
         self,
         path: str | None = None,
@@ -321,6 +328,7 @@ class _ShardLoader:
             )
 
     def __call__(self, group: tuple[Shard, ...]):
+        note_reading([fsio.qualify(self.fs, s.tar) for s in group])
         tables = [_conform(self.table(s), self.schema, fsio.qualify(self.fs, s.tar)) for s in group]
         table = pa.concat_tables(tables)
         if len(tables) > 1:  # each shard is sorted; the partition must be too

@@ -38,6 +38,7 @@ from dask_imgcurate.models.clip import (
     resolve_local_paths,
     warn_random_weights,
 )
+from dask_imgcurate.progress import note_reading
 
 if TYPE_CHECKING:
     from dask_imgcurate.dataset import ImageTextPairDataset
@@ -242,7 +243,10 @@ _ROW = "__dask_imgcurate_row__"  # the reader's key column while embedding: row 
 
 def _embed_partition(df, embedder: ClipImageEmbedder, id_col: str, storage_options: dict):
     """``embed_partition`` for a partition of either backend (cudf: through pandas)."""
-    result = embedder.embed_partition(to_pandas(df), id_col, storage_options)
+    part = to_pandas(df)
+    if "_shard" in part.columns:  # a worker that dies decoding them: named by its tars
+        note_reading(part["_shard"].dropna().unique().tolist())
+    result = embedder.embed_partition(part, id_col, storage_options)
     return like(result, df, embedder.added_columns())
 
 

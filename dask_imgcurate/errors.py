@@ -63,6 +63,12 @@ class StorageNotFound(CurateError, FileNotFoundError):
     """An object-store bucket or key does not exist; names URL and bucket."""
 
 
+class WorkersKilled(CurateError, RuntimeError):
+    """Every Dask worker that ran one task died while running it (``distributed``'s
+    ``KilledWorker``, its cause): out of memory, or a crash in native code; names the tars
+    the task read."""
+
+
 class RandomWeightsWarning(UserWarning):
     """A model runs with random weights: its embeddings and scores are meaningless."""
 

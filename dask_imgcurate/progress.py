@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 import dask
 import dask.multiprocessing
 
+from dask_imgcurate.errors import WorkersKilled
+
 _LOCAL_BARS: dict[str, Callable[[int, int], None]] = {}  # topic -> update, tasks run here
 
 
@@ -68,18 +70,71 @@ def nested_column_shuffles() -> Iterator[None]:
         yield
 
 
+READING = "dask-imgcurate-reading"
+"""Topic of the workers' events ``(repr(task key), tars)``, sent as a task starts reading
+tars: a task that killed every worker that ran it is then named by them."""
+
+
+def _worker():
+    """The ``distributed`` worker running this code, or None."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):  # not in a distributed worker
+        return None
+
+
+def note_reading(tars: Sequence[str]) -> None:
+    """In a distributed worker: tell the scheduler that the running task reads ``tars``."""
+    worker = _worker()
+    if worker is not None:
+        worker.log_event(READING, (repr(worker.get_current_task()), list(tars)))
+
+
+@contextlib.contextmanager
+def naming_killed_tasks() -> Iterator[None]:
+    """Raise distributed's ``KilledWorker`` (every worker that ran a task died) as
+    ``WorkersKilled`` naming the tars that task read (``note_reading``), when it read any."""
+    try:
+        yield
+    except Exception as err:
+        if type(err).__name__ != "KilledWorker":
+            raise
+        tars = _tars_read_by(err.task)
+        if not tars:
+            raise
+        tried = err.allowed_failures + 1
+        raise WorkersKilled(
+            f"{', '.join(tars)}: every worker that ran the task reading "
+            f"{'it' if len(tars) == 1 else 'them'} died ({tried} worker"
+            f"{'' if tried == 1 else 's'}, the last {err.last_worker.address}): out of "
+            f"memory, or a crash in native code such as an image decoder? See the workers' "
+            f"logs"
+        ) from err
+
+
+def _tars_read_by(key) -> list[str]:
+    """The tars the task ``key`` read, as its workers reported them (none if unknown)."""
+    try:
+        from distributed import get_client
+
+        events = get_client().get_events(READING)
+    except Exception:  # no client, or it lost its scheduler
+        return []
+    for _, (task, tars) in reversed(events):
+        if task == repr(key):
+            return list(tars)
+    return []
+
+
 def tick(topic: str | None, partition: int, records: int) -> None:
     """Called by a task when it has done ``partition`` (``records`` rows): advances the
     ``PartitionProgress`` of ``topic`` (distributed's events from a worker; a callback in
     this process on local schedulers). Nothing when ``topic`` is None."""
     if topic is None:
         return
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):  # not in a distributed worker
-        worker = None
+    worker = _worker()
     if worker is not None:
         worker.log_event(topic, (partition, records))
         return

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from dask_imgcurate.errors import (
     DuplicateKeyError,
     ShardChangedError,
     TooManyShards,
+    WorkersKilled,
 )
 from dask_imgcurate.io import fs as fsio
 from dask_imgcurate.io import writer
@@ -895,6 +897,22 @@ def test_a_tar_changed_after_indexing_is_refused(source, tmp_path, layout, chang
     )
 
 
+def test_a_tar_removed_after_indexing_is_named_by_the_export(source, tmp_path):
+    """A tar deleted after its rows were indexed: the error says what the file is and where
+    it was looked for (a worker that does not share the client's disk)."""
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    ds = ImageTextPairDataset.from_webdataset(str(data))
+    ds = ds.with_metadata(ds.metadata.persist())
+    gone = data / "00002.tar"
+    gone.unlink()
+    with (
+        dask.config.set(scheduler="synchronous"),
+        pytest.raises(FileNotFoundError, match=f"^{gone}: a source tar of this export, is"),
+    ):
+        ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=3)
+
+
 def test_pieces_written_into_different_files_never_make_one_tar(source, tmp_path, monkeypatch):
     """A retried piece (its worker died after an earlier commit renamed the shard's file)
     creates the temporary file anew: the commit finds its pieces in different files and
@@ -1057,6 +1075,121 @@ def test_two_process_cluster_gives_identical_bytes(source, tmp_path, monkeypatch
     assert first.to_pylist() == sorted(first.to_pylist()) and len(first) == 6
     saved = pq.read_table(tmp_path / "ranked-meta").column("key").to_pylist()
     assert sorted(saved) == sorted(meta.compute(scheduler="synchronous")["key"])
+
+
+def _fail_after_first_shard(part: pd.DataFrame, bad: str, first: str) -> pd.DataFrame:
+    """Raise for the partition of the tar ``bad`` once the file ``first`` exists."""
+    if len(part) and part["_shard"].iloc[0].endswith(bad):
+        for _ in range(600):
+            if os.path.exists(first):
+                raise ValueError(f"{bad}: cannot be read")
+            time.sleep(0.05)
+    return part
+
+
+def test_a_failed_export_on_a_cluster_leaves_the_client_usable(source, tmp_path, caplog):
+    """A shard that fails while earlier output shards are being written raises its error;
+    cancelling the rest keeps the client's connection to the scheduler, and its results."""
+    from distributed import Client, LocalCluster
+
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+    out = tmp_path / "out"
+    first = str(out / "00000.parquet")
+    failing = ds.with_metadata(
+        ds.metadata.map_partitions(_fail_after_first_shard, "00002.tar", first)
+    )
+    with LocalCluster(n_workers=2, processes=False, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            held = client.submit(sum, [1, 2], pure=False)
+            assert held.result() == 3
+            with pytest.raises(ValueError, match=r"00002\.tar: cannot be read"):
+                failing.to_webdataset(str(out), samples_per_shard=4)
+            summary = ds.to_webdataset(str(out), samples_per_shard=4)
+            assert held.result(timeout=10) == 3  # not lost with the connection
+    assert summary.records_out == 35
+    assert "Exception while handling op" not in caplog.text
+
+
+def _die_publishing(name: str, marker: str) -> None:
+    """In a worker: the first publishing of a file named ``name`` kills the process (once,
+    guarded by the file ``marker``)."""
+    real = fsio.publish
+
+    def publish(fs, tmp, path):
+        if path.endswith(name) and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), 9)
+        real(fs, tmp, path)
+
+    fsio.publish = publish
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "images"])
+def test_a_worker_killed_while_committing(source, tmp_path, layout):
+    """kill -9 of a worker between publishing a shard's tar and its Parquet: the commit runs
+    again elsewhere; the output equals a single-process run's, with no temporary file."""
+    from distributed import Client, LocalCluster
+
+    ds = ImageTextPairDataset.from_webdataset(str(source))
+
+    def export_to(out: Path):
+        if layout == "webdataset":
+            return ds.to_webdataset(str(out), samples_per_shard=4)
+        return ds.write_images(str(out), images_per_tar=4)
+
+    with dask.config.set(scheduler="synchronous"):
+        export_to(tmp_path / "single")
+    marker = tmp_path / "killed"
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        with Client(cluster) as client:
+            client.run(_die_publishing, "1.parquet", str(marker))  # output shard 1
+            summary = export_to(tmp_path / "cluster")
+    assert marker.exists()  # a worker died
+    assert summary.shards_written == 9
+    assert _digest_dir(tmp_path / "cluster") == _digest_dir(tmp_path / "single")
+
+
+def _die_embedding(tar: str) -> None:
+    """In a worker: embedding the partition of ``tar`` kills the process."""
+    from dask_imgcurate.embed import ClipImageEmbedder
+
+    def embed_partition(self, df, *args):
+        if df["_shard"].str.endswith(tar).any():
+            time.sleep(0.2)  # as a crash while decoding would come, after the read
+            os.kill(os.getpid(), 9)
+        raise AssertionError("only the deadly partition is embedded")
+
+    ClipImageEmbedder.embed_partition = embed_partition
+
+
+def test_a_partition_that_kills_every_worker_names_its_tar(source, tmp_path):
+    """KilledWorker (each worker that ran a task died) becomes WorkersKilled naming the
+    tars that task read, for exports and save_metadata alike."""
+    from distributed import Client, LocalCluster
+
+    from dask_imgcurate import ClipImageEmbedder
+    from dask_imgcurate.errors import RandomWeightsWarning
+
+    tar = str(source / "00003.tar")
+    ds = ImageTextPairDataset.from_webdataset([tar])  # alone: no other task dies with it
+    with pytest.warns(RandomWeightsWarning):
+        embedder = ClipImageEmbedder(model_name="dask-imgcurate-tiny", pretrained=None)
+    deadly = embedder(ds)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster:
+            with Client(cluster) as client:
+                client.run(_die_embedding, "00003.tar")
+                with pytest.raises(WorkersKilled, match=re.escape(tar)) as info:
+                    deadly.to_webdataset(str(tmp_path / "out"), samples_per_shard=4)
+                client.run(_die_embedding, "00003.tar")  # (the restarted worker too)
+                with pytest.raises(WorkersKilled, match=re.escape(tar)):
+                    deadly.save_metadata(str(tmp_path / "meta"))
+    assert type(info.value.__cause__).__name__ == "KilledWorker"
+    assert "out of memory" in str(info.value)
 
 
 def test_write_images_layout_and_types(source, tmp_path):

@@ -42,6 +42,7 @@ from dask_imgcurate.progress import (
     PartitionProgress,
     compute_with_progress,
     current_client,
+    naming_killed_tasks,
     nested_column_shuffles,
     show_progress,
 )
@@ -89,6 +90,7 @@ class Layout:
 
 
 @nested_column_shuffles()
+@naming_killed_tasks()
 def run_export(
     dataset,
     path: str,
@@ -186,8 +188,11 @@ def run_export(
                 results = compute_with_progress(tasks, verbose, "export: writing")
             if type_null_columns(out_fs, results):  # still under the lock
                 log.info("%s: typed the columns null in some shards' Parquet", out_root)
-        finally:  # the selections' spilled columns
+        except BaseException:  # tasks may still run: only the selections' spilled columns
             fsio.remove_stale_temps(out_fs, out_root, mark=fsio.TEMP_MARK + run)
+            raise
+        # every task has ended: also the files of a commit whose worker died mid-way
+        fsio.remove_stale_temps(out_fs, out_root)
     summary.records_in = sum(s[1] for s in stats)
     summary.dropped_for_errors = sum(s[2] for s in stats)
     summary.records_out = sum(len(s[0]) for s in stats)
@@ -275,7 +280,12 @@ def _stream(
                 submit.job.remove(result)
         raise
     except BaseException:  # (Ctrl-C too) tasks not yet started never start
-        client.cancel([*futures, *writing])
+        # the commits first, which releases their pieces: cancelling a selection first
+        # reaches the pieces reading it, which no client wants itself, and the scheduler
+        # (distributed 2026.8) fails an assertion there, dropping this client's connection
+        # and with it every result the client held
+        client.cancel(writing)
+        client.cancel(futures)
         raise
 
 

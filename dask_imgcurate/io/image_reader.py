@@ -47,6 +47,7 @@ Errors are strings: ``"no image"``, ``"read: <reason>"`` or ``"decode: <reason>"
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import numbers
 import os
@@ -99,6 +100,7 @@ NO_IMAGE = "no image"
 EMPTY_IMAGE = "decode: empty image data"  # a zero-byte member, with either source
 SOURCES = ("range", "webdataset")
 MAX_THREADS = 1024  # DALI threads per pipeline (far more abort the process)
+_LISTED = "a file of this shard, listed when the dataset was loaded"  # a tar gone since
 
 
 @dataclass
@@ -277,7 +279,7 @@ class DaliImageReader:
         try:
             fs, path = fsio.url_to_fs(shard, self.storage_options)
             now = os.stat(path) if fsio.is_local(fs) else None
-        except OSError:  # e.g. gone: reading says so, per row
+        except OSError:  # e.g. gone: reading says so
             return
         check_unchanged(shard, indexed, now)
 
@@ -295,6 +297,9 @@ class DaliImageReader:
                 blobs = fsio.read_ranges(fs, path, offsets[chunk], sizes[chunk])
             except RangeRequestsUnsupported:  # the server's, not the rows': stop the run
                 raise
+            except FileNotFoundError:  # the whole tar: per-row errors would drop it quietly
+                with fsio.explain_missing(fs, _LISTED, path):
+                    raise
             except Exception as err:  # noqa: BLE001
                 yield [], [], {i: f"read: {short(str(err) or type(err).__name__)}" for i in chunk}
                 continue
@@ -558,7 +563,9 @@ def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
             put((None, err))
 
-    thread = threading.Thread(target=work, name="dali-image-reader", daemon=True)
+    context = contextvars.copy_context()  # the task's: errors name its Dask worker
+    thread = threading.Thread(target=context.run, args=(work,), name="dali-image-reader")
+    thread.daemon = True
     thread.start()
     try:
         while True:

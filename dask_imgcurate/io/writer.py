@@ -181,7 +181,8 @@ class _RangeReader:
             if fd is None:
                 while len(self.files) >= MAX_OPEN_SOURCES:
                     os.close(self.files.pop(next(iter(self.files))))
-                fd = os.open(path, os.O_RDONLY)
+                with fsio.explain_missing(self.fs, "a source tar of this export", source):
+                    fd = os.open(path, os.O_RDONLY)
                 try:
                     check_unchanged(source, self.versions.get(source, ()), os.fstat(fd))
                 except BaseException:
