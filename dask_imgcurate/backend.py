@@ -98,9 +98,10 @@ def _conversion_error(frame: pd.DataFrame, err: Exception):
     """``ColumnTypeConflict`` for a pandas frame pyarrow cannot convert, naming a tar of its
     rows (``_shard``) and pyarrow's reason."""
     from dask_imgcurate.errors import ColumnTypeConflict
+    from dask_imgcurate.io.fs import basename
 
     shards = frame["_shard"].dropna().unique() if "_shard" in frame else []
-    where = f"the rows of {str(shards[0]).rsplit('/', 1)[-1]}" if len(shards) else "a partition"
+    where = f"the rows of {basename(str(shards[0]))}" if len(shards) else "a partition"
     reason = "; ".join(str(a) for a in reversed(err.args)) or type(err).__name__
     named = re.search(r"column (.+?) with type", reason)
     column = repr(named.group(1)) if named else "'column'"

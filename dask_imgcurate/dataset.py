@@ -525,10 +525,10 @@ def _publish_fragments(fs, fragments: pd.DataFrame, id_col: str) -> pd.DataFrame
     for directory in {posixpath.dirname(f) for f in fragments["fragment"]}:
         fs.invalidate_cache(directory)  # workers wrote the fragments: a cached listing lacks them
     merges, rows, sources = [], [], []
-    common = common_schema(fragments["schema"].tolist())
-    types = ColumnTypes("save_metadata")
+    types = ColumnTypes("save_metadata")  # no conflict, or nothing is published
     for schema, shard in zip(fragments["schema"], fragments["shard"]):
         types.add(schema, [shard])
+    common = common_schema(fragments["schema"].tolist())
     for (shard, path), group in fragments.groupby(["shard", "path"], sort=False):
         parts = group["fragment"].tolist()
         typed = common is None or all(s == common for s in group["schema"])
